@@ -1,0 +1,311 @@
+"""Image-report pairs listed in a CSV table (``csv:FILE`` in the CLI).
+
+Bad rows are handled explicitly, never silently:
+
+- at construction, rows whose text is empty, whitespace-only or NaN (or empty after cleaning), whose
+  image path is empty, or whose image file does not exist are dropped; each is logged (CSV file name
+  and 1-based data row, header excluded, blank lines not counted) and counted in
+  :attr:`ImageTextPairs.skipped` by reason. If the dropped share exceeds ``max_skip_fraction`` the
+  constructor raises :class:`RuntimeError` with the counts;
+- an image that fails to decode when it is read (zero-byte, truncated, not an image) is logged,
+  counted under ``"decode_error"`` and replaced by the next index ``(i + 1) % n`` (bounded number of
+  tries), so DataLoader batches stay full.
+
+Report text is never logged (privacy); only file names and row numbers are.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from g2d.data.text import clean_report, is_missing_text
+
+__all__ = ["PairsCfg", "ImageTextPairs", "collate_pairs"]
+
+logger = logging.getLogger("g2d.data")
+
+# Errors a corrupt, truncated or non-image file raises from PIL's open/load. Only the decode step is
+# guarded; errors in the transform are bugs and propagate.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+)
+
+
+@dataclass(frozen=True)
+class PairsCfg:
+    """Where the pairs are and how to read them.
+
+    Attributes:
+        path: the CSV file (``.tsv`` files are read tab-separated unless ``delimiter`` is set).
+        image_col: column holding image paths, relative to the image folder (absolute paths allowed).
+        text_col: column holding the report text.
+        split_col: optional column to filter rows on; must be given together with ``split``.
+        split: keep only rows whose ``split_col`` equals this (after stripping whitespace). Rows of
+            other splits are excluded, counted in ``n_other_split`` and not treated as skipped.
+        max_skip_fraction: largest tolerated share of dropped rows (after the split filter).
+        image_dir: folder the image paths are relative to, itself relative to the CSV's folder (or
+            absolute); ``None`` means the CSV's folder. covid-notes needs ``"images"``.
+        clean_text: apply :func:`g2d.data.text.clean_report` to the text at construction; rows it
+            leaves empty are dropped as ``"empty_after_cleaning"``. ``False`` keeps the raw text.
+        delimiter: field separator; ``None`` -> tab for ``.tsv``, else comma.
+        max_decode_retries: how many following indices to try when an image fails to decode.
+    """
+
+    path: str
+    image_col: str = "image"
+    text_col: str = "text"
+    split_col: str | None = None
+    split: str | None = None
+    max_skip_fraction: float = 0.1
+    image_dir: str | None = None
+    clean_text: bool = True
+    delimiter: str | None = None
+    max_decode_retries: int = 16
+
+    def __post_init__(self) -> None:
+        if (self.split_col is None) != (self.split is None):
+            raise ValueError("split_col and split must be given together (the row filter is explicit)")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.max_decode_retries < 1:
+            raise ValueError(f"max_decode_retries must be >= 1, got {self.max_decode_retries}")
+
+
+class _PackedStrings:
+    """Strings stored as one UTF-8 byte buffer plus int64 offsets.
+
+    Per-row Python ``str`` objects would have their refcounts touched by every forked DataLoader
+    worker, copying the pages they live on (the copy-on-write growth open_clip warns about); two
+    numpy arrays are never written to after construction.
+    """
+
+    def __init__(self, items: Sequence[str]) -> None:
+        encoded = [s.encode("utf-8") for s in items]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        if encoded:
+            np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        return self._data[lo:hi].tobytes().decode("utf-8")
+
+
+def _read_table(cfg: PairsCfg) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and ``(data_row, fields)`` rows of the CSV; ValueError if it cannot be parsed."""
+    path = cfg.path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pairs table not found: {path}")
+    delimiter = cfg.delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        # utf-8-sig: tolerate a byte-order mark written by spreadsheet programs.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ValueError(f"{path}: empty file, no header row") from None
+            header = [h.strip() for h in header]
+            n = 0
+            for fields in reader:
+                if not fields:  # blank line
+                    continue
+                n += 1
+                if len(fields) != len(header):
+                    raise ValueError(
+                        f"{path}: data row {n} (line {reader.line_num}) has {len(fields)} fields, "
+                        f"the header has {len(header)}; the CSV is malformed (unbalanced quotes?)")
+                rows.append((n, fields))
+    except csv.Error as e:
+        raise ValueError(f"{path}: cannot parse CSV: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    return header, rows
+
+
+def _column_index(header: list[str], name: str, path: str, role: str) -> int:
+    matches = [i for i, h in enumerate(header) if h == name]
+    if not matches:
+        raise ValueError(f"{path}: missing {role} column {name!r}; columns found: {header}")
+    if len(matches) > 1:
+        raise ValueError(f"{path}: {role} column {name!r} appears {len(matches)} times; columns found: {header}")
+    return matches[0]
+
+
+class ImageTextPairs(torch.utils.data.Dataset):
+    """Image-report pairs from a CSV table.
+
+    ``dataset[i]`` is ``{"image": FloatTensor [1, S, S], "text": str, "index": int}``, where the
+    image comes from ``transform(PIL.Image)``. ``index`` is the sample actually returned: it differs
+    from ``i`` only when image ``i`` failed to decode and was replaced.
+
+    Attributes:
+        skipped: Counter of dropped rows by reason (``"empty_text"``, ``"nan_text"``,
+            ``"empty_after_cleaning"``, ``"empty_image_path"``, ``"missing_image"``, and
+            ``"decode_error"`` added while reading). Decode errors found inside DataLoader worker
+            processes are counted in the worker's copy, not here; they are logged either way.
+        n_rows: data rows in the CSV.
+        n_other_split: rows excluded by the ``split_col``/``split`` filter.
+        rows: int64 ``[n]``, 1-based CSV data row of each kept sample.
+    """
+
+    def __init__(self, cfg: PairsCfg, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.cfg = cfg
+        self.transform = transform
+        self.skipped: Counter[str] = Counter()
+        self._name = os.path.basename(cfg.path)
+
+        header, table = _read_table(cfg)
+        img_i = _column_index(header, cfg.image_col, cfg.path, "image")
+        txt_i = _column_index(header, cfg.text_col, cfg.path, "text")
+        split_i = _column_index(header, cfg.split_col, cfg.path, "split") if cfg.split_col else None
+
+        csv_dir = os.path.dirname(os.path.abspath(cfg.path))
+        base = os.path.join(csv_dir, cfg.image_dir) if cfg.image_dir else csv_dir
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"{cfg.path}: image folder not found: {base}")
+
+        self.n_rows = len(table)
+        self.n_other_split = 0
+        paths: list[str] = []
+        texts: list[str] = []
+        rows: list[int] = []
+        for row, fields in table:
+            if split_i is not None and fields[split_i].strip() != cfg.split:
+                self.n_other_split += 1
+                continue
+            raw = fields[txt_i]
+            text = ""
+            reason: str | None = None
+            if is_missing_text(raw):
+                reason = "nan_text"
+            elif not raw.strip():
+                reason = "empty_text"
+            else:
+                text = clean_report(raw) if cfg.clean_text else raw
+                if not text:
+                    reason = "empty_after_cleaning"
+            rel = fields[img_i].strip()
+            if reason is None and not rel:
+                reason = "empty_image_path"
+            image_path = os.path.join(base, rel)
+            if reason is None and not os.path.isfile(image_path):
+                reason = "missing_image"
+            if reason is not None:
+                self.skipped[reason] += 1
+                # Never the text: only file names and row numbers.
+                logger.warning("%s: data row %d skipped (%s)%s", self._name, row, reason,
+                               f": {image_path}" if reason == "missing_image" else "")
+                continue
+            paths.append(image_path)
+            texts.append(text)
+            rows.append(row)
+
+        if self.n_other_split:
+            logger.info("%s: %d rows excluded by %s != %r", self._name, self.n_other_split,
+                        cfg.split_col, cfg.split)
+        considered = self.n_rows - self.n_other_split
+        n_skipped = sum(self.skipped.values())
+        if considered == 0:
+            raise ValueError(f"{cfg.path}: no data rows" + (
+                f" with {cfg.split_col} == {cfg.split!r}" if cfg.split_col else ""))
+        if not paths or n_skipped / considered > cfg.max_skip_fraction:
+            raise RuntimeError(
+                f"{cfg.path}: {n_skipped} of {considered} rows unusable "
+                f"({n_skipped / considered:.1%} > max_skip_fraction {cfg.max_skip_fraction:.1%}): "
+                f"{dict(sorted(self.skipped.items()))}")
+
+        self._paths = _PackedStrings(paths)
+        self._texts = _PackedStrings(texts)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self._bad: set[int] = set()  # indices found undecodable in this process
+        logger.info("%s", self.summary())
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def image_path(self, i: int) -> str:
+        """Resolved path of sample ``i``'s image."""
+        return self._paths[i]
+
+    def text(self, i: int) -> str:
+        """Text of sample ``i`` (cleaned unless ``clean_text=False``)."""
+        return self._texts[i]
+
+    def _load(self, i: int) -> Image.Image | None:
+        """Open and fully decode image ``i``; ``None`` (logged, counted) if it cannot be decoded."""
+        path = self._paths[i]
+        im = None
+        try:
+            im = Image.open(path)
+            im.load()  # decode now: Image.open only reads the header
+            return im
+        except _DECODE_ERRORS as e:
+            if im is not None:
+                im.close()
+            self._bad.add(i)
+            self.skipped["decode_error"] += 1
+            logger.warning("%s: data row %d: image failed to decode (%s: %s): %s", self._name,
+                           int(self.rows[i]), type(e).__name__, e, path)
+            return None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        i %= n
+        for k in range(min(self.cfg.max_decode_retries + 1, n)):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            img = self._load(j)
+            if img is None:
+                continue
+            try:
+                image = self.transform(img)
+            finally:
+                img.close()
+            return {"image": image, "text": self._texts[j], "index": j}
+        raise RuntimeError(
+            f"{self.cfg.path}: images of data rows {int(self.rows[i])} and the following "
+            f"{min(self.cfg.max_decode_retries, n - 1)} samples all failed to decode")
+
+    def summary(self) -> str:
+        """One line: kept and skipped rows by reason."""
+        kept = len(self._paths) if hasattr(self, "_paths") else 0
+        considered = self.n_rows - self.n_other_split
+        s = f"{self._name}: kept {kept} of {considered} rows"
+        if self.cfg.split_col:
+            s += f" with {self.cfg.split_col}={self.cfg.split!r} ({self.n_other_split} of other splits excluded)"
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+        return s + (f"; skipped {total} ({reasons})" if total else "; skipped 0")
+
+
+def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate samples of :class:`ImageTextPairs`.
+
+    Returns:
+        ``{"image": FloatTensor [B, 1, S, S], "text": list[str] (B), "index": LongTensor [B]}``.
+    """
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "text": [b["text"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+    }

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and zero-shot grounding (more tasks arrive with the downstream suite)."""

@@ -1,0 +1,37 @@
+"""Image-to-text retrieval over a held-out set."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from g2d.model import G2DModel
+
+
+@torch.no_grad()
+def embed_pairs(model: G2DModel, images: Tensor, texts: Sequence[str], batch_size: int = 64
+                ) -> tuple[Tensor, Tensor]:
+    """Normalised embeddings of paired images [N, 1, H, W] and texts -> ([N, d], [N, d])."""
+    model.eval()
+    device = model.logit_scale.device
+    img = torch.cat([model.encode_image(images[i:i + batch_size].to(device))
+                     for i in range(0, len(images), batch_size)])
+    txt = torch.cat([model.encode_text(list(texts[i:i + batch_size]))
+                     for i in range(0, len(texts), batch_size)])
+    return img.cpu(), txt.cpu()
+
+
+def image_to_text_top1(image_emb: Tensor, text_emb: Tensor, keys: Sequence[object] | None = None
+                       ) -> float:
+    """Share of images whose most similar text is their own.
+
+    :param keys: optional per-pair keys (e.g. the set of findings); a retrieved text then counts
+        as correct when its key equals the image's, since several reports can describe the same
+        image content equally well.
+    """
+    best = (image_emb @ text_emb.T).argmax(dim=1)
+    if keys is None:
+        return (best == torch.arange(len(best))).float().mean().item()
+    return sum(keys[int(j)] == keys[i] for i, j in enumerate(best)) / len(best)

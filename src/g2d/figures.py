@@ -1,0 +1,95 @@
+"""PNG figures: Fig.-4-style attention / pseudo-mask panels, grounding overlays, loss curves."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def attention_panels(images: Tensor, attention: Tensor, masks: Tensor, reports: Sequence[str],
+                     path: str | Path) -> Path:
+    """One row per image: image | head-averaged attention map | pseudo mask | report text.
+
+    :param images: [B, 1, H, W]. :param attention: [B, heads, h, w]. :param masks: [B, K, H, W].
+    """
+    n = images.shape[0]
+    att = F.interpolate(attention.float().mean(1, keepdim=True), size=images.shape[-2:],
+                        mode="bilinear", align_corners=False)
+    fig, axes = plt.subplots(n, 4, figsize=(13, 3.2 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
+    for i in range(n):
+        img = images[i, 0].cpu()
+        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(att[i, 0].cpu(), cmap="jet", alpha=0.45)
+        axes[i, 2].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(masks[i].float().mean(0).cpu(), cmap="Reds", alpha=0.5, vmin=0, vmax=1)
+        axes[i, 3].text(0.0, 1.0, textwrap.fill(reports[i], 48), va="top", fontsize=9, wrap=True)
+        for ax in axes[i]:
+            ax.axis("off")
+    for ax, title in zip(axes[0], ("image", "attention (mean of heads)", "pseudo mask", "report")):
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def grounding_panels(images: Tensor, heat: Tensor, targets: Tensor, prompts: Sequence[str],
+                     path: str | Path) -> Path:
+    """image + ground-truth outline | similarity heat map overlay, titled by the prompt.
+
+    :param images: [B, 1, H, W]. :param heat: [B, H, W]. :param targets: [B, H, W].
+    """
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 2, figsize=(6.5, 3.2 * n), squeeze=False)
+    for i in range(n):
+        img = images[i, 0].cpu()
+        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].contour(targets[i].cpu().float(), levels=[0.5], colors="lime", linewidths=1)
+        axes[i, 0].set_title(textwrap.fill(prompts[i], 36), fontsize=9)
+        axes[i, 1].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(heat[i].cpu(), cmap="jet", alpha=0.45)
+        axes[i, 1].set_title("similarity", fontsize=9)
+        for ax in axes[i]:
+            ax.axis("off")
+    return _save(fig, path)
+
+
+def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "logged step"
+                ) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), list(values), label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def overlay_heatmap(image: Tensor, heat: Tensor, path: str | Path, title: str = "") -> Path:
+    """A single image [H, W] with a heat map [H, W] overlaid."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(image.cpu(), cmap="gray")
+    ax.imshow(heat.cpu(), cmap="jet", alpha=0.45)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["attention_panels", "grounding_panels", "loss_curves", "overlay_heatmap"]

@@ -1,0 +1,68 @@
+"""Vision-language alignment (InfoNCE) and pixel-alignment (Dice + BCE) losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from g2d.config import LossCfg
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather ``x`` [B, d] from every rank -> [world * B, d], keeping gradients for all parts."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, cfg: LossCfg) -> Tensor:
+    """Symmetric InfoNCE (paper Eq. 1, both directions).
+
+    With ``negatives="global"`` each rank scores its own B images against the texts of all ranks
+    (and its B texts against all images): memory grows linearly with the world size, and the mean
+    of the per-rank losses (what DDP's gradient averaging optimises) equals the loss of the whole
+    concatenated batch.
+
+    :param image: [B, d] L2-normalised. :param text: [B, d] L2-normalised.
+    :param logit_scale: scalar 1 / temperature.
+    """
+    if cfg.negatives == "global" and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+    else:
+        rank, all_image, all_text = 0, image, text
+    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    logits_i2t = logit_scale * image @ all_text.T
+    logits_t2i = logit_scale * text @ all_image.T
+    loss = F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)
+    return loss / 2 if cfg.contrastive_reduction == "mean" else loss
+
+
+def dice_loss(logits: Tensor, target: Tensor, on: str = "probs", eps: float = 1e-5) -> Tensor:
+    """1 - mean soft Dice over images and channels.
+
+    :param logits: [B, K, H, W]. :param target: [B, K, H, W] in [0, 1].
+    :param on: "probs" (sigmoid first, paper) or "logits" (raw logits, as the release computes it).
+    """
+    pred = torch.sigmoid(logits.float()) if on == "probs" else logits.float()
+    dims = (2, 3)
+    inter = (pred * target).sum(dims)
+    dice = (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+    return 1 - dice.mean()
+
+
+def pixel_alignment_loss(logits: Tensor, target: Tensor, cfg: LossCfg) -> Tensor:
+    """Paper Eq. 4: dice_weight * Dice + bce_weight * BCE (defaults 1/2 and 1/2)."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return cfg.dice_weight * dice_loss(logits, target, cfg.dice_input) + cfg.bce_weight * bce
+
+
+def reconstruction_loss(logits: Tensor, images: Tensor) -> Tensor:
+    """Decoder target ``reconstruction`` (Table 5a): MSE between sigmoid(decoder) and the
+    grayscale input in [0, 1]."""
+    target = images.mean(dim=1, keepdim=True) if images.shape[1] != logits.shape[1] else images
+    return F.mse_loss(torch.sigmoid(logits.float()), target.float())

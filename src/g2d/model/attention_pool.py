@@ -1,0 +1,81 @@
+"""CLIP-style attention pooling that returns its per-head spatial attention weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AttentionPool2d(nn.Module):
+    """A query token (the mean of the pixel tokens) attends over a dense map's pixels.
+
+    Written out by hand rather than with ``F.scaled_dot_product_attention`` (which does not return
+    the weights) or ``nn.MultiheadAttention`` (whose query, key and value must share one width), so
+    that the attention width can differ from the input width and the weights come back per head.
+
+    :param in_dim: channels C of the dense map.
+    :param width: query/key/value width; must be divisible by ``heads``.
+    :param heads: number of attention heads.
+    :param out_dim: width of the pooled output.
+    :param spatial: side of the dense map at the configured input size (positional embedding).
+    :param keys_include_query: put the query token among the keys (CLIP/release); its weight is
+        then dropped from the returned spatial map, which sums to less than 1.
+    """
+
+    def __init__(self, in_dim: int, width: int, heads: int, out_dim: int, spatial: int,
+                 keys_include_query: bool = False):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"heads={heads} does not divide attention width={width}")
+        self.heads, self.width, self.spatial = heads, width, spatial
+        self.keys_include_query = keys_include_query
+        self.pos = nn.Parameter(torch.randn(spatial * spatial + 1, in_dim) / in_dim ** 0.5)
+        self.q = nn.Linear(in_dim, width)
+        self.k = nn.Linear(in_dim, width)
+        self.v = nn.Linear(in_dim, width)
+        self.out = nn.Linear(width, out_dim)
+
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, C, H, W] -> query token [B, 1, C] and pixel tokens [B, HW, C], with positions."""
+        b, c, h, w = x.shape
+        pix = x.flatten(2).transpose(1, 2)
+        pos = self.pos
+        if h * w != self.spatial ** 2:
+            grid = pos[1:].T.reshape(1, c, self.spatial, self.spatial)
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            pos = torch.cat([pos[:1], grid.reshape(c, h * w).T], dim=0)
+        query = pix.mean(dim=1, keepdim=True) + pos[:1]
+        return query, pix + pos[1:]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool a dense map.
+
+        :param x: [B, C, H, W] dense features.
+        :return: pooled [B, out_dim] and attention [B, heads, H, W] (non-negative; each head's map
+            sums to 1 over the pixels, or to 1 minus the query's self-weight when
+            ``keys_include_query``).
+        """
+        b, _, h, w = x.shape
+        query, pix = self._tokens(x)
+        keys = torch.cat([query, pix], dim=1) if self.keys_include_query else pix
+        dh = self.width // self.heads
+        q = self.q(query).view(b, 1, self.heads, dh).transpose(1, 2)          # [B, h, 1, dh]
+        k = self.k(keys).view(b, -1, self.heads, dh).transpose(1, 2)          # [B, h, N, dh]
+        v = self.v(keys).view(b, -1, self.heads, dh).transpose(1, 2)
+        weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(dh), dim=-1)  # [B, h, 1, N]
+        pooled = (weights @ v).transpose(1, 2).reshape(b, self.width)
+        spatial = weights[:, :, 0, 1:] if self.keys_include_query else weights[:, :, 0]
+        return self.out(pooled), spatial.reshape(b, self.heads, h, w)
+
+    def pixel_values(self, x: Tensor) -> Tensor:
+        """Each pixel's value vector sent through the output projection, as if it alone were
+        attended (MaskCLIP's reading of CLIP's pooling); used for dense image-text similarity.
+
+        :param x: [B, C, H, W]. :return: [B, H, W, out_dim].
+        """
+        b, _, h, w = x.shape
+        _, pix = self._tokens(x)
+        return self.out(self.v(pix)).view(b, h, w, -1)

@@ -1,0 +1,151 @@
+"""Hugging Face text encoder with a frozen lower part that runs without autograd."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from g2d.config import TextEncoderCfg
+
+log = logging.getLogger("g2d.model")
+
+
+def load_text_backbone(name: str, *, weights: bool = True):
+    """Return ``(model, tokenizer)`` for a hub name or local directory.
+
+    A local directory or the local hub cache is tried first; only then is the hub asked, and a
+    failure there is reported with what to do offline.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    local = Path(name).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local or _offline())
+        if weights:
+            model = AutoModel.from_pretrained(name, local_files_only=local or _offline())
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(name, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"cannot load text model {name!r}: {err}\nPass a local directory holding the model "
+            "(config.json, weights, tokenizer files), or download it once where the Hugging Face "
+            "hub is reachable (it is then read from the local cache).") from None
+    return model, tokenizer
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def _find_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's list of layers (BERT: ``encoder.layer``; DistilBERT: ``transformer.layer``)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+class TextEncoder(nn.Module):
+    """Transformer text tower returning the [CLS] hidden state.
+
+    The first ``freeze_layers`` layers (and, with ``freeze_embeddings``, the embeddings) have
+    ``requires_grad=False``, stay in eval mode, and — when nothing below them is trainable — run
+    under ``no_grad`` so no activations are kept for them. The switch happens through a forward
+    pre-hook on the first trainable layer, which works for any model that calls its layers in order.
+    """
+
+    def __init__(self, cfg: TextEncoderCfg, backbone: nn.Module, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.hidden_size: int = backbone.config.hidden_size
+        layers = _find_layers(backbone)
+        if cfg.freeze_layers > len(layers):
+            raise ValueError(f"model.text.freeze_layers={cfg.freeze_layers} exceeds the "
+                             f"{len(layers)} layers of {cfg.model}")
+        self.frozen: list[nn.Module] = list(layers[: cfg.freeze_layers])
+        embeddings = backbone.get_input_embeddings()
+        emb_module = getattr(backbone, "embeddings", embeddings)
+        if cfg.freeze_embeddings:
+            self.frozen.append(emb_module)
+        pooler = getattr(backbone, "pooler", None)
+        if pooler is not None:  # unused (CLS pooling); frozen so DDP sees no unused parameters
+            self.frozen.append(pooler)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self._no_grad_prefix = cfg.freeze_embeddings
+        self._grad_mode = True
+        if self._no_grad_prefix and cfg.freeze_layers < len(layers):
+            layers[cfg.freeze_layers].register_forward_pre_hook(self._restore_grad)
+        self.train()
+
+    def _restore_grad(self, module: nn.Module, args):
+        torch.set_grad_enabled(self._grad_mode)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        for module in self.frozen:  # frozen means frozen: no dropout, no statistics updates
+            module.eval()
+        return self
+
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Pad to the longest text in the batch, truncated at ``max_length`` tokens."""
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.cfg.max_length, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+
+    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+        """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...).
+        :return: [B, hidden] hidden state of the first ([CLS]) token."""
+        self._grad_mode = torch.is_grad_enabled()
+        prefix_no_grad = self._no_grad_prefix and self._grad_mode
+        try:
+            if prefix_no_grad:
+                torch.set_grad_enabled(False)
+            out = self.backbone(**tokens)
+        finally:
+            torch.set_grad_enabled(self._grad_mode)
+        return out.last_hidden_state[:, 0]
+
+
+def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_size: int = 1000,
+                          hidden: int = 128, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+    """Create a small randomly initialised BERT with a WordPiece vocabulary trained on ``corpus``.
+
+    Used by the ``tiny`` preset (demo, tests), where no pretrained text model can be downloaded.
+    Writes a regular Hugging Face directory (``config.json``, weights, tokenizer files).
+    """
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=1,
+                                  show_progress=False)
+    wordpiece.save_model(str(out_dir))
+    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(out_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 4,
+                        max_position_embeddings=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Training application: distributed set-up, data loading, the pre-training loop."""

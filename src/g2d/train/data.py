@@ -1,0 +1,90 @@
+"""Pre-training data: dataset from a spec, a resumable distributed sampler, per-sample seeding."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from g2d.config import G2DConfig
+
+
+def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
+    """The image-text dataset named by ``cfg.data.spec`` ("synthetic" or "csv:FILE")."""
+    data, size = cfg.data, cfg.model.image_size
+    if data.spec == "synthetic":
+        from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
+
+        return SyntheticCXR(SyntheticCXRCfg(num_samples=data.synthetic_samples, image_size=size,
+                                            seed=data.synthetic_seed))
+    from g2d.data.pairs import ImageTextPairs, PairsCfg
+    from g2d.data.transforms import ImageTransformCfg, build_transform
+
+    tf = build_transform(ImageTransformCfg(resize=data.resize, crop=size, augment=data.augment), train)
+    return ImageTextPairs(PairsCfg(path=data.spec[4:], image_col=data.image_col, text_col=data.text_col,
+                                   image_dir=data.image_dir, max_skip_fraction=data.max_skip_fraction), tf)
+
+
+def dataset_texts(dataset: Dataset) -> list[str]:
+    """All report texts of a pre-training dataset (to build the tiny preset's vocabulary)."""
+    if hasattr(dataset, "texts"):
+        return list(dataset.texts)
+    return [dataset[i]["text"] for i in range(len(dataset))]
+
+
+class EpochSampler(Sampler):
+    """Like ``DistributedSampler`` (disjoint per-rank shards of a per-epoch permutation, padded to
+    equal length), but yields ``(epoch, index)`` so the dataset can seed each sample's augmentation
+    from them, and can start mid-epoch after a resume without loading the skipped samples.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        self.size, self.rank, self.world, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation; skip this rank's first ``start`` samples."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: self.per_rank * self.world - self.size]
+        mine = order[self.rank:: self.world][self.start:]
+        return iter([(self.epoch, i) for i in mine])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class SeededSamples(Dataset):
+    """Wrap a dataset so sample ``i`` of epoch ``e`` draws its random augmentation from a generator
+    seeded by (seed, e, i): identical across worker counts, ranks and resumes."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+def collate_pretrain(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Keep what pre-training needs: images [B, 1, H, W], texts, dataset indices [B]."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "text": [b["text"] for b in batch],
+        "index": torch.tensor([int(b["index"]) for b in batch]),
+    }

@@ -1,0 +1,383 @@
+"""The G2D pre-training loop (single process, or DDP under torchrun)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
+from g2d.config import G2DConfig, config_from_dict, save_config
+from g2d.factory import create_model
+from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
+from g2d.model import G2DModel
+from g2d.model.text_encoder import build_tiny_text_model
+from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
+from g2d.train.data import (EpochSampler, SeededSamples, build_pretrain_dataset, collate_pretrain,
+                            dataset_texts)
+from g2d.train.distributed import DistInfo, barrier, init_distributed
+from g2d.train.scheduler import build_scheduler
+
+log = logging.getLogger("g2d.train")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor
+    vla: torch.Tensor
+    pa: torch.Tensor
+    acc: torch.Tensor
+    fg: torch.Tensor
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    epochs_done: float
+    losses: list[float] = field(default_factory=list)  # total loss at each logged step
+    skipped_steps: int = 0
+    export_dir: Path | None = None
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(cfg: G2DConfig, device: torch.device):
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def compute_losses(model: G2DModel, images: torch.Tensor, tokens: dict[str, torch.Tensor],
+                   cfg: G2DConfig, step: int, forward=None) -> StepLosses:
+    """One pre-training forward: VLA (Eq. 1) + PA (Eq. 4) on pseudo masks built on the fly.
+
+    :param forward: the callable to run the model (the DDP wrapper when distributed).
+    """
+    out = (forward or model)(images, tokens, decode=cfg.model.decoder.mode != "none")
+    vla = contrastive_loss(out.image.embedding, out.text_embedding, out.logit_scale, cfg.loss)
+    mode = cfg.model.decoder.mode
+    zero = vla.new_zeros(())
+    pa, fg = zero, zero
+    if mode == "reconstruction":
+        pa = reconstruction_loss(out.image.decoder_logits, images)
+    elif mode in ("pseudo", "shuffled"):
+        with torch.no_grad():
+            masks = build_pseudo_masks(out.image.attention.float(), images.float(), cfg.model.pseudo_mask)
+            if mode == "shuffled":
+                masks = shuffle_masks(masks)
+            fg = masks.mean()
+        pa = pixel_alignment_loss(out.image.decoder_logits, masks, cfg.loss)
+    # During the contrastive-only warm-up the decoder still runs with weight 0, so every parameter
+    # takes part in backward and DDP needs no unused-parameter search.
+    pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
+    with torch.no_grad():
+        acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(
+            torch.arange(images.shape[0], device=images.device)).float().mean()
+    return StepLosses(vla + pa_weight * pa, vla.detach(), pa.detach(), acc, fg)
+
+
+class Pretrainer:
+    """Owns the model, optimiser, data and run folder of one pre-training run."""
+
+    def __init__(self, cfg: G2DConfig, out_dir: str | Path, dist_info: DistInfo | None = None,
+                 progress: bool = True, tensorboard: bool = True, device: str = "auto"):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.dist = dist_info or init_distributed(device)
+        self.progress = progress and self.dist.is_main
+        self.tensorboard = tensorboard
+        self.ckpt_dir = self.out / CHECKPOINT_DIR
+
+    # --------------------------------------------------------------------------------- set-up
+
+    def _prepare_text_model(self, dataset) -> None:
+        if self.cfg.model.text.model != "tiny":
+            return
+        path = self.out / "text_model"
+        if self.dist.is_main and not (path / "config.json").is_file():
+            build_tiny_text_model(path, dataset_texts(dataset), seed=self.cfg.train.seed)
+        barrier()
+        self.cfg.model.text.model = str(path)
+
+    def setup(self, resume: str | None = None) -> None:
+        cfg, d = self.cfg, self.dist
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume_path = self._resume_path(resume)
+        state = load_checkpoint(resume_path) if resume_path else None
+        if state is not None:
+            saved = config_from_dict(state["config"])
+            if saved.model != cfg.model or saved.loss != cfg.loss:
+                log.warning("resuming with the checkpoint's model/loss config (%s); command-line "
+                            "values for model.* and loss.* are ignored", resume_path)
+                cfg.model, cfg.loss = saved.model, saved.loss
+        seed_everything(cfg.train.seed + d.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.dataset = build_pretrain_dataset(cfg, train=True)
+        if len(self.dataset) < cfg.train.batch_size * d.world_size:
+            raise ValueError(f"dataset has {len(self.dataset)} samples, fewer than one global batch "
+                             f"({cfg.train.batch_size} x {d.world_size})")
+        self._prepare_text_model(self.dataset)
+        if d.is_main:
+            save_config(cfg, self.out / "config.yaml")
+
+        self.model = create_model(cfg).to(d.device)
+        if d.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = self.model
+        if d.distributed:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                find_unused_parameters=False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = d.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                           weight_decay=cfg.train.weight_decay, fused=fused)
+        self.sampler = EpochSampler(len(self.dataset), d.rank, d.world_size, cfg.train.seed)
+        self.batches_per_epoch = self.sampler.per_rank // cfg.train.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError("an epoch holds less than one optimizer step: lower train.batch_size "
+                             "or train.grad_accum")
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.train)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda"
+                                           and cfg.train.precision == "fp16")
+        self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        if state is not None:
+            self._load_state(state)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
+                     self.epoch, self.batch_in_epoch)
+
+    def _resume_path(self, resume: str | None) -> Path | None:
+        if not resume:
+            return None
+        path = self.ckpt_dir / LAST if resume == "latest" else Path(resume)
+        if not path.is_file():
+            if resume == "latest":
+                log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
+                return None
+            raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+        return path
+
+    def _loader(self) -> DataLoader:
+        cfg = self.cfg
+        workers = cfg.data.num_workers
+        return DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
+                          sampler=self.sampler, num_workers=workers, collate_fn=collate_pretrain,
+                          drop_last=True, pin_memory=self.dist.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped_steps": self.skipped,
+            "world_size": self.dist.world_size,
+            "rng": _rng_state(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped_steps"]
+        if state["world_size"] != self.dist.world_size:
+            # Another world size reshards the epoch: restart it at the same global sample count.
+            log.warning("resuming with %d processes instead of %d", self.dist.world_size, state["world_size"])
+            self.batch_in_epoch = self.batch_in_epoch * state["world_size"] // self.dist.world_size
+        else:
+            _set_rng_state(state["rng"])
+
+    def save(self, name: str = LAST) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+
+    # -------------------------------------------------------------------------------- the loop
+
+    def train(self, interrupt_after: int | None = None, max_nonfinite: int = 10) -> TrainResult:
+        """Run until ``total_steps``. ``interrupt_after`` stops (without the final save/export)
+        after that many optimizer steps, as a crash would; tests use it to check resumption."""
+        cfg, d = self.cfg, self.dist
+        writer = None
+        if d.is_main and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
+                       dynamic_ncols=True)
+        result = TrainResult(self.out, self.step, 0.0)
+        acc_steps, nonfinite_run = cfg.train.grad_accum, 0
+        t_last, samples_since = time.perf_counter(), 0
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        done = self.step >= self.total_steps
+        self.model.train()
+        while not done and self.epoch < cfg.train.epochs:
+            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.train.batch_size)
+            micro = 0
+            for batch in self._loader():
+                images = batch["image"].to(d.device, non_blocking=True)
+                if d.device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                tokens = self.model.tokenize(batch["text"])
+                sync = micro + 1 == acc_steps or not d.distributed
+                ctx = self.forward.no_sync() if not sync and d.distributed else contextlib.nullcontext()
+                with ctx:
+                    with _autocast(cfg, d.device):
+                        losses = compute_losses(self.model, images, tokens, cfg, self.step, self.forward)
+                    self.scaler.scale(losses.total / acc_steps).backward()
+                micro += 1
+                self.batch_in_epoch += 1
+                samples_since += images.shape[0] * d.world_size
+                for k in ("total", "vla", "pa", "acc", "fg"):
+                    sums[k] = sums.get(k, 0) + getattr(losses, k).detach().float()
+                count += 1
+                if micro < acc_steps:
+                    continue
+                micro = 0
+                if not torch.isfinite(losses.total.detach()).item():
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped += 1
+                    nonfinite_run += 1
+                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step,
+                                nonfinite_run)
+                    if nonfinite_run >= max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} consecutive non-finite losses at step {self.step}; "
+                            f"last good checkpoint: {self.ckpt_dir / LAST}")
+                    continue
+                nonfinite_run = 0
+                if cfg.train.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    means = {k: (v / count).item() for k, v in sums.items()}
+                    sums, count = {}, 0
+                    now = time.perf_counter()
+                    rate = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    result.losses.append(means["total"])
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
+                                        pa=f"{means['pa']:.3f}", sps=f"{rate:.1f}")
+                    if writer is not None:
+                        for k, v in means.items():
+                            writer.add_scalar(f"train/{k}", v, self.step)
+                        writer.add_scalar("train/lr", lr, self.step)
+                        writer.add_scalar("train/samples_per_s", rate, self.step)
+                    if d.is_main and not self.progress:
+                        log.info("step %d/%d loss %.4f vla %.4f pa %.4f lr %.2e %.1f samples/s",
+                                 self.step, self.total_steps, means["total"], means["vla"],
+                                 means["pa"], lr, rate)
+                if self.step % cfg.train.ckpt_every == 0:
+                    self.save()
+                if interrupt_after is not None and self.step >= interrupt_after:
+                    if bar is not None:
+                        bar.close()
+                    result.steps, result.skipped_steps = self.step, self.skipped
+                    return result
+                if self.step >= self.total_steps:
+                    done = True
+                    break
+            if not done or self.batch_in_epoch >= self.batches_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            self.save()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        self.save()
+        result.steps, result.skipped_steps = self.step, self.skipped
+        result.epochs_done = self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
+        if d.is_main:
+            result.export_dir = export_model(self.model, self.cfg.to_dict(), self.out / "export")
+        barrier()
+        return result
+
+
+def pretrain(cfg: G2DConfig, out_dir: str | Path, resume: str | None = None, progress: bool = True,
+             device: str = "auto", interrupt_after: int | None = None) -> TrainResult:
+    """Pre-train G2D and export the model to ``out_dir/export``.
+
+    :param resume: ``"latest"`` (``out_dir/checkpoints/last.pt`` if present) or a checkpoint path.
+    """
+    trainer = Pretrainer(cfg, out_dir, progress=progress, device=device)
+    trainer.setup(resume)
+    return trainer.train(interrupt_after=interrupt_after)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from g2d.testing import shared_data_dir
+
+
+def _dataset_dir(name: str) -> Path:
+    root = shared_data_dir()
+    path = root / name if root is not None else None
+    if path is None or not path.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"shared data set {name!r} not found (set G2D_SHARED_DATA)")
+        pytest.skip(f"shared data set {name!r} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def jsrt_dir() -> Path:
+    return _dataset_dir("jsrt")
+
+
+@pytest.fixture(scope="session")
+def covid_notes_dir() -> Path:
+    return _dataset_dir("covid-notes")
+
+
+CORPUS = [
+    "There is an opacity in the right lower lobe.",
+    "No acute cardiopulmonary process.",
+    "Small left pleural effusion. Heart size is normal.",
+    "Right apical pneumothorax. No pleural effusion.",
+    "The heart is enlarged. Lungs are clear.",
+    "A nodule is seen in the left upper lobe.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    """A small random BERT with a WordPiece vocabulary trained on a few report sentences."""
+    from g2d.model.text_encoder import build_tiny_text_model
+
+    return build_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"), CORPUS * 4, vocab_size=200,
+                                 hidden=32, layers=2, heads=2)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_text_dir):
+    """The ``tiny`` preset at 64 px with the local tiny BERT."""
+    from g2d.config import get_config
+
+    return get_config("tiny", {
+        "model.text.model": str(tiny_text_dir),
+        "model.image_size": 64,
+        "model.pool.width": 48,
+        "data.resize": 64,
+        "data.synthetic_samples": 32,
+        "train.batch_size": 8,
+        "train.warmup_steps": 2,
+    })
