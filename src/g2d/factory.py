@@ -71,7 +71,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> G2DModel
     if text_dir is not None:
         cfg.model.text.model = str(text_dir)
     model = create_model(cfg, text_weights=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{where} does not match its configured architecture: {str(err)[:300]}") from None
     if missing or unexpected:
         raise ValueError(f"{where} does not match its configured architecture: missing "
                          f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")

@@ -133,9 +133,16 @@ def _upsample_matrix(size: int, n: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _noise_bank(size: int) -> np.ndarray:
-    """Fixed ``[2S, 2S]`` unit normal noise; per-sample crops are much cheaper than sampling."""
-    return np.random.default_rng(20240611).standard_normal((2 * size, 2 * size), dtype=np.float32)
+def _noise_bank(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed ``[2S, 2S]`` unit-variance noise, white and smooth (~20 blobs per image side).
+
+    Per-sample random crops are much cheaper than sampling fresh noise at every pixel.
+    """
+    rng = np.random.default_rng(20240611)
+    white = rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
+    a = _upsample_matrix(2 * size, 40)
+    smooth = a @ rng.standard_normal((40, 40), dtype=np.float32) @ a.T
+    return white, smooth
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, n: int, win: tuple[slice, slice] | None = None) -> np.ndarray:
@@ -235,12 +242,12 @@ _ANATOMY_RANGES: dict[str, tuple[float, float]] = {
     "dome_r": (0.63, 0.67),  # right hemidiaphragm is higher (liver)
     "dome_l": (0.66, 0.70),
     "dome_k": (3.0, 4.0),
-    "heart_u": (0.055, 0.07),
+    "heart_u": (0.07, 0.085),
     "heart_v": (0.625, 0.65),
     "heart_rx": (0.14, 0.155),
     "heart_ry": (0.11, 0.125),
     "heart_rot_deg": (12.0, 24.0),
-    "ra_u": (0.035, 0.045),
+    "ra_u": (0.03, 0.04),
     "ra_r": (0.05, 0.06),
     "med_w": (0.045, 0.06),
     "torso_w": (0.42, 0.47),
@@ -249,8 +256,8 @@ _ANATOMY_RANGES: dict[str, tuple[float, float]] = {
     "rib_sp": (0.95, 1.08),
     "rib_phase": (0.0, 1.0),
     "rib_curve": (1.0, 1.5),
-    "tissue": (0.50, 0.58),
-    "air": (0.30, 0.38),
+    "tissue": (0.58, 0.66),
+    "air": (0.36, 0.43),
     "gamma": (0.85, 1.2),
     "contrast": (0.9, 1.1),
     "bright": (-0.04, 0.04),
@@ -316,7 +323,7 @@ def _anatomy_fields(a: dict[str, float], cv: _Canvas, heart_scale: float) -> dic
     S = cv.size
     u, v, lat, side = cv.u, cv.v, cv.lat, cv.side
     # Body: neck + sloping shoulders + torso.
-    shoulder_v = 0.02 + a["shoulder"] * _smoothstep((lat - 0.06) * (1 / 0.16)) + 0.6 * np.square(np.maximum(lat - 0.3, 0.0))
+    shoulder_v = 0.02 + a["shoulder"] * _smoothstep((lat - 0.06) * (1 / 0.16)) + 2.5 * np.square(np.maximum(lat - 0.28, 0.0))
     torso_half = (a["torso_w"] + 0.04) - 0.04 * _lin((v - 0.1) * (1 / 0.35)) - 0.03 * _lin((v - 0.7) * (1 / 0.3))
     body_sd = np.maximum(shoulder_v - v, lat - torso_half)
 
@@ -381,9 +388,16 @@ def _choose_findings(rng: np.random.Generator, cfg: SyntheticCXRCfg) -> list[tup
     if cfg.max_findings == 0 or rng.random() < cfg.normal_fraction:
         return []
     n = 1 if cfg.max_findings == 1 or rng.random() < 0.6 else int(rng.integers(2, cfg.max_findings + 1))
-    types = rng.choice(len(FINDINGS), size=n, replace=False, p=_FINDING_WEIGHTS)
+    # Weighted sampling of n distinct types (rng.choice with p= is needlessly slow here).
+    weights = _FINDING_WEIGHTS.copy()
+    types = []
+    for _ in range(n):
+        t = int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(), side="right"))
+        t = min(t, len(FINDINGS) - 1)
+        types.append(t)
+        weights[t] = 0.0
     out = []
-    for t in sorted(types.tolist()):
+    for t in sorted(types):
         f = FINDINGS[t]
         locs = FINDING_LOCATIONS[f]
         out.append((f, locs[int(rng.integers(len(locs)))]))
@@ -458,9 +472,9 @@ def render_sample(
     if findings is not None:
         chosen = _validate_findings(findings)
     kinds = {fd for fd, _ in chosen}
-    heart_scale = float(r_find.uniform(1.35, 1.55)) if "cardiomegaly" in kinds else 1.0
+    heart_scale = float(r_find.uniform(1.4, 1.6)) if "cardiomegaly" in kinds else 1.0
     # Size words in the report follow the rendered size, so they are learnable too.
-    severity: dict[str, str] = {"cardiomegaly": "moderate" if heart_scale >= 1.45 else "mild"}
+    severity: dict[str, str] = {"cardiomegaly": "moderate" if heart_scale >= 1.5 else "mild"}
 
     A = _sample_anatomy(r_anat)
     cv = _Canvas(A, S)
@@ -471,7 +485,8 @@ def render_sample(
     wd, wh, wm, wl = F["wd"], F["wh"], F["wm"], F["wl"]
     body = body_sd < 0
     lung = lung_sd < 0
-    heart = (heart_sd < 0) & body
+    # The heart's part below the diaphragm is invisible on film, so the mask stops there.
+    heart = (heart_sd < 0) & body & (F["dome_sd"] < 0.01)
 
     # Everything below is an additive "density" D; the image is a monotone map of it.
     body_s = _ramp(body_sd, 1.5 * px)
@@ -524,8 +539,8 @@ def render_sample(
     for fd, loc in chosen:
         m = np.zeros((S, S), bool)
         if fd in ("opacity", "nodule"):
-            radius = float(r_find.uniform(0.05, 0.085)) if fd == "opacity" else float(r_find.uniform(0.011, 0.02))
-            pt = _pick_point(r_find, lung_sd, side, loc, margin=(0.5 if fd == "opacity" else 1.3) * radius)
+            radius = float(r_find.uniform(0.06, 0.1)) if fd == "opacity" else float(r_find.uniform(0.013, 0.024))
+            pt = _pick_point(r_find, lung_sd, side, loc, margin=(0.7 if fd == "opacity" else 1.3) * radius)
             if pt is None:
                 continue
             cu, cvv = float(u[pt]), float(v[pt])
@@ -543,8 +558,8 @@ def render_sample(
                 for k in (2, 3, 4):
                     wob = wob + float(r_find.uniform(0.03, 0.09)) * np.cos(k * ang_o + float(r_find.uniform(0, 2 * np.pi)))
                 rn = np.sqrt(du * du + dv * dv) / (radius * wob)
-                prof = _smoothstep((1.0 - rn) * 2.0) * (0.8 + 0.2 * n1[loc_w])
-                amp = float(r_find.uniform(0.2, 0.27))
+                prof = _smoothstep((1.0 - rn) * 2.0) * (0.85 + 0.15 * np.clip(n1[loc_w], -1.5, 1.5))
+                amp = float(r_find.uniform(0.22, 0.3))
                 extra[loc_w] += amp * prof * ls_w
                 m[rs, cs] = (rn < 0.8) & lungl[loc_w]
             else:
@@ -555,11 +570,11 @@ def render_sample(
         elif fd == "effusion":
             sel = sidel if loc.startswith("left") else ~sidel
             dome = A["dome_l"] if loc.startswith("left") else A["dome_r"]
-            depth = float(r_find.uniform(0.07, 0.14))
-            severity["effusion"] = "small" if depth < 0.105 else "moderate"
-            meniscus = float(r_find.uniform(0.07, 0.11))
+            depth = float(r_find.uniform(0.05, 0.12))
+            severity["effusion"] = "small" if depth < 0.085 else "moderate"
+            meniscus = float(r_find.uniform(0.05, 0.09))
             # Fluid top: concave upwards, rising along the lateral chest wall (meniscus).
-            top = dome - depth - meniscus * _lin((latl - 0.06) * (1 / 0.3)) ** 1.6
+            top = dome - depth - meniscus * _lin((latl - 0.06) * (1 / 0.3)) ** 2.5
             sd_side = np.where(sel, top - vl, np.float32(1.0))
             fluid = _ramp(sd_side, 3 * px) * lung_s
             fluid_soft = np.maximum(fluid_soft, fluid)
@@ -598,7 +613,7 @@ def render_sample(
     ws = cv.win(0.46, 0.54, -0.1, 1.1)
     vs_ = v[ws]
     vert = 0.75 + 0.25 * (np.cos((2 * np.pi / 0.048) * vs_) > -0.55)
-    D[ws] += (0.09 * _ramp(lat[ws] - 0.032, 1.5 * px)) * vert * body_s[ws]
+    D[ws] += (0.07 * _ramp(lat[ws] - 0.032, 1.5 * px)) * vert * body_s[ws]
     wt = cv.win(0.46, 0.54, -0.1, 0.36)
     vt = v[wt]
     trachea = _ramp(lat[wt] - (0.013 + 0.01 * _smoothstep((vt - 0.26) * (1 / 0.08))), 1.5 * px) * _ramp(vt - 0.32, 4 * px)
@@ -618,8 +633,9 @@ def render_sample(
     # ---- exposure / detector: gamma, window, smooth + fine noise.
     img = np.clip(D + 0.04, 0.0, 1.0) ** A["gamma"]
     img = img * A["contrast"] + (0.5 + A["bright"] - 0.5 * A["contrast"])
-    oy, ox = (int(t) for t in r_noise.integers(0, S, size=2))
-    img += 0.012 * _smooth_noise(r_noise, S, 40) + A["noise"] * _noise_bank(S)[oy : oy + S, ox : ox + S]
+    oy, ox, oy2, ox2 = (int(t) for t in r_noise.integers(0, S, size=4))
+    white, smooth = _noise_bank(S)
+    img += 0.012 * smooth[oy2 : oy2 + S, ox2 : ox2 + S] + A["noise"] * white[oy : oy + S, ox : ox + S]
     img = np.clip(img, 0.0, 1.0)
 
     union = np.zeros((S, S), bool)

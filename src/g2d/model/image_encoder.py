@@ -89,7 +89,10 @@ def load_image_weights(encoder: ResNetEncoder, weights: str, arch: str) -> None:
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 break
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"image weights {weights!r} do not fit {arch}: {str(err)[:300]}") from None
     if missing or unexpected:
         raise ValueError(f"image weights {weights!r} do not fit {arch}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -216,9 +216,12 @@ class Pretrainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         workers = cfg.data.num_workers
+        # Its own generator: building the iterator must not draw from the global RNG, or a
+        # resumed run would diverge from an uninterrupted one.
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.epoch)
         return DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
                           sampler=self.sampler, num_workers=workers, collate_fn=collate_pretrain,
-                          drop_last=True, pin_memory=self.dist.device.type == "cuda",
+                          drop_last=True, pin_memory=self.dist.device.type == "cuda", generator=gen,
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
     # ---------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from g2d.config import LossCfg
+from g2d.losses import contrastive_loss, dice_loss, pixel_alignment_loss
+
+
+def _reference_infonce(img, txt, scale):
+    """Eq. 1 both ways, written with plain Python arithmetic."""
+    n = len(img)
+    sim = [[scale * sum(a * b for a, b in zip(img[i], txt[j])) for j in range(n)] for i in range(n)]
+    i2t = -sum(sim[i][i] - math.log(sum(math.exp(s) for s in sim[i])) for i in range(n)) / n
+    t2i = -sum(sim[j][j] - math.log(sum(math.exp(sim[i][j]) for i in range(n))) for j in range(n)) / n
+    return i2t, t2i
+
+
+def test_contrastive_loss_matches_hand_computation():
+    img = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    txt = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+    i2t, t2i = _reference_infonce(img, txt, 1 / 0.07)
+    args = (torch.tensor(img), torch.tensor(txt), torch.tensor(1 / 0.07))
+    mean = contrastive_loss(*args, LossCfg())
+    summed = contrastive_loss(*args, LossCfg(contrastive_reduction="sum"))
+    assert mean.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+    assert summed.item() == pytest.approx(i2t + t2i, rel=1e-5)
+
+
+def test_dice_and_bce_match_hand_computation():
+    logits = torch.tensor([[[[0.0, 2.0], [-2.0, 0.0]]]])
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    p = [0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2)), 0.5]
+    t = [1, 1, 0, 0]
+    dice = 1 - (2 * sum(a * b for a, b in zip(p, t)) + 1e-5) / (sum(p) + sum(t) + 1e-5)
+    bce = -sum(b * math.log(a) + (1 - b) * math.log(1 - a) for a, b in zip(p, t)) / 4
+    assert dice_loss(logits, target).item() == pytest.approx(dice, rel=1e-6)
+    assert pixel_alignment_loss(logits, target, LossCfg()).item() == pytest.approx(0.5 * (dice + bce), rel=1e-6)
+    # the release's variant: Dice on raw logits, plus 0.2 BCE
+    z = [0.0, 2.0, -2.0, 0.0]
+    dice_logits = 1 - (2 * sum(a * b for a, b in zip(z, t)) + 1e-5) / (sum(z) + sum(t) + 1e-5)
+    release = LossCfg(dice_input="logits", dice_weight=1.0, bce_weight=0.2)
+    assert pixel_alignment_loss(logits, target, release).item() == pytest.approx(dice_logits + 0.2 * bce, rel=1e-5)
+
+
+def test_soft_dice_is_minimal_at_the_target():
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    good = dice_loss(target * 20 - 10, target)
+    bad = dice_loss(-(target * 20 - 10), target)
+    assert good.item() < 1e-3 < 0.99 < bad.item()
+
+
+def _worker(rank, world, init_file, img, txt, negatives, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = img.shape[0] // world
+        mine_i = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        mine_t = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        loss = contrastive_loss(F.normalize(mine_i, dim=-1), F.normalize(mine_t, dim=-1),
+                                torch.tensor(1 / 0.07), LossCfg(negatives=negatives))
+        loss.backward()
+        torch.save({"loss": loss.detach(), "gi": mine_i.grad, "gt": mine_t.grad}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("negatives", ["global", "local"])
+def test_gathered_negatives_equal_single_process(tmp_path, negatives):
+    torch.manual_seed(0)
+    world, n = 2, 8
+    img, txt = torch.randn(n, 16), torch.randn(n, 16)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), img, txt, negatives, str(tmp_path / "out")),
+             nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"out.{r}") for r in range(world)]
+    # DDP averages gradients over ranks; the mean of the rank losses is what is optimised.
+    mean_loss = sum(p["loss"] for p in parts) / world
+    gi = torch.cat([p["gi"] for p in parts]) / world
+    gt = torch.cat([p["gt"] for p in parts]) / world
+
+    ref_i, ref_t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    if negatives == "global":
+        ref = contrastive_loss(F.normalize(ref_i, dim=-1), F.normalize(ref_t, dim=-1),
+                               torch.tensor(1 / 0.07), LossCfg())
+    else:  # the release: each half is its own contrastive problem
+        halves = [contrastive_loss(F.normalize(ref_i[s], dim=-1), F.normalize(ref_t[s], dim=-1),
+                                   torch.tensor(1 / 0.07), LossCfg()) for s in (slice(0, 4), slice(4, 8))]
+        ref = sum(halves) / 2
+    ref.backward()
+    torch.testing.assert_close(mean_loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gi, ref_i.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gt, ref_t.grad, rtol=1e-4, atol=1e-6)
+    if negatives == "local":
+        full = contrastive_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(1 / 0.07), LossCfg())
+        assert not torch.allclose(full, mean_loss)

@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from g2d.config import ConfigError, get_config
+from g2d.factory import create_model
+from g2d.model.attention_pool import AttentionPool2d
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_query", [False, True])
+def test_attention_weights_are_a_distribution(heads, with_query):
+    torch.manual_seed(0)
+    pool = AttentionPool2d(in_dim=32, width=48, heads=heads, out_dim=16, spatial=4,
+                           keys_include_query=with_query)
+    pooled, att = pool(torch.randn(5, 32, 4, 4))
+    assert pooled.shape == (5, 16) and att.shape == (5, heads, 4, 4)
+    assert (att >= 0).all()
+    sums = att.sum(dim=(2, 3))
+    if with_query:  # the query's own weight is dropped from the spatial map
+        assert (sums < 1).all() and (sums > 0).all()
+    else:
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_attention_pool_other_resolution_interpolates_positions():
+    pool = AttentionPool2d(in_dim=8, width=12, heads=3, out_dim=8, spatial=4)
+    _, att = pool(torch.randn(2, 8, 6, 5))
+    assert att.shape == (2, 3, 6, 5)
+
+
+def test_attention_width_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        AttentionPool2d(in_dim=8, width=128, heads=3, out_dim=8, spatial=4)
+
+
+@pytest.mark.parametrize("variant", [{}, {"model.pool.pool_on": "projected", "model.pool.width": 128,
+                                          "model.pool.heads": 4, "model.pool.keys_include_query": True}])
+def test_model_output_shapes(tiny_cfg, variant):
+    from g2d.config import apply_overrides
+
+    apply_overrides(tiny_cfg, variant)
+    tiny_cfg.validate()
+    model = create_model(tiny_cfg)
+    images = torch.rand(4, 1, 64, 64)
+    out = model(images, model.tokenize(["a b", "c", "opacity in the right lower lobe", "no"]))
+    heads = tiny_cfg.model.pool.heads
+    assert out.image.embedding.shape == (4, 128) and out.text_embedding.shape == (4, 128)
+    assert out.image.attention.shape == (4, heads, 2, 2)
+    assert out.image.decoder_logits.shape == (4, 1, 64, 64)
+    assert [f.shape[-1] for f in out.image.features] == [32, 16, 8, 4, 2]
+    torch.testing.assert_close(out.image.embedding.norm(dim=-1), torch.ones(4))
+    assert model.dense_embeddings(images).shape == (4, 2, 2, 128)
+    assert torch.allclose(out.logit_scale, torch.tensor(1 / 0.07))
+
+
+def test_per_head_decoder_channels(tiny_cfg):
+    tiny_cfg.model.pseudo_mask.aggregate_heads = False
+    model = create_model(tiny_cfg)
+    assert model.image_forward(torch.rand(2, 1, 64, 64)).decoder_logits.shape == (2, 3, 64, 64)
+    tiny_cfg.model.decoder.mode = "none"
+    assert create_model(tiny_cfg).decoder is None
+
+
+def test_text_tokenization_pads_to_longest(tiny_cfg):
+    model = create_model(tiny_cfg)
+    tok = model.tokenize(["opacity", "opacity in the right lower lobe"])
+    assert tok["input_ids"].shape[1] < 16
+    long = model.tokenize(["opacity " * 200])
+    assert long["input_ids"].shape[1] == tiny_cfg.model.text.max_length
+
+
+def test_frozen_text_layers_run_without_autograd(tiny_cfg):
+    tiny_cfg.model.text.freeze_layers = 1
+    model = create_model(tiny_cfg)
+    text = model.text_encoder
+    layers = text.backbone.encoder.layer
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text_encoder.backbone.encoder.layer.0.") for n in trainable)
+    assert not any("embeddings" in n for n in trainable)
+    assert any(n.startswith("text_encoder.backbone.encoder.layer.1.") for n in trainable)
+    seen = {}
+    layers[0].register_forward_hook(lambda m, a, o: seen.__setitem__(0, torch.is_grad_enabled()))
+    layers[1].register_forward_hook(lambda m, a, o: seen.__setitem__(1, torch.is_grad_enabled()))
+    model.train()
+    assert not layers[0].training and layers[1].training  # frozen means frozen: no dropout
+    emb = model.text_forward(model.tokenize(["pleural effusion", "no acute process"]))
+    assert seen == {0: False, 1: True}
+    assert torch.is_grad_enabled()  # restored
+    emb.sum().backward()
+    assert layers[1].attention.self.query.weight.grad is not None
+
+
+def test_release_text_freezing_keeps_embeddings_trainable(tiny_cfg):
+    tiny_cfg.model.text.freeze_embeddings = False
+    model = create_model(tiny_cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("word_embeddings" in n for n in trainable)
+
+
+def test_too_many_frozen_layers(tiny_cfg):
+    tiny_cfg.model.text.freeze_layers = 5
+    with pytest.raises(ValueError, match="freeze_layers=5 exceeds"):
+        create_model(tiny_cfg)
+
+
+def test_imagenet_weights_offline_fail_clearly(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    tiny_cfg.model.image.weights = "imagenet"
+    with pytest.raises(FileNotFoundError, match="torch hub cache"):
+        create_model(tiny_cfg)
+
+
+def test_image_weights_from_file(tiny_cfg, tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    tiny_cfg.model.image.weights = str(tmp_path / "r18.pth")
+    model = create_model(tiny_cfg)
+    torch.testing.assert_close(model.image_encoder.conv1.weight, net.conv1.weight)
+    tiny_cfg.model.image.arch = "resnet50"
+    tiny_cfg.model.decoder.channels = (16, 16, 16, 16, 16)
+    with pytest.raises(ValueError, match="do not fit resnet50"):
+        create_model(tiny_cfg)
+
+
+def test_encoder_and_decoder_load_into_smp_unet(tiny_cfg):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = create_model(tiny_cfg).eval()
+    unet = smp.Unet("resnet18", encoder_weights=None, classes=1,
+                    decoder_channels=tuple(tiny_cfg.model.decoder.channels)).eval()
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("image_encoder."):
+            state["encoder." + k[len("image_encoder."):]] = v
+        elif k.startswith(("decoder.", "segmentation_head.")):
+            state[k] = v
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if not k.startswith("encoder.fc")]
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        ours = model.image_forward(x).decoder_logits
+        theirs = unet(x.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_config_rejects_bad_heads_before_building():
+    with pytest.raises(ConfigError, match="does not divide"):
+        get_config("paper", ["model.pool.heads=3", "model.pool.width=128"])

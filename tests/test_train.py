@@ -1,0 +1,128 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import g2d
+from g2d.cli import main
+from g2d.train.loop import Pretrainer, pretrain
+
+
+def _cfg(tiny_cfg, **over):
+    from g2d.config import apply_overrides
+
+    apply_overrides(tiny_cfg, {"train.ckpt_every": 3, "train.log_every": 1, **over})
+    return tiny_cfg.validate()
+
+
+def test_pretrain_on_synthetic_loss_falls(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, **{"data.synthetic_samples": 8, "train.batch_size": 8, "train.max_steps": 24,
+                            "train.epochs": 100, "train.log_every": 4, "train.warmup_steps": 4})
+    result = pretrain(cfg, tmp_path, progress=False)
+    assert result.steps == 24 and len(result.losses) == 6
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    for name in ("config.yaml", "checkpoints/last.pt", "export/model.safetensors", "export/config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("mode", ["pseudo", "shuffled", "reconstruction", "none"])
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, mode):
+    over = {"train.max_steps": 6, "train.epochs": 10, "model.decoder.mode": mode,
+            "train.deterministic": True}
+    full = pretrain(_cfg(tiny_cfg, **over), tmp_path / "full", progress=False)
+    assert full.steps == 6
+
+    first = Pretrainer(_cfg(tiny_cfg, **over), tmp_path / "split", progress=False)
+    first.setup()
+    first.train(interrupt_after=3)
+    del first
+    resumed = pretrain(_cfg(tiny_cfg, **over), tmp_path / "split", resume="latest", progress=False)
+    assert resumed.steps == 6
+
+    a = g2d.load_model(tmp_path / "full" / "export").state_dict()
+    b = g2d.load_model(tmp_path / "split" / "export").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_export_and_load_give_identical_embeddings(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, **{"train.max_steps": 2})
+    trainer = Pretrainer(cfg, tmp_path, progress=False)
+    trainer.setup()
+    trainer.train()
+    model = trainer.model.eval()
+    loaded = g2d.load_model(tmp_path)  # the run folder resolves to its export
+    images = torch.rand(3, 1, 64, 64)
+    texts = ["opacity in the right lower zone", "no acute cardiopulmonary process", "cardiomegaly"]
+    torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
+    torch.testing.assert_close(loaded.encode_text(texts), model.encode_text(texts))
+    torch.testing.assert_close(loaded.dense_embeddings(images), model.dense_embeddings(images))
+    out = loaded.image_forward(images)
+    assert out.attention.shape == (3, 3, 2, 2) and out.decoder_logits.shape == (3, 1, 64, 64)
+    assert not loaded.training
+    # the training checkpoint loads too (weights_only)
+    ckpt_model = g2d.load_model(tmp_path / "checkpoints" / "last.pt")
+    torch.testing.assert_close(ckpt_model.encode_image(images), model.encode_image(images))
+
+
+def test_load_model_rejects_wrong_architecture(tiny_cfg, tmp_path):
+    pretrain(_cfg(tiny_cfg, **{"train.max_steps": 1}), tmp_path, progress=False)
+    import json
+
+    cfg_file = tmp_path / "export" / "config.json"
+    data = json.loads(cfg_file.read_text())
+    data["model"]["embed_dim"] = 64
+    cfg_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="does not match its configured architecture"):
+        g2d.load_model(tmp_path / "export")
+
+
+def test_pretrain_on_real_covid_notes(tiny_cfg, tmp_path, covid_notes_dir):
+    csv = covid_notes_dir / "metadata.csv"
+    cfg = _cfg(tiny_cfg, **{"data.spec": f"csv:{csv}", "data.image_col": "file", "data.text_col": "notes",
+                            "data.image_dir": "images", "train.max_steps": 3, "train.batch_size": 8,
+                            "model.text.model": "tiny"})
+    result = pretrain(cfg, tmp_path, progress=False)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = g2d.load_model(tmp_path / "export")
+    emb = model.encode_text(["Chest radiographs showed an infiltrate in the upper lobe of the left lung"])
+    assert emb.shape == (1, 128)
+
+
+def test_cli_pretrain_resume_and_overrides(tiny_text_dir, tmp_path):
+    args = ["pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2", "--no-progress",
+            "--batch-size", "4", f"model.text.model={tiny_text_dir}", "model.image_size=64",
+            "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16", "train.warmup_steps=1"]
+    assert main(args) == 0
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "image_size: 64" in saved and "batch_size: 4" in saved
+    assert main(args[:5] + ["4"] + args[6:] + ["--resume", "latest"]) == 0
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert main(["pretrain", "--out", str(tmp_path), "model.pool.heads=7"]) == 2
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "g2d", "pretrain", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(g2d.__file__).parents[1])})
+    assert out.returncode == 0 and "--resume" in out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny_text_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(g2d.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "g2d", "pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2",
+           "--device", "cpu", "--no-progress", "--batch-size", "4", f"model.text.model={tiny_text_dir}",
+           "model.image_size=64", "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert (tmp_path / "export" / "model.safetensors").is_file()
