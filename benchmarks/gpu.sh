@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One prepared GPU check: step throughput/memory at paper size (g2d vs release design) and a short
+# end-to-end `g2d pretrain` with the paper model on CUDA (bf16, channels_last, fused AdamW).
+# Usage on the device machine: bash benchmarks/gpu.sh  (writes to $OUT or ./gpu_out)
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
+for B in 64 128; do
+  timeout 240 python3 benchmarks/bench_step.py --device cuda --batch $B --steps 10 --warmup 3 \
+    --flops --peak-tflops 989 --json "$OUT/step_b$B.json" > "$OUT/step_b$B.log" 2>&1
+  echo "bench batch $B exit $?"; tail -c 2500 "$OUT/step_b$B.json" 2>/dev/null || tail -20 "$OUT/step_b$B.log"
+done
+python3 -c "
+from g2d.model.text_encoder import build_tiny_text_model
+from g2d.data.synthetic import SyntheticCXR
+ds = SyntheticCXR(num_samples=256, image_size=32)
+build_tiny_text_model('/tmp/bert_base_random', [ds[i]['text'] for i in range(256)], vocab_size=3000, hidden=768, layers=12, heads=12)"
+timeout 240 python3 -m g2d pretrain --preset paper --data synthetic --out /tmp/gpu_run --max-steps 40 \
+  --batch-size 128 --no-progress model.image.weights=none model.text.model=/tmp/bert_base_random \
+  data.synthetic_samples=8192 data.num_workers=8 train.log_every=10 > "$OUT/pretrain.log" 2>&1
+echo "pretrain exit $?"; tail -8 "$OUT/pretrain.log"
