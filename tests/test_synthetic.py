@@ -336,3 +336,15 @@ def test_zones_ordered_top_to_bottom() -> None:
         apex = _render(11, 0, [("pneumothorax", f"{side} apex")])["mask"][0].numpy()
         base = _render(11, 0, [("effusion", f"{side} base")])["mask"][0].numpy()
         assert np.nonzero(apex)[0].mean() < ys[0] and np.nonzero(base)[0].mean() > ys[1]
+
+
+def test_parenchymal_findings_avoid_pleural_ones() -> None:
+    cases = [[("opacity", "left upper zone"), ("pneumothorax", "left apex")],
+             [("nodule", "right lower zone"), ("effusion", "right base")]]
+    for findings in cases:
+        for i in range(3):
+            s = _render(12, i, findings)
+            assert [f for f, _ in s["findings"]] == sorted((f for f, _ in findings), key=FINDINGS.index)
+            fm = s["finding_masks"].numpy() > 0
+            assert len(fm) == 2 and fm[0].any() and fm[1].any()
+            assert not (fm[0] & fm[1]).any()

@@ -100,6 +100,16 @@ BODY_CLOSE_RADIUS: int = 3
 BODY_MIN_FRACTION: float = 0.05
 #: Percentiles bounding the intensities that enter the Otsu histogram.
 BODY_HIST_RANGE: tuple[float, float] = (0.01, 0.995)
+#: Pixels this close to 0 or 1 (saturated borders, burnt-in labels) are left out of the histogram.
+BODY_SATURATION: float = 0.01
+#: Histogram bins of the multi-Otsu threshold.
+BODY_OTSU_BINS: int = 64
+#: Foreground components smaller than this fraction of the (low-res) image are dropped.
+BODY_MIN_COMPONENT: float = 0.02
+#: Iterations (row pass + column pass) of the connected-component label propagation.
+BODY_LABEL_ITERS: int = 8
+#: Minimum foreground run (fraction of the low-res long side) above and below for column filling.
+BODY_COLUMN_RUN: float = 1.0 / 16.0
 #: Number of EM iterations for the two-component GMM threshold.
 GMM_ITERS: int = 50
 #: Histogram bins used to fit the GMM.
@@ -157,7 +167,7 @@ class PseudoMaskCfg:
 
 
 # ----------------------------------------------------------------------------------------------
-# small morphology helpers (all on float 0/1 tensors [N, 1, h, w])
+# body mask
 
 
 def _dilate(x: Tensor, radius: int = 1) -> Tensor:
@@ -175,68 +185,94 @@ def _gauss_blur3(x: Tensor) -> Tensor:
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2)
 
 
-def _otsu_threshold(x: Tensor, valid: Tensor, bins: int = 256) -> Tensor:
-    """Per-image Otsu threshold. ``x`` [N, P] in [0, 1], ``valid`` [N, P] bool -> [N, 1]."""
+def _multi_otsu_lowest(x: Tensor, valid: Tensor, bins: int = BODY_OTSU_BINS) -> Tensor:
+    """Lowest of the three thresholds of a 4-class Otsu split, per row.
+
+    ``x`` [N, P] in [0, 1], ``valid`` [N, P] bool (pixels entering the histogram) -> [N, 1].
+    Maximises the between-class variance ``sum_c S_c^2 / P_c`` over thresholds ``i < j < k``
+    exactly, in O(bins^2) per image: for a fixed middle threshold ``j`` the best ``i`` and ``k``
+    are independent.
+    """
+    n_rows = x.shape[0]
     idx = (x * bins).long().clamp_(0, bins - 1)
-    hist = torch.zeros(x.shape[0], bins, dtype=torch.float32, device=x.device)
+    hist = torch.zeros(n_rows, bins, dtype=torch.float32, device=x.device)
     hist.scatter_add_(1, idx, valid.to(torch.float32))
+    p = hist / hist.sum(1, keepdim=True).clamp_min(1.0)
     centers = (torch.arange(bins, device=x.device, dtype=torch.float32) + 0.5) / bins
-    total = hist.sum(1, keepdim=True).clamp_min(1.0)
-    p = hist / total
-    w0 = p.cumsum(1)  # weight of the class "<= bin k"
-    m0 = (p * centers).cumsum(1)
-    mt = m0[:, -1:]
-    between = (mt * w0 - m0) ** 2 / (w0 * (1.0 - w0)).clamp_min(1e-12)
-    # Ties (flat stretches between occupied bins) resolved to the first maximum by argmax.
-    k = between.argmax(1, keepdim=True)
-    return (k.to(torch.float32) + 1.0) / bins  # foreground: x >= upper edge of bin k
+    zero = torch.zeros(n_rows, 1, device=x.device)
+    cw = torch.cat([zero, p.cumsum(1)], 1)  # cw[:, a] = mass of bins < a
+    cs = torch.cat([zero, (p * centers).cumsum(1)], 1)
+    w = cw[:, None, :] - cw[:, :, None]  # [N, a, b]: mass of bins in [a, b)
+    s = cs[:, None, :] - cs[:, :, None]
+    # Empty or reversed classes are forbidden (large negative score).
+    term = torch.where(w > 1e-9, s * s / w.clamp_min(1e-9), torch.full_like(w, -1e3))
+    first = term[:, 0, :]  # class [0, i)
+    last = term[:, :, bins]  # class [k, bins)
+    best_i, arg_i = (first[:, :, None] + term).max(1)  # over i, for each j: [N, j]
+    best_k, _ = (term + last[:, None, :]).max(2)  # over k, for each j
+    j = (best_i + best_k).argmax(1, keepdim=True)
+    i = arg_i.gather(1, j)
+    return i.to(torch.float32) / bins  # body: x >= lower edge of bin i
 
 
-def _largest_component(fg: Tensor, iters: int) -> Tensor:
-    """Largest 8-connected component of each ``fg`` [N, 1, h, w] (float 0/1) -> float 0/1."""
+def _run_max(lab: Tensor, fg: Tensor, dim: int) -> Tensor:
+    """Replace every label by the maximum label of its run of foreground pixels along ``dim``.
+
+    ``lab`` int64 [N, h, w] (0 on background), ``fg`` bool [N, h, w]. Runs are found with a
+    cumulative sum of run starts; a cumulative max of ``run_id * M + label`` then cannot cross run
+    boundaries because any earlier run has a smaller key.
+    """
+    m = lab.new_tensor(lab.shape[1] * lab.shape[2] + 1)
+    prev = torch.cat([~fg.narrow(dim, 0, 1), fg.narrow(dim, 0, fg.shape[dim] - 1)], dim)
+    run = torch.cumsum((fg != prev).to(torch.int64), dim)
+    run_rev = run.amax(dim, keepdim=True) + 1 - run
+    fwd = torch.cummax(run * m + lab, dim).values - run * m
+    bwd = torch.cummax((run_rev * m + lab).flip(dim), dim).values.flip(dim) - run_rev * m
+    return torch.maximum(fwd, bwd) * fg
+
+
+def _drop_small_components(fg: Tensor, iters: int, min_size: float) -> Tensor:
+    """Remove 4-connected components of ``fg`` [N, 1, h, w] (float 0/1) smaller than ``min_size`` px.
+
+    Batched label propagation without host sync: every foreground pixel starts with its own linear
+    index; each iteration replaces labels by the maximum along their horizontal run, then along
+    their vertical run (exact run maxima via cumulative max). A component is fully labelled after
+    as many iterations as its shape needs turns (a few for body-like blobs), not after as many as
+    its diameter. Sizes come from a per-image histogram of labels. An unconverged component is
+    split into a few large pieces (whole runs), so it is not lost by the size rule.
+    """
     n, _, h, w = fg.shape
-    lab = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).view(1, 1, h, w)
-    lab = lab * fg
+    f = fg.view(n, h, w) > 0.5
+    lab = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.int64).view(1, h, w) * f
     for _ in range(iters):
-        lab = _dilate(lab) * fg
-    lab_i = lab.view(n, -1).long()
+        lab = _run_max(lab, f, dim=2)
+        lab = _run_max(lab, f, dim=1)
+    lab = lab.view(n, -1)
     counts = torch.zeros(n, h * w + 1, device=fg.device, dtype=torch.float32)
-    counts.scatter_add_(1, lab_i, fg.view(n, -1))
-    counts[:, 0] = 0.0  # label 0 is background
-    best = counts.argmax(1, keepdim=True)
-    keep = (lab_i == best) & (lab_i > 0)
+    counts.scatter_add_(1, lab, f.view(n, -1).to(torch.float32))
+    keep = (counts.gather(1, lab) >= min_size) & (lab > 0)
     return keep.view_as(fg).to(fg.dtype)
 
 
-def _fill_holes(fg: Tensor, iters: int) -> Tensor:
-    """Background not reachable from the image border (within ``iters`` steps) becomes foreground."""
-    bg = 1.0 - fg
-    border = torch.zeros_like(fg)
-    border[..., 0, :] = 1.0
-    border[..., -1, :] = 1.0
-    border[..., :, 0] = 1.0
-    border[..., :, -1] = 1.0
-    reach = border * bg
-    for _ in range(iters):
-        reach = _dilate(reach) * bg
-    return 1.0 - reach
-
-
-def _hull_fill(fg: Tensor) -> Tensor:
-    """Pixels with foreground on both sides in their row, or above and below in their column."""
-    def between(x: Tensor, dim: int) -> Tensor:
-        fwd = torch.cummax(x, dim=dim).values
-        bwd = torch.cummax(x.flip(dim), dim=dim).values.flip(dim)
-        return torch.minimum(fwd, bwd)
-    return torch.maximum(between(fg, -1), between(fg, -2))
+def _enclosed(fg: Tensor, min_run: int) -> Tensor:
+    """Pixels with foreground on both sides in their row, or at least ``min_run`` foreground
+    pixels both above and below them in their column. ``fg`` [N, 1, h, w] float 0/1."""
+    row_l = torch.cummax(fg, dim=-1).values
+    row_r = torch.cummax(fg.flip(-1), dim=-1).values.flip(-1)
+    col_u = torch.cumsum(fg, dim=-2)
+    col_d = torch.cumsum(fg.flip(-2), dim=-2).flip(-2)
+    rows = torch.minimum(row_l, row_r)
+    cols = ((col_u >= min_run) & (col_d >= min_run)).to(fg.dtype)
+    return torch.maximum(rows, cols)
 
 
 @torch.no_grad()
 def body_mask(images: Tensor) -> Tensor:
-    """Body (patient) mask of chest radiographs by histogram (Otsu) thresholding.
+    """Body (patient) mask of chest radiographs by histogram (multi-Otsu) thresholding.
 
-    Algorithm in the module docstring. Lungs end up inside the mask through closing and hole
-    filling; a degenerate mask (< 5 % of the image) is replaced by the whole image.
+    Algorithm in the module docstring. Lungs end up inside the mask through the low (air/lung)
+    threshold, closing and row/column enclosure filling; a degenerate mask (< 5 % of the image) is
+    replaced by the whole image.
 
     Args:
         images: ``[B, 1, H, W]`` float in [0, 1] (grayscale radiographs, not normalised).
@@ -255,16 +291,18 @@ def body_mask(images: Tensor) -> Tensor:
     x = _gauss_blur3(x)
 
     flat = x.view(b, -1)
-    lo_hi = torch.quantile(flat, torch.tensor(BODY_HIST_RANGE, device=x.device), dim=1)  # [2, B]
+    q = torch.tensor(BODY_HIST_RANGE, device=x.device, dtype=torch.float32)
+    lo_hi = torch.quantile(flat, q, dim=1)  # [2, B]
     valid = (flat >= lo_hi[0][:, None]) & (flat <= lo_hi[1][:, None])
-    thr = _otsu_threshold(flat, valid)  # [B, 1]
+    valid &= (flat > BODY_SATURATION) & (flat < 1.0 - BODY_SATURATION)
+    thr = _multi_otsu_lowest(flat, valid)  # [B, 1]
     fg = (flat >= thr).to(torch.float32).view(b, 1, h, w)
 
     side = max(h, w)
-    fg = _largest_component(fg, iters=2 * side)
+    fg = _drop_small_components(fg, iters=BODY_LABEL_ITERS, min_size=BODY_MIN_COMPONENT * h * w)
     r = BODY_CLOSE_RADIUS
     fg = _erode(_dilate(fg, r), r)
-    fg = torch.maximum(fg, _hull_fill(fg))
+    fg = torch.maximum(fg, _enclosed(fg, min_run=max(1, round(side * BODY_COLUMN_RUN))))
 
     frac = fg.mean(dim=(1, 2, 3), keepdim=True)
     fg = torch.where(frac >= BODY_MIN_FRACTION, fg, torch.ones_like(fg))

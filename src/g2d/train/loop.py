@@ -52,6 +52,7 @@ class TrainResult:
     steps: int
     epochs_done: float
     losses: list[float] = field(default_factory=list)  # total loss at each logged step
+    history: list[dict[str, float]] = field(default_factory=list)  # all logged means, with "step"
     skipped_steps: int = 0
     export_dir: Path | None = None
 
@@ -182,9 +183,11 @@ class Pretrainer:
                 self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                 find_unused_parameters=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                           weight_decay=cfg.train.weight_decay, fused=fused)
+                                           weight_decay=cfg.train.weight_decay, fused=fused or None,
+                                           foreach=None if fused else True)
         self.sampler = EpochSampler(len(self.dataset), d.rank, d.world_size, cfg.train.seed)
         self.batches_per_epoch = self.sampler.per_rank // cfg.train.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
@@ -336,6 +339,7 @@ class Pretrainer:
                     t_last, samples_since = now, 0
                     lr = self.optimizer.param_groups[0]["lr"]
                     result.losses.append(means["total"])
+                    result.history.append({"step": self.step, "lr": lr, "samples_per_s": rate, **means})
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
                                         pa=f"{means['pa']:.3f}", sps=f"{rate:.1f}")
