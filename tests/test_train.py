@@ -35,7 +35,7 @@ def test_pretrain_on_synthetic_loss_falls(tiny_cfg, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("mode", ["pseudo", "shuffled", "reconstruction", "none"])
+@pytest.mark.parametrize("mode", ["pseudo", "shuffled"])  # the modes that draw random numbers
 def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, mode):
     over = {"train.max_steps": 6, "train.epochs": 10, "model.decoder.mode": mode,
             "train.deterministic": True}
@@ -107,7 +107,7 @@ def test_cli_pretrain_resume_and_overrides(tiny_text_dir, tmp_path):
     assert main(args) == 0
     saved = (tmp_path / "config.yaml").read_text()
     assert "image_size: 64" in saved and "batch_size: 4" in saved
-    assert main(args[:5] + ["4"] + args[6:] + ["--resume", "latest"]) == 0
+    assert main(args[:6] + ["4"] + args[7:] + ["--resume", "latest"]) == 0
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4
     assert main(["pretrain", "--out", str(tmp_path), "model.pool.heads=7"]) == 2
@@ -122,7 +122,7 @@ def test_python_dash_m_entry_point():
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_text_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(g2d.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "g2d", "pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2",
            "--device", "cpu", "--no-progress", "--batch-size", "4", f"model.text.model={tiny_text_dir}",
            "model.image_size=64", "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16"]

@@ -10,13 +10,33 @@ from torch import Tensor
 from g2d.config import LossCfg
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local part.
+
+    Written here because torch's autograd-aware gather (``torch.distributed.nn``) is deprecated and
+    its replacement is private; all-reduce + slice works on every backend, gloo included.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather ``x`` [B, d] from every rank -> [world * B, d], keeping gradients for all parts."""
+    """All-gather ``x`` [B, d] from every rank -> [world * B, d], keeping gradients for all parts
+    (every rank must pass the same B)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, cfg: LossCfg) -> Tensor:

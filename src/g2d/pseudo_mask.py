@@ -22,44 +22,52 @@ the in-body pixels of the full-resolution upsampled map. At the 85th percentile 
 body area is foreground; with ``strict=False`` a block of tied values at the threshold (nearest
 upsampling) is included whole, with ``strict=True`` it is excluded whole.
 
-Body mask (:func:`body_mask`), histogram-based thresholding as the paper says; the paper gives no
-details, so this is our algorithm:
+Body mask (:func:`body_mask`): "histogram-based thresholding" per the paper, which gives no
+details; this is our algorithm. Its priority is never to cut off lung (attention on the lungs is
+what the pretext task is about); leaving some outside air in is the lesser error.
 
-1. downsample to a long side of :data:`BODY_SIDE` (96) px with area averaging (anti-aliasing and
-   speed), then a 3x3 Gaussian blur;
-2. per-image Otsu threshold from a 256-bin histogram (``scatter_add``; batched). Pixels below the
-   image's 1st or above its 99.5th percentile are left out of the histogram, so that small
-   saturated patches (black corner blocks, burnt-in labels) do not become the Otsu split; if they
-   are large they are inside the robust range and Otsu may split on them, which is what we want;
-3. foreground = brighter than the threshold (bone, mediastinum, soft tissue). The dark lungs are
-   mostly background at this stage;
-4. keep the largest 8-connected component (batched label propagation: every pixel carries its
-   linear index, repeated 3x3 max-pooling inside the foreground for a fixed number of steps, then
-   a per-image histogram of labels); removes burnt-in letters and markers;
-5. morphological closing (radius :data:`BODY_CLOSE_RADIUS` low-res px) to seal narrow gaps through
-   which the lungs would connect to the outside air;
-6. hole filling: background not connected to the image border (flood fill from the border by
-   repeated 3x3 dilation constrained to the background) becomes body. This is what puts the lungs
-   inside the body mask;
-7. a degenerate result (< 5 % of the image) falls back to the whole image for that image
+1. downsample to a long side of :data:`BODY_SIDE` (128) px with area averaging (anti-aliasing,
+   speed), then a 3x3 binomial blur;
+2. per-image 4-class Otsu (multi-level Otsu; classes roughly outside air / lung / soft tissue /
+   bone and mediastinum) on a 64-bin histogram built with ``scatter_add``, exact search over all
+   threshold triples in O(bins^2) per image. Pixels outside the image's [1st, 99.5th] percentile
+   range or within 0.01 of black/white are left out of the histogram, so that saturated patches
+   (black corner blocks, burnt-in labels) do not get a class of their own;
+3. body candidates = at or above the *lowest* threshold, i.e. everything brighter than outside
+   air. Plain 2-class Otsu splits lung from soft tissue instead, and the lungs then leak out to
+   the image border through dim lateral chest walls (measured: most JSRT images lost lung);
+4. morphological closing, radius :data:`BODY_CLOSE_RADIUS` (2) low-res px;
+5. enclosure filling, which brings back dark lung parts below the threshold: a pixel becomes body
+   if there is body on both sides of it in its row (lungs always lie between mediastinum and
+   lateral chest wall), or at least :data:`BODY_COLUMN_RUN` x side (8 px) of body both above and
+   below it in its column. The run length requirement keeps thin bright film edges at the image
+   bottom from enclosing the outside-air strips beside the torso. Both are cumulative max/sum
+   scans: no iteration, no connected-component labelling;
+6. a degenerate result (< 5 % of the image) falls back to the whole image for that image
    (``torch.where``, no sync);
-8. bilinear upsampling of the 0/1 mask to full size and ``>= 0.5``.
+7. bilinear upsampling of the 0/1 mask to full size and ``>= 0.5``.
 
-The iterative steps use a fixed number of iterations (no convergence test, which would need a host
-sync). Unfinished label propagation can only split a very winding component; an unfinished flood
-fill can only leave far-away background marked as body, i.e. it errs on the side of a larger body.
+Measured on the shared real data (512 px JSRT, all 247 images; covid-notes, all 324 images with
+V7 lung masks): lung pixels inside the body mask: JSRT 100 % for every image; covid-notes mean
+99.9 %, 318/324 images >= 99 %, worst 92 % (tight crops whose apex and lateral lung both touch
+the image border, where the lung is indistinguishable from outside air by this method). Body
+fraction of the image on JSRT: median 0.95, 198/247 images below 0.97 (the rest are films where
+the patient fills the frame).
 
 Bilateral filter (:func:`bilateral_smooth_binary`): for a binary mask the range kernel only takes two
 values (1 for neighbours of the same class, ``c = exp(-1 / (2 sigma_color^2))`` for the other
-class), so the bilateral filter is exactly computable from two separable Gaussian convolutions;
-see the function docstring. The spatial Gaussian is truncated at ``ceil(3 sigma_space)``, so pixels
+class), so the bilateral filter is exactly computable from two separable Gaussian filterings
+(done as banded-matrix products); see the function docstring. The spatial Gaussian is truncated at ``ceil(3 sigma_space)``, so pixels
 farther than that from any mask edge are exactly unchanged.
 
 Defaults chosen here (not given by the paper or the release):
 
-* ``bilateral_sigma_space = 0.5`` in units of one attention cell (the upsampling factor
-  ``H / h'``): 16 px for 224 px input and a 7x7 map. Smaller values barely touch the 32-px block
-  corners; larger ones start to erase single-cell blobs.
+* ``bilateral_sigma_space = 0.25`` in units of one attention cell (the upsampling factor
+  ``H / h'``): 8 px for 224 px input and a 7x7 map. This visibly rounds the corners of the 32-px
+  blocks of a nearest-upsampled mask while keeping the foreground area (measured on random
+  attention maps at the 85th percentile: 15.0 % -> 14.7-14.8 %, ~0.3 % of pixels changed). At 0.5
+  cells (16 px) the filter starts to act as curvature flow on whole blobs: single-cell blobs turn
+  into shrunken discs and the 85th-percentile mask loses ~2 of its 15 percentage points.
 * ``bilateral_sigma_color = 1.0`` (``c = 0.61``). For a binary mask the range term only sets how
   strongly the other class is down-weighted; with re-binarisation a pixel flips only where the
   local foreground fraction ``f`` (Gaussian-weighted) is below ``c/(1+c) = 0.38`` (foreground
@@ -93,9 +101,9 @@ __all__ = [
 ]
 
 #: Long side (px) of the low-resolution copy on which the body mask is computed.
-BODY_SIDE: int = 96
+BODY_SIDE: int = 128
 #: Radius (low-res px) of the morphological closing that seals gaps between lungs and outside air.
-BODY_CLOSE_RADIUS: int = 3
+BODY_CLOSE_RADIUS: int = 2
 #: Minimum body fraction of the image; below it the whole image is used instead.
 BODY_MIN_FRACTION: float = 0.05
 #: Percentiles bounding the intensities that enter the Otsu histogram.
@@ -104,10 +112,6 @@ BODY_HIST_RANGE: tuple[float, float] = (0.01, 0.995)
 BODY_SATURATION: float = 0.01
 #: Histogram bins of the multi-Otsu threshold.
 BODY_OTSU_BINS: int = 64
-#: Foreground components smaller than this fraction of the (low-res) image are dropped.
-BODY_MIN_COMPONENT: float = 0.02
-#: Iterations (row pass + column pass) of the connected-component label propagation.
-BODY_LABEL_ITERS: int = 8
 #: Minimum foreground run (fraction of the low-res long side) above and below for column filling.
 BODY_COLUMN_RUN: float = 1.0 / 16.0
 #: Number of EM iterations for the two-component GMM threshold.
@@ -132,7 +136,7 @@ class PseudoMaskCfg:
         strict: False: foreground is ``>= threshold`` (Eq. 3); True: ``> threshold`` (release).
         smoothing: bilateral edge smoothing (Table 5f).
         bilateral_sigma_space: spatial sigma in units of one attention cell, i.e. of the upsampling
-            factor ``H / h'`` (0.5 -> 16 px for a 7x7 map on 224 px).
+            factor ``H / h'`` (0.25 -> 8 px for a 7x7 map on 224 px).
         bilateral_sigma_color: range sigma on the 0/1 mask values (1.0 -> other-class weight 0.61).
         rebinarize: threshold the smoothed mask back to {0, 1} at 0.5 (see module docstring).
     """
@@ -144,7 +148,7 @@ class PseudoMaskCfg:
     percentile: float = 85.0
     strict: bool = False
     smoothing: bool = True
-    bilateral_sigma_space: float = 0.5
+    bilateral_sigma_space: float = 0.25
     bilateral_sigma_color: float = 1.0
     rebinarize: bool = True
 
@@ -155,7 +159,7 @@ class PseudoMaskCfg:
         if self.threshold not in _THRESHOLD_MODES:
             raise ValueError(f"threshold must be one of {_THRESHOLD_MODES}, got {self.threshold!r}")
         p = float(self.percentile)
-        if not (0.0 < p < 100.0) or math.isnan(p):
+        if not (0.0 < p < 100.0):  # also rejects NaN
             raise ValueError(f"percentile must be in (0, 100), got {self.percentile!r}")
         for name in ("bilateral_sigma_space", "bilateral_sigma_color"):
             v = float(getattr(self, name))
@@ -180,7 +184,9 @@ def _erode(x: Tensor, radius: int = 1) -> Tensor:
 
 
 def _gauss_blur3(x: Tensor) -> Tensor:
-    k = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    """3x3 binomial blur, replicate padding. ``x`` [N, 1, h, w]."""
+    # [0.25, 0.5, 0.25] built on the device: torch.tensor(list, device=cuda) would sync the stream.
+    k = 0.5 - 0.25 * (torch.arange(3, device=x.device, dtype=x.dtype) - 1.0).abs()
     k2 = (k[:, None] * k[None, :]).view(1, 1, 3, 3)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2)
 
@@ -213,45 +219,6 @@ def _multi_otsu_lowest(x: Tensor, valid: Tensor, bins: int = BODY_OTSU_BINS) -> 
     j = (best_i + best_k).argmax(1, keepdim=True)
     i = arg_i.gather(1, j)
     return i.to(torch.float32) / bins  # body: x >= lower edge of bin i
-
-
-def _run_max(lab: Tensor, fg: Tensor, dim: int) -> Tensor:
-    """Replace every label by the maximum label of its run of foreground pixels along ``dim``.
-
-    ``lab`` int64 [N, h, w] (0 on background), ``fg`` bool [N, h, w]. Runs are found with a
-    cumulative sum of run starts; a cumulative max of ``run_id * M + label`` then cannot cross run
-    boundaries because any earlier run has a smaller key.
-    """
-    m = lab.new_tensor(lab.shape[1] * lab.shape[2] + 1)
-    prev = torch.cat([~fg.narrow(dim, 0, 1), fg.narrow(dim, 0, fg.shape[dim] - 1)], dim)
-    run = torch.cumsum((fg != prev).to(torch.int64), dim)
-    run_rev = run.amax(dim, keepdim=True) + 1 - run
-    fwd = torch.cummax(run * m + lab, dim).values - run * m
-    bwd = torch.cummax((run_rev * m + lab).flip(dim), dim).values.flip(dim) - run_rev * m
-    return torch.maximum(fwd, bwd) * fg
-
-
-def _drop_small_components(fg: Tensor, iters: int, min_size: float) -> Tensor:
-    """Remove 4-connected components of ``fg`` [N, 1, h, w] (float 0/1) smaller than ``min_size`` px.
-
-    Batched label propagation without host sync: every foreground pixel starts with its own linear
-    index; each iteration replaces labels by the maximum along their horizontal run, then along
-    their vertical run (exact run maxima via cumulative max). A component is fully labelled after
-    as many iterations as its shape needs turns (a few for body-like blobs), not after as many as
-    its diameter. Sizes come from a per-image histogram of labels. An unconverged component is
-    split into a few large pieces (whole runs), so it is not lost by the size rule.
-    """
-    n, _, h, w = fg.shape
-    f = fg.view(n, h, w) > 0.5
-    lab = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.int64).view(1, h, w) * f
-    for _ in range(iters):
-        lab = _run_max(lab, f, dim=2)
-        lab = _run_max(lab, f, dim=1)
-    lab = lab.view(n, -1)
-    counts = torch.zeros(n, h * w + 1, device=fg.device, dtype=torch.float32)
-    counts.scatter_add_(1, lab, f.view(n, -1).to(torch.float32))
-    keep = (counts.gather(1, lab) >= min_size) & (lab > 0)
-    return keep.view_as(fg).to(fg.dtype)
 
 
 def _enclosed(fg: Tensor, min_run: int) -> Tensor:
@@ -291,15 +258,19 @@ def body_mask(images: Tensor) -> Tensor:
     x = _gauss_blur3(x)
 
     flat = x.view(b, -1)
-    q = torch.tensor(BODY_HIST_RANGE, device=x.device, dtype=torch.float32)
-    lo_hi = torch.quantile(flat, q, dim=1)  # [2, B]
-    valid = (flat >= lo_hi[0][:, None]) & (flat <= lo_hi[1][:, None])
+    # Robust intensity range per image (nearest-rank percentiles; every row has the same length, so
+    # kthvalue with a static k works and nothing waits on the device).
+    n_px = flat.shape[1]
+    k_lo = min(n_px, max(1, round(BODY_HIST_RANGE[0] * n_px)))
+    k_hi = min(n_px, max(1, round(BODY_HIST_RANGE[1] * n_px)))
+    lo = torch.kthvalue(flat, k_lo, dim=1, keepdim=True).values
+    hi = torch.kthvalue(flat, k_hi, dim=1, keepdim=True).values
+    valid = (flat >= lo) & (flat <= hi)
     valid &= (flat > BODY_SATURATION) & (flat < 1.0 - BODY_SATURATION)
     thr = _multi_otsu_lowest(flat, valid)  # [B, 1]
     fg = (flat >= thr).to(torch.float32).view(b, 1, h, w)
 
     side = max(h, w)
-    fg = _drop_small_components(fg, iters=BODY_LABEL_ITERS, min_size=BODY_MIN_COMPONENT * h * w)
     r = BODY_CLOSE_RADIUS
     fg = _erode(_dilate(fg, r), r)
     fg = torch.maximum(fg, _enclosed(fg, min_run=max(1, round(side * BODY_COLUMN_RUN))))
@@ -326,18 +297,20 @@ def aggregate_attention(attn: Tensor, aggregate: bool) -> Tensor:
     return attn.mean(dim=1, keepdim=True) if aggregate else attn
 
 
-def _gaussian_kernel1d(sigma: float, device: torch.device) -> Tensor:
+def _gaussian_band_matrix(n: int, sigma: float, device: torch.device) -> Tensor:
+    """[n, n] matrix ``K`` with ``(K @ x)`` = 1-D Gaussian filtering of ``x`` along its first axis.
+
+    Kernel truncated at ``ceil(3 sigma)`` and normalised to sum 1 over its full support; rows near
+    the ends are simply cut (zero padding), so ``K @ 1`` is the in-image weight.
+    """
     radius = max(1, math.ceil(3.0 * sigma))
     t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def _separable_gauss(x: Tensor, k: Tensor) -> Tensor:
-    """Zero-padded separable Gaussian of ``x`` [N, 1, H, W] (padding counts as 'not in image')."""
-    r = (k.numel() - 1) // 2
-    x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, r))
-    return F.conv2d(x, k.view(1, 1, -1, 1), padding=(r, 0))
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    idx = torch.arange(n, device=device)
+    d = idx[:, None] - idx[None, :]
+    band = d.abs() <= radius
+    return torch.where(band, g[(d + radius).clamp(0, 2 * radius)], torch.zeros((), device=device))
 
 
 @torch.no_grad()
@@ -346,14 +319,18 @@ def bilateral_smooth_binary(mask: Tensor, sigma_space: float, sigma_color: float
 
     For a {0,1} mask the range kernel ``exp(-(m_p - m_q)^2 / (2 sigma_color^2))`` is 1 for
     neighbours of the same class and ``c = exp(-1 / (2 sigma_color^2))`` otherwise, so with
-    ``G = g * m`` and ``N = g * 1`` (``g`` the spatial Gaussian; ``N`` normalises for the image
-    border, i.e. only in-image neighbours count):
+    ``G = g * m`` and ``O = g * (1 - m)`` (``g`` the spatial Gaussian with zero padding, i.e. only
+    in-image neighbours count; ``G + O = N = g * 1`` is the border normalisation):
 
-    * where ``m = 1``: ``out = G / (G + c (N - G))``;
-    * where ``m = 0``: ``out = c G / ((N - G) + c G)``.
+    * where ``m = 1``: ``out = G / (G + c O)``;
+    * where ``m = 0``: ``out = c G / (O + c G)``.
 
-    This is the brute-force bilateral filter exactly, at the price of two separable Gaussian
-    convolutions, instead of a per-pixel ``(6 sigma)^2`` window.
+    This equals the brute-force bilateral filter, but costs two separable Gaussian filterings
+    instead of a ``(6 sigma)^2`` window per pixel. The separable Gaussian is applied as two matrix
+    products with a banded [H, H] / [W, W] matrix (fast on any device, no big-kernel ``unfold``).
+    ``O`` is filtered directly rather than taken as ``N - G``: where the window holds one class only,
+    ``G`` or ``O`` is then exactly 0 and the pixel is returned exactly unchanged. (With TF32 matmuls
+    enabled by the caller, values near edges carry ~1e-3 relative error; exact zeros stay exact.)
 
     Args:
         mask: ``[B, K, H, W]`` with values in {0, 1} (bool or float).
@@ -361,42 +338,48 @@ def bilateral_smooth_binary(mask: Tensor, sigma_space: float, sigma_color: float
         sigma_color: range sigma on mask values.
 
     Returns:
-        ``[B, K, H, W]`` float32 in [0, 1]; unchanged farther than ``ceil(3 sigma_space)`` px from
-        any edge.
+        ``[B, K, H, W]`` float32 in [0, 1]; identical to ``mask`` farther than
+        ``ceil(3 sigma_space)`` px (Chebyshev distance) from any pixel of the other class.
     """
     if mask.ndim != 4:
         raise ValueError(f"mask must be [B, K, H, W], got {tuple(mask.shape)}")
     if not (sigma_space > 0 and sigma_color > 0):
         raise ValueError("sigma_space and sigma_color must be positive")
     b, k, h, w = mask.shape
-    m = mask.detach().to(torch.float32).reshape(b * k, 1, h, w)
-    g = _gaussian_kernel1d(float(sigma_space), m.device)
-    big_g = _separable_gauss(m, g)
-    norm = _separable_gauss(torch.ones(1, 1, h, w, device=m.device), g)
+    m = (mask.detach() > 0.5).to(torch.float32).reshape(b * k, h, w)
+    kh = _gaussian_band_matrix(h, float(sigma_space), m.device)
+    kw = _gaussian_band_matrix(w, float(sigma_space), m.device)
+    both = torch.cat([m, 1.0 - m], 0)  # one batched product for G and O
+    filt = torch.matmul(torch.matmul(kh, both), kw.t())  # kw symmetric; .t() for clarity
+    big_g, other = filt[: b * k].clamp_min(0.0), filt[b * k :].clamp_min(0.0)
     c = math.exp(-1.0 / (2.0 * float(sigma_color) ** 2))
-    other = (norm - big_g).clamp_min(0.0)
-    big_g = big_g.clamp_min(0.0)
-    out_fg = big_g / (big_g + c * other).clamp_min(1e-12)
-    out_bg = c * big_g / (other + c * big_g).clamp_min(1e-12)
+    out_fg = big_g / (big_g + c * other).clamp_min(1e-30)
+    out_bg = c * big_g / (other + c * big_g).clamp_min(1e-30)
     out = torch.where(m > 0.5, out_fg, out_bg).clamp_(0.0, 1.0)
     return out.view(b, k, h, w)
 
 
 def _masked_quantile(vals: Tensor, valid: Tensor, q: float) -> Tensor:
-    """Quantile ``q`` in [0, 1] of ``vals`` [N, P] over ``valid`` entries, linear interpolation.
+    """Quantile ``q`` in (0, 1) of ``vals`` [N, P] over its ``valid`` entries, per row -> [N, 1].
 
-    Same definition as ``np.quantile`` (default ``linear``) on the valid subset. Rows without any
-    valid entry get +inf (so nothing is foreground; cannot happen with a non-empty body mask).
+    Same definition as ``np.quantile`` (``linear``) on the valid subset: with ``n`` valid values the
+    position is ``q (n - 1)``, interpolated between neighbouring order statistics. Computed from
+    the top: invalid entries become -inf and ``torch.topk`` with the static
+    ``k = floor((1 - q)(P - 1)) + 2`` (no host sync; enough for every ``n <= P``) gives the valid
+    values in descending order; position ``(1 - q)(n - 1)`` there is the same quantile. For the
+    85th percentile this is ~5x cheaper than a full sort. Rows without valid entries give +inf.
     """
-    big = torch.finfo(vals.dtype).max
-    s, _ = torch.sort(torch.where(valid, vals, torch.full_like(vals, big)), dim=1)
+    p = vals.shape[1]
+    k = min(p, int(math.floor((1.0 - q) * (p - 1))) + 2)
+    neg_inf = torch.full_like(vals, float("-inf"))
+    top = torch.topk(torch.where(valid, vals, neg_inf), k, dim=1, sorted=True).values
     n = valid.sum(1, keepdim=True)
-    pos = (n - 1).clamp_min(0).to(vals.dtype) * q
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp_max((n - 1).clamp_min(0))
+    pos = (n - 1).clamp_min(0).to(vals.dtype) * (1.0 - q)
+    lo = pos.floor().long().clamp_max(k - 1)
+    hi = torch.minimum(lo + 1, (n - 1).clamp_min(0)).clamp_max(k - 1)
     frac = pos - lo.to(vals.dtype)
-    v_lo = s.gather(1, lo)
-    v_hi = s.gather(1, hi)
+    v_lo = top.gather(1, lo)
+    v_hi = top.gather(1, hi)
     out = v_lo + (v_hi - v_lo) * frac
     return torch.where(n > 0, out, torch.full_like(out, float("inf")))
 
@@ -447,11 +430,15 @@ def _gmm_foreground(vals: Tensor, valid: Tensor) -> Tensor:
         sig2 = ((rw * (x[:, None, :] - mu[..., None]) ** 2).sum(2) / nk).clamp_min(var_floor)
         pi = (nk / nk.sum(1, keepdim=True)).clamp_min(1e-6)
 
-    hi = mu.argmax(1, keepdim=True)  # [N, 1]
-    lj = log_joint(z)  # [N, 2, P]
-    post_hi = torch.softmax(lj, dim=1).gather(1, hi[:, :, None].expand(-1, 1, z.shape[1]))[:, 0]
-    mu_lo = mu.amin(1, keepdim=True)
-    return valid & (post_hi > 0.5) & (z > mu_lo)
+    # Posterior of the high component > 0.5  <=>  log-joint(high) - log-joint(low) > 0, a
+    # quadratic in z: evaluated with per-row coefficients (cheap, no [N, 2, P] tensor).
+    hi = mu.argmax(1, keepdim=True)
+    lo = 1 - hi
+    mu_h, mu_l = mu.gather(1, hi), mu.gather(1, lo)
+    s2_h, s2_l = sig2.gather(1, hi), sig2.gather(1, lo)
+    const = (pi.gather(1, hi).log() - pi.gather(1, lo).log()) - 0.5 * (s2_h.log() - s2_l.log())
+    score = const - 0.5 * (z - mu_h) ** 2 / s2_h + 0.5 * (z - mu_l) ** 2 / s2_l
+    return valid & (score > 0) & (z > mu_l)
 
 
 @torch.no_grad()
@@ -529,7 +516,8 @@ def shuffle_masks(masks: Tensor, generator: torch.Generator | None = None) -> Te
     if n <= 1:
         return masks.clone()
     dev = generator.device if generator is not None else masks.device
-    order = torch.randperm(n, generator=generator, device=dev).to(masks.device)
+    # A generator on another device costs one small host-to-device copy; none without a generator.
+    order = torch.randperm(n, generator=generator, device=dev).to(masks.device, non_blocking=True)
     src = torch.empty_like(order)
     src[order] = order.roll(-1)
     return masks[src]
