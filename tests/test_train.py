@@ -126,8 +126,14 @@ def test_torchrun_two_processes(tiny_text_dir, tmp_path):
            "-m", "g2d", "pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2",
            "--device", "cpu", "--no-progress", "--batch-size", "4", f"model.text.model={tiny_text_dir}",
            "model.image_size=64", "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # torchrun's workers too
+        raise
+    assert proc.returncode == 0, err[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2
     assert (tmp_path / "export" / "model.safetensors").is_file()
