@@ -7,6 +7,8 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pseudo_mask.py -k cuda > "$OUT/pytest_cuda.log" 2>&1
+echo "cuda pseudo-mask test exit $?"; tail -3 "$OUT/pytest_cuda.log"
 for B in 64 128; do
   timeout 240 python3 benchmarks/bench_step.py --device cuda --batch $B --steps 10 --warmup 3 \
     --flops --peak-tflops 989 --json "$OUT/step_b$B.json" > "$OUT/step_b$B.log" 2>&1

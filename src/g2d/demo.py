@@ -96,7 +96,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, steps: int = 240, train_samples: int = 1536, eval_samples: int = 256,
+def run_demo(out_dir: str | Path, steps: int = 150, train_samples: int = 1536, eval_samples: int = 256,
              device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Run the demo; write ``results.json``, ``results.md``, ``figures/*.png`` and the exported
     G2D model (``g2d/export``) under ``out_dir``; return the results (plus ``markdown``)."""
