@@ -54,6 +54,7 @@ def tiny_cfg(tiny_text_dir):
 
     return get_config("tiny", {
         "model.text.model": str(tiny_text_dir),
+        "model.text.freeze_layers": 1,
         "model.image_size": 64,
         "model.pool.width": 48,
         "data.resize": 64,

@@ -26,12 +26,12 @@ def attention_panels(images: Tensor, attention: Tensor, masks: Tensor, reports: 
     fig, axes = plt.subplots(n, 4, figsize=(13, 3.2 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
     for i in range(n):
-        img = images[i, 0].cpu()
+        img = images[i, 0].cpu().numpy()
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[i, 1].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[i, 1].imshow(att[i, 0].cpu(), cmap="jet", alpha=0.45)
+        axes[i, 1].imshow(att[i, 0].cpu().numpy(), cmap="jet", alpha=0.45)
         axes[i, 2].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[i, 2].imshow(masks[i].float().mean(0).cpu(), cmap="Reds", alpha=0.5, vmin=0, vmax=1)
+        axes[i, 2].imshow(masks[i].float().mean(0).cpu().numpy(), cmap="Reds", alpha=0.5, vmin=0, vmax=1)
         axes[i, 3].text(0.0, 1.0, textwrap.fill(reports[i], 48), va="top", fontsize=9, wrap=True)
         for ax in axes[i]:
             ax.axis("off")
@@ -49,12 +49,12 @@ def grounding_panels(images: Tensor, heat: Tensor, targets: Tensor, prompts: Seq
     n = images.shape[0]
     fig, axes = plt.subplots(n, 2, figsize=(6.5, 3.2 * n), squeeze=False)
     for i in range(n):
-        img = images[i, 0].cpu()
+        img = images[i, 0].cpu().numpy()
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[i, 0].contour(targets[i].cpu().float(), levels=[0.5], colors="lime", linewidths=1)
+        axes[i, 0].contour(targets[i].cpu().float().numpy(), levels=[0.5], colors="lime", linewidths=1)
         axes[i, 0].set_title(textwrap.fill(prompts[i], 36), fontsize=9)
         axes[i, 1].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[i, 1].imshow(heat[i].cpu(), cmap="jet", alpha=0.45)
+        axes[i, 1].imshow(heat[i].cpu().numpy(), cmap="jet", alpha=0.45)
         axes[i, 1].set_title("similarity", fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
@@ -76,8 +76,8 @@ def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: st
 def overlay_heatmap(image: Tensor, heat: Tensor, path: str | Path, title: str = "") -> Path:
     """A single image [H, W] with a heat map [H, W] overlaid."""
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image.cpu(), cmap="gray")
-    ax.imshow(heat.cpu(), cmap="jet", alpha=0.45)
+    ax.imshow(image.cpu().numpy(), cmap="gray")
+    ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.45)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return _save(fig, path)
