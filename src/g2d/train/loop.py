@@ -288,6 +288,7 @@ class Pretrainer:
         self.model.train()
         while not done and self.epoch < cfg.train.epochs:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.train.batch_size)
+            self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at epoch end
             micro = 0
             for batch in self._loader():
                 images = batch["image"].to(d.device, non_blocking=True)
@@ -357,6 +358,8 @@ class Pretrainer:
                 if interrupt_after is not None and self.step >= interrupt_after:
                     if bar is not None:
                         bar.close()
+                    if writer is not None:
+                        writer.close()
                     result.steps, result.skipped_steps = self.step, self.skipped
                     return result
                 if self.step >= self.total_steps:
