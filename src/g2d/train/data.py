@@ -29,8 +29,8 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
 
 def dataset_texts(dataset: Dataset) -> list[str]:
     """All report texts of a pre-training dataset (to build the tiny preset's vocabulary)."""
-    if hasattr(dataset, "texts"):
-        return list(dataset.texts)
+    if callable(getattr(dataset, "text", None)):  # ImageTextPairs: no image decoding
+        return [dataset.text(i) for i in range(len(dataset))]
     return [dataset[i]["text"] for i in range(len(dataset))]
 
 
