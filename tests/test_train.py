@@ -138,3 +138,23 @@ def test_torchrun_two_processes(tiny_text_dir, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_release_choices_and_accumulation_train(tiny_cfg, tmp_path):
+    """The release's variants (projected 4-head pooling, nearest/strict masks without body mask or
+    smoothing, local negatives, summed InfoNCE, contrastive-only warm-up, cosine restarts) run
+    end to end, with gradient accumulation."""
+    from g2d.config import PRESET_OVERRIDES
+
+    release = {k: v for k, v in PRESET_OVERRIDES["release"].items()
+               if k.startswith(("model.pool", "model.pseudo_mask", "loss.", "train.scheduler"))}
+    cfg = _cfg(tiny_cfg, **{**release, "model.pool.width": 128, "loss.contrastive_only_steps": 2,
+                                       "train.restart_steps": 2, "train.max_steps": 4,
+                                       "train.grad_accum": 2, "train.batch_size": 4})
+    assert cfg.model.pool.pool_on == "projected" and cfg.loss.negatives == "local"
+    result = pretrain(cfg, tmp_path, progress=False)
+    assert result.steps == 4
+    assert all(torch.isfinite(torch.tensor([h["total"] for h in result.history])))
+    warm, after = result.history[0], result.history[-1]
+    assert warm["total"] == pytest.approx(warm["vla"], rel=1e-6)  # PA weighted 0 during warm-up
+    assert after["total"] == pytest.approx(after["vla"] + after["pa"], rel=1e-5)
