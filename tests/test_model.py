@@ -147,3 +147,32 @@ def test_encoder_and_decoder_load_into_smp_unet(tiny_cfg):
 def test_config_rejects_bad_heads_before_building():
     with pytest.raises(ConfigError, match="does not divide"):
         get_config("paper", ["model.pool.heads=3", "model.pool.width=128"])
+
+
+@pytest.mark.parametrize("dim", [256, 512])
+def test_projector_dimension(tiny_cfg, dim):
+    tiny_cfg.model.embed_dim = dim
+    model = create_model(tiny_cfg.validate())
+    out = model(torch.rand(2, 1, 64, 64), model.tokenize(["a", "b"]), decode=False)
+    assert out.image.embedding.shape == (2, dim) and out.text_embedding.shape == (2, dim)
+
+
+def test_learnable_temperature(tiny_cfg):
+    tiny_cfg.loss.learnable_temperature = True
+    model = create_model(tiny_cfg)
+    assert model.logit_scale.requires_grad
+    assert not create_model(get_config("tiny", {"model.text.model": tiny_cfg.model.text.model,
+                                                "model.text.freeze_layers": 1})).logit_scale.requires_grad
+
+
+def test_imagenet_weights_from_the_local_torch_cache(tiny_cfg, tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    net = torchvision.models.resnet18(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(net.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    tiny_cfg.model.image.weights = "imagenet"
+    model = create_model(tiny_cfg)
+    torch.testing.assert_close(model.image_encoder.layer4[0].conv1.weight, net.layer4[0].conv1.weight)

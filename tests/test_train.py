@@ -61,6 +61,10 @@ def test_export_and_load_give_identical_embeddings(tiny_cfg, tmp_path):
     trainer = Pretrainer(cfg, tmp_path, progress=False)
     trainer.setup()
     trainer.train()
+    # frozen text layers stay out of the optimizer
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert not in_opt & {id(p) for p in trainer.model.text_encoder.backbone.encoder.layer[0].parameters()}
     model = trainer.model.eval()
     loaded = g2d.load_model(tmp_path)  # the run folder resolves to its export
     images = torch.rand(3, 1, 64, 64)
@@ -113,6 +117,18 @@ def test_cli_pretrain_resume_and_overrides(tiny_text_dir, tmp_path):
     assert main(["pretrain", "--out", str(tmp_path), "model.pool.heads=7"]) == 2
 
 
+def test_cli_epochs_and_config_file(tiny_text_dir, tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  pool:\n    heads: 2\ntrain:\n  lr: 0.002\n")
+    args = ["pretrain", "--preset", "tiny", "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--config", str(tmp_path / "c.yaml"), "--no-progress", "--batch-size", "4",
+            f"model.text.model={tiny_text_dir}", "model.text.freeze_layers=1", "model.image_size=64",
+            "model.pool.width=48", "data.resize=64", "data.synthetic_samples=12", "train.warmup_steps=1"]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["epoch"] == 1  # one epoch of 12 / 4 batches
+    assert state["config"]["model"]["pool"]["heads"] == 2 and state["config"]["train"]["lr"] == 0.002
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "g2d", "pretrain", "--help"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(g2d.__file__).parents[1])})
@@ -150,7 +166,8 @@ def test_release_choices_and_accumulation_train(tiny_cfg, tmp_path):
                if k.startswith(("model.pool", "model.pseudo_mask", "loss.", "train.scheduler"))}
     cfg = _cfg(tiny_cfg, **{**release, "model.pool.width": 128, "loss.contrastive_only_steps": 2,
                                        "train.restart_steps": 2, "train.max_steps": 4,
-                                       "train.grad_accum": 2, "train.batch_size": 4})
+                                       "train.grad_accum": 2, "train.batch_size": 4,
+                                       "train.clip_grad": 1.0})
     assert cfg.model.pool.pool_on == "projected" and cfg.loss.negatives == "local"
     result = pretrain(cfg, tmp_path, progress=False)
     assert result.steps == 4
