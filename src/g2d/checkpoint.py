@@ -55,6 +55,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot load checkpoint {path} safely: {err}") from None
 
 
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state)`` that turns any mismatch (missing, unexpected or mis-shaped
+    entries) into a one-line ``ValueError`` starting with ``what``."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{what}: {str(err)[:300]}") from None
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file, a G2D export folder, or a torch file (loaded
     with ``weights_only=True``; a training checkpoint's ``model`` entry is used)."""
@@ -68,9 +79,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = load_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    for key in ("state_dict",):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -101,7 +101,6 @@ def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, e
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = demo_config(steps, train_samples, seed)
     no_decoder = copy.deepcopy(base)
     no_decoder.model.decoder.mode = "none"
@@ -111,7 +110,7 @@ def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, e
         run_dir = out / ("g2d" if name == "G2D" else "no_decoder")
         log.info("pre-training %s in %s", name, run_dir)
         result = pretrain(cfg, run_dir, resume="latest", device=device)
-        curves[name] = result.losses
+        curves[name] = [h["total"] for h in result.history]
         models[name] = load_model(run_dir / "export")
     seed_everything(seed)
     models["random init"] = create_model(base).eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from g2d.checkpoint import (EXPORT_CONFIG, EXPORT_TEXT_DIR, EXPORT_WEIGHTS, load_checkpoint,
-                            read_state_dict)
+                            load_weights, read_state_dict)
 from g2d.config import ConfigError, G2DConfig, config_from_dict
 from g2d.model import G2DModel
 from g2d.model.text_encoder import load_text_backbone
@@ -45,6 +45,8 @@ def _resolve(path: Path) -> tuple[str, Path]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> G2DModel:
     """Load a trained G2D model for inference, in eval mode, without any training machinery.
 
+    The full configuration it was trained with is available as ``model.config``.
+
     :param path: an export folder (``model.safetensors`` + ``config.json`` + ``text/``), a run
         folder written by ``g2d pretrain``, a ``.safetensors`` file inside an export folder, or a
         training checkpoint ``.pt`` (read with ``weights_only=True``).
@@ -71,12 +73,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> G2DModel
     if text_dir is not None:
         cfg.model.text.model = str(text_dir)
     model = create_model(cfg, text_weights=False)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{where} does not match its configured architecture: {str(err)[:300]}") from None
-    if missing or unexpected:
-        raise ValueError(f"{where} does not match its configured architecture: missing "
-                         f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    load_weights(model, state, f"{where} does not match its configured architecture")
     model.config = cfg
     return model.to(device).eval()

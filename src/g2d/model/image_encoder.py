@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from g2d.checkpoint import load_weights, read_state_dict
 from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
 
 log = logging.getLogger("g2d.model")
@@ -80,8 +81,6 @@ def load_image_weights(encoder: ResNetEncoder, weights: str, arch: str) -> None:
                 "path as model.image.weights=PATH, or use model.image.weights=none.")
         state = torch.load(file, map_location="cpu", weights_only=True)
     else:
-        from g2d.checkpoint import read_state_dict
-
         state = read_state_dict(weights)
         # Accept a full G2D state dict or an smp/release encoder export.
         for prefix in ("image_encoder.", "encoder."):
@@ -89,11 +88,5 @@ def load_image_weights(encoder: ResNetEncoder, weights: str, arch: str) -> None:
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 break
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"image weights {weights!r} do not fit {arch}: {str(err)[:300]}") from None
-    if missing or unexpected:
-        raise ValueError(f"image weights {weights!r} do not fit {arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    load_weights(encoder, state, f"image weights {weights!r} do not fit {arch}")
     log.info("loaded image encoder weights from %s", weights)

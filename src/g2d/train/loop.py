@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import time
@@ -50,8 +51,6 @@ class StepLosses:
 class TrainResult:
     out_dir: Path
     steps: int
-    epochs_done: float
-    losses: list[float] = field(default_factory=list)  # total loss at each logged step
     history: list[dict[str, float]] = field(default_factory=list)  # all logged means, with "step"
     skipped_steps: int = 0
     export_dir: Path | None = None
@@ -174,7 +173,11 @@ class Pretrainer:
         if d.is_main:
             save_config(cfg, self.out / "config.yaml")
 
-        self.model = create_model(cfg).to(d.device)
+        build_cfg = cfg
+        if state is not None:  # the checkpoint's weights replace any initial image weights
+            build_cfg = copy.deepcopy(cfg)
+            build_cfg.model.image.weights = "none"
+        self.model = create_model(build_cfg).to(d.device)
         if d.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = self.model
@@ -279,7 +282,7 @@ class Pretrainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
                        dynamic_ncols=True)
-        result = TrainResult(self.out, self.step, 0.0)
+        result = TrainResult(self.out, self.step)
         acc_steps, nonfinite_run = cfg.train.grad_accum, 0
         t_last, samples_since = time.perf_counter(), 0
         sums: dict[str, torch.Tensor] = {}
@@ -339,7 +342,6 @@ class Pretrainer:
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
                     lr = self.optimizer.param_groups[0]["lr"]
-                    result.losses.append(means["total"])
                     result.history.append({"step": self.step, "lr": lr, "samples_per_s": rate, **means})
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
@@ -375,7 +377,6 @@ class Pretrainer:
             writer.close()
         self.save()
         result.steps, result.skipped_steps = self.step, self.skipped
-        result.epochs_done = self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
         if d.is_main:
             result.export_dir = export_model(self.model, self.cfg.to_dict(), self.out / "export")
         barrier()
