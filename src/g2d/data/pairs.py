@@ -299,7 +299,8 @@ class ImageTextPairs(torch.utils.data.Dataset):
 
 
 def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate samples of :class:`ImageTextPairs`.
+    """Collate image-text samples (:class:`ImageTextPairs`, or any dataset whose items hold
+    ``image``, ``text`` and ``index``, e.g. the synthetic set during pre-training).
 
     Returns:
         ``{"image": FloatTensor [B, 1, S, S], "text": list[str] (B), "index": LongTensor [B]}``.

@@ -79,12 +79,3 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             return self.dataset[index]
-
-
-def collate_pretrain(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Keep what pre-training needs: images [B, 1, H, W], texts, dataset indices [B]."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "text": [b["text"] for b in batch],
-        "index": torch.tensor([int(b["index"]) for b in batch]),
-    }

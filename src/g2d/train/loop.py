@@ -23,8 +23,8 @@ from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_lo
 from g2d.model import G2DModel
 from g2d.model.text_encoder import build_tiny_text_model
 from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
-from g2d.train.data import (EpochSampler, SeededSamples, build_pretrain_dataset, collate_pretrain,
-                            dataset_texts)
+from g2d.data.pairs import collate_pairs
+from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
 from g2d.train.distributed import DistInfo, barrier, init_distributed
 from g2d.train.scheduler import build_scheduler
 
@@ -226,7 +226,7 @@ class Pretrainer:
         # resumed run would diverge from an uninterrupted one.
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.epoch)
         return DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
-                          sampler=self.sampler, num_workers=workers, collate_fn=collate_pretrain,
+                          sampler=self.sampler, num_workers=workers, collate_fn=collate_pairs,
                           drop_last=True, pin_memory=self.dist.device.type == "cuda", generator=gen,
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
