@@ -175,3 +175,18 @@ def test_release_choices_and_accumulation_train(tiny_cfg, tmp_path):
     warm, after = result.history[0], result.history[-1]
     assert warm["total"] == pytest.approx(warm["vla"], rel=1e-6)  # PA weighted 0 during warm-up
     assert after["total"] == pytest.approx(after["vla"] + after["pa"], rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # "CUDA is not available" on CPU machines
+def test_precision_selects_autocast_dtype_on_cuda_only(tiny_cfg):
+    from g2d.train.loop import _autocast
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _autocast(tiny_cfg, cpu).__class__.__name__ == "nullcontext"
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        tiny_cfg.train.precision = precision
+        ctx = _autocast(tiny_cfg, cuda)
+        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == dtype and ctx.device == "cuda"
+        assert _autocast(tiny_cfg, cpu).__class__.__name__ == "nullcontext"
+    tiny_cfg.train.precision = "fp32"
+    assert _autocast(tiny_cfg, cuda).__class__.__name__ == "nullcontext"
