@@ -1,13 +1,19 @@
-"""Command line: ``g2d pretrain``, ``g2d demo`` (also as ``python -m g2d``)."""
+"""Command line: ``g2d pretrain``, ``g2d demo`` and the commands of :mod:`g2d.commands`
+(also as ``python -m g2d``)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Any
 
 from g2d.config import ConfigError, get_config, list_presets, load_config_file, parse_overrides
+from g2d.data.labelled import DataError
+
+# Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_demo(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow later options (argparse stops a positional list there)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -87,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "eval_samples": args.eval_samples}.items() if v is not None}
             results = run_demo(args.out, device=args.device, seed=args.seed, **kwargs)
             print(results["markdown"])
-    except (ConfigError, FileNotFoundError) as err:
+        else:
+            return args.run(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"g2d {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``g2d`` command line beyond ``pretrain`` and ``demo``."""

@@ -1,0 +1,159 @@
+"""Open a labelled set from a ``--data`` spec: ``NAME:PATH`` for public sets, ``csv:FILE``, ``synthetic``.
+
+Specs (``PATH`` is the set's downloaded folder, laid out as published):
+
+=================  ==========================================================================
+``siim:DIR``       SIIM-ACR pneumothorax (``train-rle.csv`` + DICOMs or PNGs)
+``rsna:DIR``       RSNA pneumonia (``stage_2_train_labels.csv`` + DICOMs)
+``object-cxr:DIR`` Object-CXR (``train.csv``, ``dev.csv`` + images)
+``chexpert:DIR``   CheXpert (``train.csv``, ``valid.csv``)
+``cxr14:DIR``      ChestX-ray14 (``Data_Entry_2017*.csv``, ``train_val_list.txt``, ``test_list.txt``)
+``covidx:DIR``     COVIDx (label ``.txt`` files)
+``csv:FILE``       any table: ``image`` + optional ``mask``, ``boxes``, ``split`` and label columns
+``synthetic[:N]``  the embedded synthetic set (N training images, default 256)
+=================  ==========================================================================
+
+Public sets use the split tables shipped in :mod:`g2d.data.splits`; ``csv:`` tables use their
+``split`` column, or else a seeded 70/15/15 split by patient (or image) id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog
+from g2d.data.splits import SPLITS, check_fraction, fraction_count, load_split, rank_train, split_ids
+from g2d.data.transforms import ImageTransformCfg
+
+__all__ = ["READERS", "open_dataset", "SyntheticLabelled", "assign_random_split"]
+
+log = logging.getLogger("g2d.data")
+
+# name -> "module:function"; each reader is ``read(path: Path, **opts) -> (records, tasks, SkipLog)``
+# and each module names its shipped split table in ``SPLIT_TABLE`` (None: the records carry splits).
+READERS: dict[str, str] = {
+    "siim": "g2d.data.siim:read_siim",
+    "rsna": "g2d.data.rsna:read_rsna",
+    "object-cxr": "g2d.data.object_cxr:read_object_cxr",
+    "chexpert": "g2d.data.chexpert:read_chexpert",
+    "cxr14": "g2d.data.cxr14:read_cxr14",
+    "covidx": "g2d.data.covidx:read_covidx",
+    "csv": "g2d.data.labelled_csv:read_labelled_csv",
+}
+
+
+def assign_random_split(records: list[Record], seed: int = 0,
+                        shares: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict[str, str]:
+    """Seeded train/val/test assignment by patient (or image id when a record has no patient)."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(r.patient or r.id, []).append(r.id)
+    keys = sorted(groups)
+    order = [keys[j] for j in np.random.default_rng(seed).permutation(len(keys))]
+    n_val = round(shares[1] * len(keys))
+    n_test = round(shares[2] * len(keys))
+    out: dict[str, str] = {}
+    for k, g in enumerate(order):
+        s = "val" if k < n_val else "test" if k < n_val + n_test else "train"
+        for i in groups[g]:
+            out[i] = s
+    return out
+
+
+def _reader(name: str):
+    if name not in READERS:
+        raise DataError(f"unknown data set {name!r}; use one of {sorted(READERS)} or 'synthetic'")
+    mod_name, fn = READERS[name].split(":")
+    mod = importlib.import_module(mod_name)
+    return getattr(mod, fn), getattr(mod, "SPLIT_TABLE", None)
+
+
+def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
+                 geometry: ImageTransformCfg | None = None, *, split_seed: int = 0,
+                 max_skip_fraction: float = 0.1, **reader_opts: Any) -> LabelledCXR:
+    """The ``split`` part of the set named by ``spec``, training ids cut to ``fraction``.
+
+    Raises:
+        DataError: unknown spec, missing folder/file, or more than ``max_skip_fraction`` of the
+            split's published ids unusable (missing files, bad rows).
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    check_fraction(fraction)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        return SyntheticLabelled(split, n, fraction, geometry)
+    if ":" not in spec:
+        raise DataError(f"data spec {spec!r}: expected NAME:PATH (e.g. siim:/data/siim), csv:FILE or synthetic")
+    name, path = spec.split(":", 1)
+    read, table_name = _reader(name)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{name}: {p} not found")
+    records, tasks, skipped = read(p, **reader_opts)
+    by_id = {r.id: r for r in records}
+    if table_name is not None:
+        table = load_split(table_name)
+        wanted = split_ids(table, split, fraction)
+    else:
+        given = {r.id: r.split for r in records if r.split}
+        assignment = given if given else assign_random_split(records, split_seed)
+        unknown = {s for s in assignment.values() if s not in SPLITS}
+        if unknown:
+            raise DataError(f"{name}:{p}: split values {sorted(unknown)}; use {SPLITS}")
+        ranks = rank_train([i for i, s in assignment.items() if s == "train"], split_seed)
+        table = {i: (s, ranks.get(i, -1)) for i, s in assignment.items()}
+        wanted = split_ids(table, split, fraction)
+    missing = [i for i in wanted if i not in by_id]
+    for i in missing[:20]:
+        skipped.skip("listed_in_split_but_unusable", f"{name} id {i}")
+    if len(missing) > 20:
+        skipped.counts["listed_in_split_but_unusable"] += len(missing) - 20
+        log.warning("%s: %d more ids of the %s split unusable", name, len(missing) - 20, split)
+    skipped.check(len(wanted), max_skip_fraction)
+    ds = LabelledCXR(f"{name}/{split}", [by_id[i] for i in wanted if i in by_id], tasks, geometry, skipped)
+    log.info("%s/%s: %d images (fraction %g); %s", name, split, len(ds), fraction, skipped.summary())
+    return ds
+
+
+class SyntheticLabelled(torch.utils.data.Dataset):
+    """The embedded synthetic set in the :class:`LabelledCXR` sample layout.
+
+    Splits are disjoint by seed (train 1001, val 1002, test 1003; pre-training uses seed 0 by
+    default). ``n_train`` images in train; val and test hold ``max(16, n_train // 4)``. Labels are the
+    five synthetic findings; ``mask`` is the union of finding masks; ``boxes`` are the findings' boxes.
+    """
+
+    def __init__(self, split: str, n_train: int = 256, fraction: float = 1.0,
+                 geometry: ImageTransformCfg | None = None) -> None:
+        from g2d.data.synthetic import FINDINGS, SyntheticCXR, SyntheticCXRCfg
+
+        size = geometry.output_size if geometry is not None else 224
+        n = fraction_count(n_train, fraction) if split == "train" else max(16, n_train // 4)
+        seed = 1001 + SPLITS.index(split)
+        self.source = SyntheticCXR(SyntheticCXRCfg(num_samples=n, image_size=size, seed=seed))
+        self.name, self.tasks = f"synthetic/{split}", list(FINDINGS)
+        self.with_mask = self.with_boxes = True
+        self.skipped = SkipLog(self.name)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.name}/{i}" for i in range(len(self))]
+
+    def labels(self) -> np.ndarray:
+        return np.stack([self.source[i]["labels"].numpy() for i in range(len(self))])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.source[i]
+        return {"image": s["image"], "id": f"{self.name}/{i}", "labels": s["labels"], "mask": s["mask"],
+                "boxes": s["boxes"], "orig_hw": tuple(s["image"].shape[-2:]), "index": i,
+                "prompt_findings": s["findings"]}

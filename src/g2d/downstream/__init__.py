@@ -1,0 +1,1 @@
+"""Downstream evaluation: segmentation, detection, linear probing, fine-tuning, zero-shot tasks."""
