@@ -62,3 +62,18 @@ def tiny_cfg(tiny_text_dir):
         "train.batch_size": 8,
         "train.warmup_steps": 2,
     })
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_text_dir, tmp_path_factory) -> Path:
+    """An exported tiny G2D model (64 px, 4 pre-training steps on synthetic data), built once."""
+    from g2d.config import get_config
+    from g2d.train.loop import pretrain
+
+    cfg = get_config("tiny", {
+        "model.text.model": str(tiny_text_dir), "model.text.freeze_layers": 1, "model.image_size": 64,
+        "model.pool.width": 48, "data.resize": 64, "data.synthetic_samples": 16, "train.batch_size": 8,
+        "train.warmup_steps": 1, "train.max_steps": 4, "train.epochs": 10,
+    })
+    out = tmp_path_factory.mktemp("tiny_model")
+    return pretrain(cfg, out, progress=False).export_dir

@@ -13,7 +13,7 @@ from g2d.config import ConfigError, get_config, list_presets, load_config_file, 
 from g2d.data.labelled import DataError
 
 # Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.figure",)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             print(results["markdown"])
         else:
             return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        # Bad input is a one-line message; --verbose shows the traceback.
+        if args.verbose:
+            raise
         print(f"g2d {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
