@@ -23,6 +23,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="siim:DIR, rsna:DIR, object-cxr:DIR, chexpert:DIR, "
                    "cxr14:DIR, covidx:DIR, csv:FILE or synthetic[:N] (see docs/data.md)")
     p.add_argument("--model", default="random", help="G2D export/run folder/checkpoint, 'random' or 'imagenet'")
+    p.add_argument("--arch", default="resnet50", help="ResNet of the random/imagenet baselines "
+                   "(a loaded model brings its own); pass it to load_image_tower")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the training split (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for metrics.json, results.md and figures")

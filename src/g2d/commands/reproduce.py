@@ -1,0 +1,48 @@
+"""``g2d reproduce TABLE``: every cell of a paper table (or the JSRT benchmark), N seeds, reusing
+finished cells; writes ``OUT/TABLE.md``, ``OUT/TABLE.csv`` and a fraction plot where the table sweeps
+label fractions. See docs/reproduce.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from g2d.reproduce import list_experiments
+
+    p = sub.add_parser("reproduce", help="run a paper table's cells and print it beside the paper's",
+                       description=__doc__)
+    p.add_argument("table", choices=list_experiments())
+    p.add_argument("--scale", default="small", choices=("small", "shared", "paper"),
+                   help="small: synthetic data on CPU; shared: covid-notes + JSRT; paper: real sets")
+    p.add_argument("--out", required=True, help="results store and tables (reused when rerun)")
+    p.add_argument("--data-root", help="folder holding the public sets (scale paper)")
+    p.add_argument("--shared", help="folder holding jsrt/ and covid-notes/ (scale shared)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default: the scale's, else the table's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import platform
+
+    from g2d.downstream.common import run_info
+    from g2d.reproduce import Runner, load_experiment, load_scale, prepare_jsrt
+
+    exp = load_experiment(args.table)
+    out = Path(args.out)
+    jsrt_tables = None
+    if args.shared and any(c.data.startswith("jsrt-") for c in exp.columns):
+        jsrt_tables = out / "jsrt-tables"
+        prepare_jsrt(args.shared, jsrt_tables)
+    scale = load_scale(args.scale, args.data_root, args.shared, jsrt_tables)
+    runner = Runner(exp, scale, out, seeds=args.seeds, device=args.device, progress=not args.no_progress)
+    results = runner.run()
+    info = run_info()
+    paths = runner.write(results, {"scale": args.scale, "seeds": runner.seeds, "commit": info["commit"],
+                                   "machine": f"{platform.machine()} {info['gpu'] or 'CPU'}"})
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    failed = sum(1 for r in results if r.errors)
+    return 1 if failed else 0

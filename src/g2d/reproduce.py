@@ -1,0 +1,402 @@
+"""Experiment runner behind ``g2d reproduce TABLE``.
+
+An experiment file (``g2d/experiments/<table>.yaml``) lists *rows* (a pre-training variant given as
+config overrides, or a baseline ``model: random|imagenet``) and *columns* (a downstream task on an
+abstract data set name at a label fraction, with task flags). Every cell runs for N seeds. A *scale*
+(``g2d/experiments/scales.yaml``) turns the abstract parts into something runnable: the pre-training
+preset and data, the downstream data specs, and task flags (epochs, image size) for that scale.
+
+Results are stored under ``OUT/cells/<key>/metrics.json`` where ``key`` hashes the exact task
+arguments (and so, through the model path, the exact pre-training config); pre-training runs are
+stored under ``OUT/pretrain/<key>/``. A stopped run continues where it left off, and a finished cell
+is never computed twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from g2d.config import get_config
+
+__all__ = ["Column", "Row", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
+           "Runner", "CellResult", "format_markdown", "format_csv", "prepare_jsrt"]
+
+log = logging.getLogger("g2d.reproduce")
+
+EXPERIMENT_DIR = Path(__file__).with_name("experiments")
+
+
+@dataclass
+class Column:
+    """One downstream measurement: ``task`` on data set ``data`` at ``fraction``; ``metric`` is the
+    key read from ``metrics.json`` and multiplied by ``scale`` (100 for percentages)."""
+
+    name: str
+    task: str
+    data: str
+    metric: str
+    fraction: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+    scale: float = 100.0
+
+
+@dataclass
+class Row:
+    """A pre-training variant (``pretrain`` overrides on the scale's preset) or a baseline
+    (``model: random|imagenet``). ``args`` override column flags per task name; ``skip`` lists column
+    names or tasks the row has no value for ('/' in the paper); ``paper`` holds the paper's values."""
+
+    name: str
+    pretrain: dict[str, Any] | None = None
+    model: str | None = None
+    args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    paper: list[str | float | None] = field(default_factory=list)
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    columns: list[Column]
+    rows: list[Row]
+    seeds: int = 3
+
+
+@dataclass
+class Scale:
+    """How an experiment runs at one scale: pre-training preset/overrides, data specs by abstract
+    name (``{data_root}`` and ``{shared}`` are substituted), and task flags (``"*"`` for all tasks)."""
+
+    name: str
+    preset: str
+    pretrain: dict[str, Any]
+    data: "_LazyFill"
+    eval_args: dict[str, dict[str, Any]]
+    seeds: int | None = None
+
+
+def list_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if p.stem != "scales")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def load_experiment(name_or_path: str | Path) -> Experiment:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = EXPERIMENT_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"no experiment {name_or_path!r}; available: {list_experiments()}")
+    d = _read_yaml(p)
+    cols = [Column(**c) for c in d["columns"]]
+    rows = [Row(**r) for r in d["rows"]]
+    for r in rows:
+        if (r.pretrain is None) == (r.model is None):
+            raise ValueError(f"{p}: row {r.name!r} needs exactly one of 'pretrain' or 'model'")
+        if r.paper and len(r.paper) != len(cols):
+            raise ValueError(f"{p}: row {r.name!r} has {len(r.paper)} paper values for {len(cols)} columns")
+    return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)))
+
+
+def load_scale(name: str, data_root: str | Path | None = None, shared: str | Path | None = None,
+               jsrt_tables: str | Path | None = None) -> Scale:
+    """A scale of ``scales.yaml`` with ``{data_root}``, ``{shared}`` and ``{jsrt_tables}`` filled in
+    (each only checked when a spec that uses it is needed)."""
+    scales = _read_yaml(EXPERIMENT_DIR / "scales.yaml")
+    if name not in scales:
+        raise ValueError(f"unknown scale {name!r}; use one of {sorted(scales)}")
+    s = scales[name]
+    subst = {k: str(v) if v else None
+             for k, v in {"data_root": data_root, "shared": shared, "jsrt_tables": jsrt_tables}.items()}
+
+    def fill(v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        for k, val in subst.items():
+            if "{" + k + "}" in v:
+                if val is None:
+                    raise ValueError(f"scale {name!r} needs --{k.replace('_', '-')} (used in {v!r})")
+                v = v.replace("{" + k + "}", val)
+        return v
+
+    return Scale(name, s["preset"], {k: fill(v) for k, v in s.get("pretrain", {}).items()},
+                 _LazyFill(s.get("data", {}), fill), s.get("eval_args", {}), s.get("seeds"))
+
+
+class _LazyFill(dict):
+    """Data specs are substituted when used, so a scale only needs the roots of the sets a table uses."""
+
+    def __init__(self, data: dict[str, str], fill: Callable[[Any], Any]) -> None:
+        super().__init__(data)
+        self._fill = fill
+
+    def spec(self, name: str) -> str:
+        if name not in self:
+            raise ValueError(f"this scale has no data set {name!r} (has {sorted(self)})")
+        return self._fill(self[name])
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CellResult:
+    row: str
+    column: str
+    values: list[float]  # one per finished seed, already scaled
+    errors: list[str]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
+
+
+class Runner:
+    """Runs (or reuses) every cell of an experiment at a scale, writing under ``out``.
+
+    :param run_task: ``(task, argv) -> metrics`` (default: ``g2d eval`` in-process).
+    :param run_pretrain: ``(config, out_dir) -> model path`` (default: :func:`g2d.train.loop.pretrain`).
+    """
+
+    def __init__(self, exp: Experiment, scale: Scale, out: str | Path, seeds: int | None = None,
+                 device: str = "auto", progress: bool = True,
+                 run_task: Callable[[str, list[str]], dict[str, Any]] | None = None,
+                 run_pretrain: Callable[[Any, Path], Path] | None = None) -> None:
+        self.exp, self.scale, self.out = exp, scale, Path(out)
+        self.seeds = seeds or scale.seeds or exp.seeds
+        self.device, self.progress = device, progress
+        self.run_task = run_task or _run_task
+        self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
+
+    # ------------------------------------------------------------------ pre-training variants
+
+    def pretrain_config(self, row: Row):
+        return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {})})
+
+    def model_for(self, row: Row) -> str:
+        if row.model is not None:
+            return row.model
+        cfg = self.pretrain_config(row)
+        run_dir = self.out / "pretrain" / _key(cfg.to_dict())
+        export = run_dir / "export"
+        if not (export / "model.safetensors").is_file():
+            log.info("pre-training %r in %s", row.name, run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "variant.txt").write_text(row.name + "\n", encoding="utf-8")
+            export = Path(self.run_pretrain(cfg, run_dir))
+        return str(export)
+
+    # ------------------------------------------------------------------ cells
+
+    def cell_args(self, row: Row, col: Column, model: str, seed: int) -> list[str]:
+        flags = {**self.scale.eval_args.get("*", {}), **self.scale.eval_args.get(col.task, {}),
+                 **col.args, **row.args.get(col.task, {})}
+        argv = ["--data", self.scale.data.spec(col.data), "--model", model,
+                "--fraction", repr(float(col.fraction)), "--seed", str(seed), "--device", self.device]
+        if not self.progress:
+            argv.append("--no-progress")
+        for k, v in sorted(flags.items()):
+            if isinstance(v, bool):
+                argv += [f"--{k}"] if v else []
+            else:
+                argv += [f"--{k}", str(v)]
+        return argv
+
+    def skipped(self, row: Row, col: Column) -> bool:
+        return col.name in row.skip or col.task in row.skip
+
+    def run(self) -> list[CellResult]:
+        results = []
+        for row in self.exp.rows:
+            model = None
+            for col in self.exp.columns:
+                res = CellResult(row.name, col.name, [], [])
+                results.append(res)
+                if self.skipped(row, col):
+                    continue
+                try:
+                    model = model or self.model_for(row)
+                except Exception as e:  # a failed pre-training fails its row, not the table
+                    log.error("pre-training of %r failed: %s", row.name, e)
+                    res.errors.append(f"pretrain: {e}")
+                    continue
+                for seed in range(self.seeds):
+                    argv = self.cell_args(row, col, model, seed)
+                    cell_dir = self.out / "cells" / _key([col.task, argv])
+                    metrics_file = cell_dir / "metrics.json"
+                    if not metrics_file.is_file():
+                        log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
+                        try:
+                            self.run_task(col.task, [*argv, "--out", str(cell_dir)])
+                        except Exception as e:
+                            log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
+                            res.errors.append(f"seed {seed}: {e}")
+                            continue
+                    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+                    if col.metric not in metrics:
+                        res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")
+                        continue
+                    res.values.append(float(metrics[col.metric]) * col.scale)
+        return results
+
+    def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
+        """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.png``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        md = format_markdown(self.exp, results, info or {})
+        paths = {"markdown": self.out / f"{self.exp.name}.md", "csv": self.out / f"{self.exp.name}.csv"}
+        paths["markdown"].write_text(md, encoding="utf-8")
+        paths["csv"].write_text(format_csv(self.exp, results), encoding="utf-8")
+        png = plot_fractions(self.exp, results, self.out / f"{self.exp.name}_fractions.png")
+        if png is not None:
+            paths["plot"] = png
+        return paths
+
+
+def _fmt(res: CellResult) -> str:
+    if not res.values:
+        return "error" if res.errors else "/"
+    n = len(res.values)
+    return f"{res.mean:.1f} ± {res.std:.1f} (n={n})" if n > 1 else f"{res.mean:.1f} (n=1)"
+
+
+def _paper(row: Row, j: int) -> str:
+    if not row.paper or row.paper[j] is None:
+        return ""
+    return str(row.paper[j])
+
+
+def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, Any]) -> str:
+    """The table laid out like the paper's, with the paper's value beside each of ours."""
+    by = {(r.row, r.column): r for r in results}
+    head = ["method"]
+    for c in exp.columns:
+        head += [c.name, "paper"]
+    lines = [f"# {exp.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in exp.rows:
+        cells = [row.name]
+        for j, c in enumerate(exp.columns):
+            cells += [_fmt(by[(row.name, c.name)]), _paper(row, j)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
+                 "'error' = every seed failed (see errors below).")
+    if info:
+        lines.append("Run: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".")
+    errors = [(r, e) for r in results for e in r.errors]
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"- {r.row} | {r.column}: {e}" for r, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(exp: Experiment, results: list[CellResult]) -> str:
+    rows = {r.name: r for r in exp.rows}
+    cols = {c.name: (j, c) for j, c in enumerate(exp.columns)}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "column", "task", "data", "fraction", "metric", "mean", "std", "n", "values",
+                "paper", "errors"])
+    for r in results:
+        j, c = cols[r.column]
+        w.writerow([r.row, r.column, c.task, c.data, c.fraction, c.metric,
+                    "" if r.mean is None else f"{r.mean:.4f}", "" if r.std is None else f"{r.std:.4f}",
+                    len(r.values), ";".join(f"{v:.4f}" for v in r.values), _paper(rows[r.row], j),
+                    " | ".join(r.errors)])
+    return buf.getvalue()
+
+
+def plot_fractions(exp: Experiment, results: list[CellResult], path: Path) -> Path | None:
+    """Metric vs label fraction per row, with error bars, one panel per (task, data, metric)."""
+    groups: dict[tuple[str, str, str, str], list[Column]] = {}
+    for c in exp.columns:
+        groups.setdefault((c.task, c.data, c.metric, json.dumps(c.args, sort_keys=True)), []).append(c)
+    sweeps = {k: v for k, v in groups.items() if len({c.fraction for c in v}) > 1}
+    if not sweeps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r.row, r.column): r for r in results}
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
+    for ax, ((task, data, metric, _), cols) in zip(axes[0], sweeps.items()):
+        cols = sorted(cols, key=lambda c: c.fraction)
+        for row in exp.rows:
+            pts = [(c.fraction, by[(row.name, c.name)]) for c in cols if by[(row.name, c.name)].values]
+            if pts:
+                ax.errorbar([f for f, _ in pts], [r.mean for _, r in pts], yerr=[r.std for _, r in pts],
+                            marker="o", capsize=3, label=row.name)
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task} on {data}" + (f" ({cols[0].args})" if cols[0].args else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _run_task(task: str, argv: list[str]) -> dict[str, Any]:
+    import importlib
+
+    from g2d.commands.evaluate import TASKS, task_parser
+
+    return importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
+
+
+def _pretrain(cfg: Any, run_dir: Path, device: str, progress: bool) -> Path:
+    from g2d.train.loop import pretrain
+
+    result = pretrain(cfg, run_dir, resume="latest", progress=progress, device=device)
+    if result.export_dir is None:
+        raise RuntimeError(f"pre-training in {run_dir} ended without an export")
+    return result.export_dir
+
+
+def prepare_jsrt(shared: str | Path, out: str | Path) -> dict[str, Path]:
+    """Write ``csv:`` tables for JSRT lungs, heart and clavicles with the shipped image-level split
+    (``g2d/experiments/jsrt_split.csv``, seeded 70/15/15). Paths are absolute, so the tables can live
+    anywhere. Returns ``{"jsrt-lungs": path, "jsrt-heart": path, "jsrt-clavicles": path}``."""
+    root = Path(shared) / "jsrt"
+    if not (root / "images").is_dir():
+        raise FileNotFoundError(f"JSRT images not found under {root}")
+    with open(EXPERIMENT_DIR / "jsrt_split.csv", newline="", encoding="utf-8") as f:
+        split = {r["image"]: r["split"] for r in csv.DictReader(f)}
+    structures = {"jsrt-lungs": ("left_lung", "right_lung"), "jsrt-heart": ("heart",),
+                  "jsrt-clavicles": ("left_clavicle", "right_clavicle")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, parts in structures.items():
+        path = out / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["image", "mask", "split"])
+            for img, s in sorted(split.items()):
+                masks = ";".join(str(root / "masks" / p / img) for p in parts)
+                w.writerow([str(root / "images" / img), masks, s])
+        written[name] = path
+    return written
+

@@ -1,0 +1,107 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from g2d.reproduce import (CellResult, Column, Experiment, Row, Runner, Scale, _LazyFill, format_csv,
+                           format_markdown, list_experiments, load_experiment, load_scale, prepare_jsrt)
+
+DATA = Path(__file__).parent / "data"
+
+
+def _toy() -> Experiment:
+    cols = [Column("Seg 1%", "segmentation", "siim", "dice", 0.01), Column("Det 1%", "detection", "rsna", "map", 0.01)]
+    rows = [Row("Random", model="random", paper=[9.0, "<1"]),
+            Row("Ours", pretrain={}, skip=["detection"], paper=["65.6±1.7", None])]
+    return Experiment("toy", "Toy table", cols, rows, seeds=3)
+
+
+def test_markdown_matches_hand_written_table():
+    results = [CellResult("Random", "Seg 1%", [8.0, 10.0, 12.0], []),
+               CellResult("Random", "Det 1%", [1.5], ["seed 1: boom"]),
+               CellResult("Ours", "Seg 1%", [60.0, 60.0], []),
+               CellResult("Ours", "Det 1%", [], [])]
+    md = format_markdown(_toy(), results, {"scale": "small", "commit": "abc1234"})
+    assert md == (DATA / "expected_table.md").read_text()
+    lines = format_csv(_toy(), results).splitlines()
+    assert lines[1].split(",")[:9] == ["Random", "Seg 1%", "segmentation", "siim", "0.01", "dice", "10.0000",
+                                       "2.0000", "3"]
+
+
+def test_every_shipped_experiment_loads_and_fits_its_scales(tmp_path):
+    names = list_experiments()
+    assert {"table1", "table4", "table5a", "table5f", "table8", "jsrt"} <= set(names)
+    small = load_scale("small")
+    shared = load_scale("shared", shared=tmp_path, jsrt_tables=tmp_path)
+    paper = load_scale("paper", data_root=tmp_path)
+    for name in names:
+        exp = load_experiment(name)
+        scale = shared if name == "jsrt" else paper
+        for c in exp.columns:
+            assert scale.data.spec(c.data)
+            if name != "jsrt":
+                assert small.data.spec(c.data).startswith("synthetic")
+        for r in exp.rows:  # every pre-training variant is a valid config at every scale
+            if r.pretrain is not None:
+                Runner(exp, small, tmp_path).pretrain_config(r)
+    with pytest.raises(ValueError, match="--data-root"):
+        load_scale("paper").data.spec("siim")
+
+
+def test_prepare_jsrt_tables(jsrt_dir, tmp_path):
+    tables = prepare_jsrt(jsrt_dir.parent, tmp_path)
+    rows = tables["jsrt-lungs"].read_text().splitlines()
+    assert rows[0] == "image,mask,split" and len(rows) == 248
+    assert sum(r.endswith(",train") for r in rows) == 173
+    first = rows[1].split(",")
+    assert Path(first[0]).is_file() and all(Path(m).is_file() for m in first[1].split(";"))
+
+
+def _mini_scale(tiny_text_dir) -> Scale:
+    return Scale("test", "tiny", {
+        "model.text.model": str(tiny_text_dir), "model.text.freeze_layers": 1, "model.image_size": 64,
+        "model.pool.width": 48, "data.resize": 64, "data.synthetic_samples": 16, "train.batch_size": 8,
+        "train.warmup_steps": 1, "train.max_steps": 3, "train.epochs": 10},
+        _LazyFill({"syn": "synthetic:16"}, lambda v: v),
+        {"*": {"num-workers": 0}, "segmentation": {"epochs": 1, "image-size": 64, "batch-size": 8}}, seeds=2)
+
+
+@pytest.mark.slow
+def test_runner_runs_two_cells_and_resumes_a_half_done_table(tiny_text_dir, tmp_path):
+    from g2d.reproduce import _pretrain, _run_task
+
+    exp = Experiment("mini", "Mini", [Column("enc", "segmentation", "syn", "dice", 0.5, {"transfer": "encoder"}),
+                                      Column("enc-dec", "segmentation", "syn", "dice", 0.5,
+                                             {"transfer": "encoder-decoder"})],
+                     [Row("G2D", pretrain={})], seeds=2)
+    calls = {"task": 0, "pretrain": 0}
+
+    def task(name, argv):
+        calls["task"] += 1
+        return _run_task(name, argv)
+
+    def pre(cfg, d):
+        calls["pretrain"] += 1
+        return _pretrain(cfg, d, "cpu", False)
+
+    runner = Runner(exp, _mini_scale(tiny_text_dir), tmp_path, device="cpu", progress=False,
+                    run_task=task, run_pretrain=pre)
+    results = runner.run()
+    assert calls == {"task": 4, "pretrain": 1}
+    assert all(len(r.values) == 2 and not r.errors for r in results)
+    assert all(0.0 <= v <= 100.0 for r in results for v in r.values)
+    paths = runner.write(results)
+    assert "| G2D |" in paths["markdown"].read_text()
+
+    # half-done: lose one seed of one cell; only that cell reruns, pre-training is reused
+    cells = sorted((tmp_path / "cells").glob("*/metrics.json"))
+    assert len(cells) == 4
+    lost = cells[0]
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    again = Runner(exp, _mini_scale(tiny_text_dir), tmp_path, device="cpu", progress=False,
+                   run_task=task, run_pretrain=pre).run()
+    assert calls == {"task": 5, "pretrain": 1}
+    assert json.loads(lost.read_text())["dice"] == pytest.approx(before["dice"])  # deterministic
+    assert [r.values for r in again] == [r.values for r in results]
