@@ -97,10 +97,15 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     if not p.exists():
         raise DataError(f"{name}: {p} not found")
     records, tasks, skipped = read(p, **reader_opts)
+    skipped.check(len(records) + skipped.total, max_skip_fraction)  # bad rows over the whole set
     by_id = {r.id: r for r in records}
     if table_name is not None:
         table = load_split(table_name)
-        wanted = split_ids(table, split, fraction)
+        # Rows a shipped table cannot list (e.g. CheXpert's official valid.csv is not redistributable)
+        # come from the records' own val/test split; training ids always come from the table's ranks.
+        for r in records:
+            if r.split in ("val", "test") and r.id not in table:
+                table[r.id] = (r.split, -1)
     else:
         given = {r.id: r.split for r in records if r.split}
         assignment = given if given else assign_random_split(records, split_seed)
@@ -109,14 +114,19 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
             raise DataError(f"{name}:{p}: split values {sorted(unknown)}; use {SPLITS}")
         ranks = rank_train([i for i, s in assignment.items() if s == "train"], split_seed)
         table = {i: (s, ranks.get(i, -1)) for i, s in assignment.items()}
-        wanted = split_ids(table, split, fraction)
-    missing = [i for i in wanted if i not in by_id]
-    for i in missing[:20]:
-        skipped.skip("listed_in_split_but_unusable", f"{name} id {i}")
-    if len(missing) > 20:
-        skipped.counts["listed_in_split_but_unusable"] += len(missing) - 20
-        log.warning("%s: %d more ids of the %s split unusable", name, len(missing) - 20, split)
-    skipped.check(len(wanted), max_skip_fraction)
+    wanted = split_ids(table, split, fraction)
+    # The reader named each dropped row; here only the share of this split's ids that is unusable
+    # counts (ids are not logged: they can hold patient numbers).
+    missing = sum(1 for i in wanted if i not in by_id)  # listed, but the files lack them or rows were bad
+    if not wanted:
+        raise DataError(f"{name}:{p}: the {split} split is empty")
+    if missing:
+        log.warning("%s/%s: %d of %d listed ids unusable (missing or bad rows)", name, split, missing,
+                    len(wanted))
+    if missing / len(wanted) > max_skip_fraction:
+        raise DataError(f"{name}/{split}: {missing} of {len(wanted)} ids unusable "
+                        f"({missing / len(wanted):.1%} > max_skip_fraction {max_skip_fraction:.0%}); "
+                        f"{skipped.summary()}")
     ds = LabelledCXR(f"{name}/{split}", [by_id[i] for i in wanted if i in by_id], tasks, geometry, skipped)
     log.info("%s/%s: %d images (fraction %g); %s", name, split, len(ds), fraction, skipped.summary())
     return ds
