@@ -1,12 +1,44 @@
-"""Zero-shot grounding: a text prompt's similarity with every dense pixel embedding."""
+"""Zero-shot grounding: a text prompt's similarity with every dense pixel embedding (paper A.4.2,
+BioViL pipeline), mapped back to the original image, binarised, and scored.
+
+Binarisation rules (:func:`binarize`):
+
+- ``minmax`` (default): min-max normalise each map over its valid (non-NaN) pixels, keep ``>= level``
+  (0.5);
+- ``fixed``: keep raw cosine similarity ``> level`` (MedKLIP thresholds its raw attention weights at a
+  fixed 0.008; cosine maps need their own level);
+- ``quantile``: keep pixels at or above the map's ``level`` quantile (the release's pseudo-mask rule
+  uses 0.85).
+
+NaN pixels (outside the centre crop, see :func:`to_original`) are never foreground.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from g2d.model import G2DModel
+
+__all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize", "dice_per_image",
+           "iou_per_image", "recall_per_image", "pointing_game", "BINARIZE_RULES"]
+
+BINARIZE_RULES = ("minmax", "fixed", "quantile")
+
+
+@torch.no_grad()
+def dense_similarity(model: G2DModel, images: Tensor, prompts: list[str]) -> Tensor:
+    """Cosine similarity of prompt ``i`` with image ``i``'s pixel embeddings at the dense resolution.
+
+    :param images: [B, 1, S, S] in [0, 1]. :return: [B, S/32, S/32] in [-1, 1] (CPU).
+    """
+    device = model.logit_scale.device
+    pix = model.dense_embeddings(images.to(device))                  # [B, h, w, d]
+    txt = model.encode_text(list(prompts))                           # [B, d]
+    return torch.einsum("bhwd,bd->bhw", pix, txt).float().cpu()
 
 
 @torch.no_grad()
@@ -16,21 +48,58 @@ def similarity_maps(model: G2DModel, images: Tensor, prompts: list[str]) -> Tens
 
     :param images: [B, 1, H, W] in [0, 1]. :return: [B, H, W] in [-1, 1].
     """
-    device = model.logit_scale.device
-    pix = model.dense_embeddings(images.to(device))                  # [B, h, w, d]
-    txt = model.encode_text(prompts)                                  # [B, d]
-    sim = torch.einsum("bhwd,bd->bhw", pix, txt).unsqueeze(1)
-    return F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
+    sim = dense_similarity(model, images, prompts).unsqueeze(1)
+    return F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def binarize(heat: Tensor, level: float = 0.5) -> Tensor:
-    """Binarisation rule: min-max normalise each map to [0, 1], keep pixels >= ``level``.
+def to_original(heat: Tensor, geom: dict[str, Any]) -> Tensor:
+    """A map over the model's input crop ``[h, w]`` (any resolution covering the ``S x S`` crop, e.g.
+    the dense ``S/32`` grid) -> the original image ``[H, W]``, undoing resize and centre crop.
 
-    :param heat: [B, H, W]. :return: bool [B, H, W].
+    Each original pixel centre is mapped into crop coordinates (the inverse of
+    :func:`g2d.data.transforms.crop_to_original`) and the map is sampled bilinearly there (the same
+    as upsampling the map bilinearly to ``S x S`` first). Pixels whose centre falls outside the crop
+    are NaN (as BioViL's NaN padding).
+
+    :param geom: :func:`g2d.data.transforms.eval_geometry` of the original image.
     """
-    flat = heat.flatten(1)
-    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    return (heat - lo) / (hi - lo).clamp_min(1e-12) >= level
+    h0, w0 = geom["orig_hw"]
+    sy, sx = geom["scale_yx"]
+    s = geom["crop_hw"][0]
+    ys = (torch.arange(h0, dtype=torch.float64) + 0.5) * sy - geom["crop_top"]     # crop pixel-edge coords
+    xs = (torch.arange(w0, dtype=torch.float64) + 0.5) * sx - geom["crop_left"]
+    gy, gx = torch.meshgrid(ys / s * 2 - 1, xs / s * 2 - 1, indexing="ij")         # [-1, 1] = crop edges
+    grid = torch.stack([gx, gy], dim=-1).float()[None]
+    out = F.grid_sample(heat.float()[None, None], grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)[0, 0]
+    inside = (gy.abs() <= 1) & (gx.abs() <= 1)
+    return torch.where(inside, out, torch.full_like(out, float("nan")))
+
+
+def binarize(heat: Tensor, level: float = 0.5, rule: str = "minmax") -> Tensor:
+    """Binarise maps (see the module docstring for the rules); NaN pixels are background.
+
+    :param heat: [B, H, W] (or [H, W]). :return: bool of the same shape.
+    """
+    if rule not in BINARIZE_RULES:
+        raise ValueError(f"rule must be one of {BINARIZE_RULES}, got {rule!r}")
+    single = heat.ndim == 2
+    h = heat[None] if single else heat
+    valid = ~torch.isnan(h)
+    flat = h.flatten(1)
+    if rule == "fixed":
+        out = h > level
+    elif rule == "quantile":
+        q = torch.stack([torch.quantile(f[~torch.isnan(f)], level) if (~torch.isnan(f)).any()
+                         else f.new_tensor(float("inf")) for f in flat])
+        out = h >= q[:, None, None]
+    else:
+        inf = torch.tensor(float("inf"))
+        lo = torch.where(torch.isnan(flat), inf, flat).min(1).values[:, None, None]
+        hi = torch.where(torch.isnan(flat), -inf, flat).max(1).values[:, None, None]
+        out = (h - lo) / (hi - lo).clamp_min(1e-12) >= level
+    out = out & valid
+    return out[0] if single else out
 
 
 def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:
@@ -39,3 +108,25 @@ def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:
     inter = (pred * target).sum(1)
     denom = pred.sum(1) + target.sum(1)
     return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-12), torch.ones_like(denom))
+
+
+def iou_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    """IoU ``|P and G| / |P or G|`` of binary maps [B, H, W] per image; 1 when both are empty."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    inter = (pred & target).sum(1).float()
+    union = (pred | target).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def recall_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    """Pixel recall ``|P and G| / |G|`` per image [B, H, W]; NaN when G is empty."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    g = target.sum(1).float()
+    return torch.where(g > 0, (pred & target).sum(1).float() / g.clamp_min(1), torch.full_like(g, float("nan")))
+
+
+def pointing_game(heat: Tensor, target: Tensor) -> Tensor:
+    """MedKLIP's point score per image: 1 when any arg-max pixel of ``heat`` [B, H, W] lies in ``target``."""
+    h = torch.nan_to_num(heat.flatten(1).float(), nan=-float("inf"))
+    top = h == h.max(1, keepdim=True).values
+    return (top & target.flatten(1).bool()).any(1).float()

@@ -1,0 +1,132 @@
+"""``g2d zero-shot`` and ``g2d ground``: use a trained G2D model on your own images.
+
+``g2d zero-shot IMAGE... --model PATH --findings "pneumonia,pleural effusion"`` prints the zero-shot
+probability of each finding for each image (positive vs negative prompt, as ``g2d eval zeroshot``);
+``--csv FILE`` saves the table.
+
+``g2d ground IMAGE --model PATH --text "right lower lobe opacity" --out heat.png`` writes the
+similarity heat map overlaid on the original image, at the original resolution (outside the model's
+centre crop the image is shown without overlay); ``--npy FILE`` also saves the raw map ``[H, W]``
+(NaN outside the crop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from g2d.data.images import read_image
+from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry
+
+__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="G2D export folder, run folder or checkpoint")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resize", type=int, default=None, help="default: the model's pre-training geometry")
+    p.add_argument("--image-size", type=int, default=None)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    z = sub.add_parser("zero-shot", help="zero-shot finding probabilities for images",
+                       description="Probability of each finding per image: softmax over the image's "
+                                   "similarity to a positive and a negative prompt.")
+    z.add_argument("images", nargs="+", metavar="IMAGE")
+    z.add_argument("--findings", required=True, help="comma-separated findings, e.g. 'pneumonia,pleural effusion'")
+    z.add_argument("--prompts", default=None, help="prompt file (see g2d eval zeroshot); default: shipped default")
+    z.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    _model_args(z)
+    z.set_defaults(run=run_zero_shot)
+    g = sub.add_parser("ground", help="heat map of a text prompt on an image",
+                       description="Similarity of a text prompt with every pixel embedding, overlaid on "
+                                   "the original image at its original resolution.")
+    g.add_argument("image", metavar="IMAGE")
+    g.add_argument("--text", required=True)
+    g.add_argument("--out", required=True, help="PNG file for the overlay")
+    g.add_argument("--npy", default=None, help="also save the raw heat map [H, W] (NaN outside the crop)")
+    _model_args(g)
+    g.set_defaults(run=run_ground)
+
+
+def _load(args: argparse.Namespace):
+    from g2d.downstream.common import resolve_device
+    from g2d.factory import load_model
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    cfg = model.config
+    size = args.image_size or cfg.model.image_size
+    geom = ImageTransformCfg(resize=max(args.resize or cfg.data.resize, size), crop=size, augment="none")
+    return model, geom, device
+
+
+def run_zero_shot(args: argparse.Namespace) -> int:
+    from g2d.downstream.zeroshot import class_prompts, load_prompts, prompt_embeddings, zero_shot_scores
+
+    findings = [f.strip() for f in args.findings.split(",") if f.strip()]
+    if not findings:
+        raise ValueError("--findings is empty")
+    model, geom, device = _load(args)
+    prompts = class_prompts(findings, load_prompts(args.prompts))
+    pos, neg = prompt_embeddings(model, prompts)
+    transform = build_transform(geom, train=False)
+    rows = []
+    for path in args.images:
+        x = transform(read_image(path))[None].to(device)
+        p = zero_shot_scores(model.encode_image(x), pos, neg, model.logit_scale.exp())[0].cpu().tolist()
+        rows.append([path, *p])
+    width = max(len(Path(r[0]).name) for r in rows)
+    print("image".ljust(width) + "".join(f"  {f:>{max(len(f), 6)}}" for f in findings))
+    for r in rows:
+        print(Path(r[0]).name.ljust(width) + "".join(f"  {v:>{max(len(f), 6)}.3f}" for f, v in zip(findings, r[1:])))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image", *findings])
+            w.writerows([[r[0], *(f"{v:.6f}" for v in r[1:])] for r in rows])
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]``: gray ``image`` [H, W] in [0, 1] with ``heat`` [H, W] (min-max over its
+    finite values, jet colours) blended on top; NaN pixels keep the plain image.
+
+    Written here because matplotlib figures resample; this keeps the original pixel grid.
+    """
+    from matplotlib import colormaps
+
+    finite = np.isfinite(heat)
+    lo, hi = (heat[finite].min(), heat[finite].max()) if finite.any() else (0.0, 1.0)
+    norm = np.where(finite, (heat - lo) / max(hi - lo, 1e-12), 0.0)
+    colour = colormaps["jet"](norm)[..., :3]
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
+    a = np.where(finite, alpha, 0.0)[..., None]
+    return (255 * ((1 - a) * gray + a * colour)).round().astype(np.uint8)
+
+
+def run_ground(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from g2d.eval.grounding import dense_similarity, to_original
+
+    model, geom_cfg, device = _load(args)
+    img = read_image(args.image)                                             # [H, W] in [0, 1]
+    x = build_transform(geom_cfg, train=False)(img)[None]
+    dense = dense_similarity(model, x, [args.text])[0]
+    heat = to_original(dense, eval_geometry(img.shape, geom_cfg)).numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(heat_overlay(img, heat)).save(out)
+    if args.npy:
+        np.save(args.npy, heat.astype(np.float32))
+    finite = np.isfinite(heat)
+    print(f"wrote {out} ({img.shape[1]}x{img.shape[0]}); similarity {np.nanmin(heat):.3f}..{np.nanmax(heat):.3f}, "
+          f"{finite.mean():.0%} of the image inside the model's crop")
+    return 0

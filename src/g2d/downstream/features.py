@@ -1,0 +1,212 @@
+"""Shared parts of the recognition tasks (linear probe, fine-tuning, zero-shot classification).
+
+- geometry flags (``--resize``/``--image-size``) and loaders over :class:`g2d.data.labelled.LabelledCXR`;
+- a per-image feature cache for frozen encoders, keyed by model + data + split + geometry + pooling,
+  so that probes at 1 %, 10 % and 100 % extract each image once;
+- classification metrics that ignore unknown (NaN) labels per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from g2d.checkpoint import atomic_write
+from g2d.data.labelled import DataError, collate_labelled
+from g2d.data.transforms import ImageTransformCfg
+from g2d.downstream.common import Frozen, ImageTower
+
+__all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
+           "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "is_multiclass",
+           "progress_bar"]
+
+log = logging.getLogger("g2d.downstream")
+
+POOLINGS = ("gap", "embedding")
+
+
+def add_geometry_arguments(p: argparse.ArgumentParser, resize: int | None, image_size: int | None,
+                           square: bool = False) -> None:
+    """``--resize`` (shorter side, or both sides with ``--square``) and ``--image-size`` (centre crop).
+
+    ``None`` defaults mean: the loaded G2D model's own pre-training geometry (256 / 224 otherwise).
+    """
+    p.add_argument("--resize", type=int, default=resize,
+                   help="resize before the centre crop (shorter side; both sides with --square)")
+    p.add_argument("--image-size", type=int, default=image_size, help="side of the centre crop fed to the model")
+    p.add_argument("--square", action=argparse.BooleanOptionalAction, default=square,
+                   help="resize to resize x resize (aspect ratio not kept) instead of the shorter side")
+
+
+def geometry_from_args(args: argparse.Namespace, tower: ImageTower | None = None) -> ImageTransformCfg:
+    """The deterministic evaluation geometry: flags first, then the model's pre-training geometry."""
+    cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
+    resize = args.resize or (cfg.data.resize if cfg is not None else 256)
+    size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
+    if size > resize:
+        resize = size
+    return ImageTransformCfg(resize=resize, crop=size, augment="none", keep_aspect=not args.square)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+
+
+def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A loader with :func:`collate_labelled` (drops unreadable images) and a seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_labelled, generator=gen, worker_init_fn=_seed_worker,
+                      drop_last=drop_last, persistent_workers=False)
+
+
+def progress_bar(it: Any, total: int | None, desc: str, disable: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def extract_features(tower: ImageTower, ds: Dataset, pooling: str, device: torch.device,
+                     batch_size: int = 64, num_workers: int = 0, progress: bool = False
+                     ) -> tuple[list[str], Tensor]:
+    """Features of every readable image of ``ds`` from the frozen image tower.
+
+    :param pooling: ``gap``: global average of the last ResNet stage (``[N, 2048]`` for ResNet-50,
+        the input of MGCA's linear probe, before any projection); ``embedding``: the G2D model's
+        attention-pooled, projected image embedding (``[N, d]``, not L2-normalised).
+    :return: ids of the readable images and float32 features ``[N, D]`` (CPU), in ``ds`` order.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "embedding" and tower.model is None:
+        raise ValueError("--pool embedding needs a G2D model (--model PATH); 'random'/'imagenet' have none")
+    encoder = Frozen(tower.encoder).to(device)  # eval mode: BatchNorm statistics are not touched
+    model = tower.model.to(device).eval() if pooling == "embedding" else None
+    ids: list[str] = []
+    feats: list[Tensor] = []
+    loader = make_loader(ds, batch_size, num_workers)
+    for batch in progress_bar(loader, len(loader), "features", not progress):
+        if batch is None:
+            continue
+        x = batch["image"].to(device)
+        if model is not None:
+            f = model.image_forward(x, decode=False, normalize=False).embedding
+        else:
+            f = encoder(x)[-1].mean(dim=(2, 3))
+        ids.extend(batch["id"])
+        feats.append(f.float().cpu())
+    width = feats[0].shape[1] if feats else 0
+    return ids, torch.cat(feats) if feats else torch.zeros(0, width)
+
+
+def model_key(tower: ImageTower, seed: int) -> str:
+    """Identity of the weights: the file's path, size and mtime, or the baseline + arch (+ seed)."""
+    if tower.name == "random":
+        return f"random-{type(tower.encoder.layer4[0]).__name__}-{tower.encoder.channels[-1]}-seed{seed}"
+    if tower.name == "imagenet":
+        return f"imagenet-{tower.encoder.channels[-1]}-{sum(p.numel() for p in tower.encoder.parameters())}"
+    p = Path(tower.name).resolve()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".pt"))
+    stamp = [(str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files]
+    return f"{p}:{stamp}"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("G2D_CACHE", Path.home() / ".cache" / "g2d")) / "features"
+
+
+def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_dir: str | Path | None,
+                    pooling: str, device: torch.device, batch_size: int = 64, num_workers: int = 0,
+                    progress: bool = False) -> tuple[list[str], Tensor]:
+    """Features of ``ds`` (ids + ``[N, D]``), extracting only images not in the cache yet.
+
+    The cache file ``cache_dir/features_<split>_<hash>.pt`` holds per-image features keyed by id;
+    ``key`` (model, data spec, split, geometry, pooling) names it. A 1 % probe extracts 1 % of the
+    training images; a later 10 % probe adds the missing 9 %. ``cache_dir=None`` disables caching.
+    Unreadable images are never cached (they are retried, and dropped again, next time).
+    """
+    wanted = list(ds.ids)
+    if cache_dir is None:
+        return extract_features(tower, ds, pooling, device, batch_size, num_workers, progress)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"features_{key.get('split', 'all')}_{digest}.pt"
+    cache: dict[str, Any] = {"ids": [], "features": torch.zeros(0, 0), "key": key}
+    if path.is_file():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    index = {i: k for k, i in enumerate(cache["ids"])}
+    missing = [k for k, i in enumerate(wanted) if i not in index]
+    if missing:
+        log.info("extracting features of %d images (%d cached) into %s", len(missing), len(index), path)
+        new_ids, new = extract_features(tower, Subset(ds, missing), pooling, device, batch_size,
+                                        num_workers, progress)
+        if new_ids:
+            old = cache["features"]
+            feats = torch.cat([old, new]) if old.numel() else new
+            cache = {"ids": [*cache["ids"], *new_ids], "features": feats, "key": key}
+            atomic_write(path, lambda tmp: torch.save(cache, tmp))
+            index = {i: k for k, i in enumerate(cache["ids"])}
+    else:
+        log.info("all %d features cached in %s", len(wanted), path)
+    have = [i for i in wanted if i in index]
+    rows = torch.tensor([index[i] for i in have], dtype=torch.long)
+    return have, cache["features"][rows] if have else torch.zeros(0, cache["features"].shape[-1])
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def is_multiclass(labels: np.ndarray) -> bool:
+    """Single-label one-hot sets (COVIDx): K >= 2 columns, no NaN, exactly one 1 per row."""
+    return (labels.ndim == 2 and labels.shape[1] >= 2 and len(labels) > 0 and not np.isnan(labels).any()
+            and bool(np.all(labels.sum(1) == 1)))
+
+
+def auroc_per_class(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[str]) -> dict[str, float]:
+    """sklearn ROC AUC per class over the rows whose label is known (NaN labels are left out).
+
+    A class whose known labels are all one value has no AUROC: NaN, and it is left out of the mean.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, float] = {}
+    for k, name in enumerate(tasks):
+        known = ~np.isnan(labels[:, k])
+        y = labels[known, k]
+        out[name] = float(roc_auc_score(y, scores[known, k])) if len(np.unique(y)) == 2 else math.nan
+    return out
+
+
+def nan_mean(values: dict[str, float] | Sequence[float]) -> float:
+    vals = [v for v in (values.values() if isinstance(values, dict) else values) if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def masked_bce(logits: Tensor, labels: Tensor) -> Tensor:
+    """BCE-with-logits averaged over the known (non-NaN) labels only."""
+    known = ~torch.isnan(labels)
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def check_split(ds: Any, what: str) -> None:
+    if len(ds) == 0:
+        raise DataError(f"{what}: the split is empty")

@@ -1,0 +1,197 @@
+"""``g2d eval finetune``: whole-model fine-tuning (ChestX-ray14 protocol of KAD / paper A.4.3).
+
+The pre-trained ResNet and a new ``Linear(C, K)`` on its global-average-pooled last stage are all
+trained. Defaults from the paper: images resized to 256 x 256 (``--square``, no crop), AdamW
+(0.9, 0.999) lr 1e-4, batch 64, 50 epochs, early stopping (patience 10) on validation mean AUROC;
+BCE on known labels only (NaN labels are ignored per class in the loss and the AUROC); single-label
+one-hot sets use cross-entropy and also report accuracy. Test uses the best validation epoch.
+
+Every epoch writes ``OUT/checkpoints/last.pt`` (model, optimizer, RNG, early-stopping state) and,
+when validation improves, ``OUT/checkpoints/best.pt``, atomically; rerunning the same command resumes
+(``--no-resume`` starts over). With a seed, CPU runs are deterministic, resumed or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from g2d.checkpoint import load_checkpoint, save_checkpoint
+from g2d.data.labelled import DataError
+from g2d.data.sets import open_dataset
+from g2d.data.transforms import ImageTransformCfg, build_transform
+from g2d.downstream.common import load_image_tower, resolve_device, write_results
+from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, is_multiclass,
+                                     make_loader, masked_bce, progress_bar)
+from g2d.downstream.linear_probe import evaluate_scores
+from g2d.model.image_encoder import ResNetEncoder
+
+__all__ = ["add_arguments", "run", "Classifier"]
+
+log = logging.getLogger("g2d.downstream")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (torch default)")
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
+    p.add_argument("--augment", choices=("none", "paper", "release"), default="none",
+                   help="training augmentation on the cropped image (g2d.data.transforms recipes)")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoints/last.pt and start over")
+    add_geometry_arguments(p, 256, 256, square=True)
+
+
+class Classifier(nn.Module):
+    """ResNet encoder + ``Linear(C_last, K)`` on the global-average-pooled last stage.
+
+    :param encoder: five-stage :class:`ResNetEncoder`. ``forward``: ``[B, 1, H, W]`` -> logits ``[B, K]``.
+    """
+
+    def __init__(self, encoder: ResNetEncoder, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.channels[-1], num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.encoder(images)[-1].mean(dim=(2, 3)))
+
+
+def _signature(args: argparse.Namespace, geom: ImageTransformCfg) -> str:
+    """What a checkpoint must share with the run that resumes it (``--epochs`` may grow)."""
+    keys = ("data", "model", "arch", "fraction", "seed", "batch_size", "lr", "weight_decay", "augment")
+    d = {k: getattr(args, k) for k in keys} | {"geometry": asdict(geom)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, loader, multiclass: bool, device: torch.device, progress: bool,
+             desc: str) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    scores, labels = [], []
+    for batch in progress_bar(loader, len(loader), desc, not progress):
+        if batch is None:
+            continue
+        logits = model(batch["image"].to(device)).float()
+        scores.append((logits.softmax(1) if multiclass else logits.sigmoid()).cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    k = model.head.out_features
+    return (np.concatenate(scores) if scores else np.zeros((0, k)),
+            np.concatenate(labels) if labels else np.zeros((0, k)))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    tower = load_image_tower(args.model, args.arch)
+    geom = geometry_from_args(args, tower)
+    train_ds = open_dataset(args.data, "train", args.fraction, geom)
+    val_ds, test_ds = (open_dataset(args.data, s, 1.0, geom) for s in ("val", "test"))
+    for ds, s in ((train_ds, "train"), (val_ds, "val"), (test_ds, "test")):
+        check_split(ds, f"{args.data} {s}")
+    tasks = list(train_ds.tasks)
+    if not tasks:
+        raise DataError(f"{args.data}: the set has no label columns to classify")
+    multiclass = is_multiclass(train_ds.labels()) and is_multiclass(test_ds.labels())
+    model = Classifier(tower.encoder, len(tasks)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    augment = None
+    if args.augment != "none":
+        augment = build_transform(ImageTransformCfg(resize=geom.crop, crop=geom.crop, augment=args.augment),
+                                  train=True).augment
+
+    out = Path(args.out)
+    last, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    sig = _signature(args, geom)
+    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad": 0, "done": False,
+                             "history": []}
+    if last.is_file() and not args.no_resume:
+        ckpt = load_checkpoint(last)
+        if ckpt.get("signature") != sig:
+            raise DataError(f"{last} belongs to a run with other settings; use another --out or --no-resume")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        log.info("resumed %s after epoch %d", last, state["epoch"])
+
+    # BatchNorm in train mode cannot take a batch of one image
+    drop_last = len(train_ds) > args.batch_size
+    progress = not args.no_progress
+    while not state["done"] and state["epoch"] < args.epochs:
+        epoch = state["epoch"] + 1
+        model.train()
+        # the order depends on (seed, epoch) only, so a resumed run sees the same batches
+        loader = make_loader(train_ds, args.batch_size, args.num_workers, shuffle=True,
+                             seed=args.seed * 100_003 + epoch, drop_last=drop_last)
+        total, steps = 0.0, 0
+        bar = progress_bar(loader, len(loader), f"finetune {epoch}/{args.epochs}", not progress)
+        for batch in bar:
+            if batch is None:
+                continue
+            x, y = batch["image"].to(device), batch["labels"].to(device)
+            if augment is not None:
+                x = torch.stack([augment(xi) for xi in x])
+            logits = model(x)
+            loss = F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        scores, labels = _predict(model, make_loader(val_ds, args.batch_size, args.num_workers), multiclass,
+                                  device, progress, "val")
+        m = evaluate_scores(scores, labels, tasks, multiclass)
+        metric = m["acc"] if multiclass else m["auc"]
+        score = -math.inf if math.isnan(metric) else metric
+        state["history"].append({"epoch": epoch, "train_loss": total / max(steps, 1), "val": metric})
+        state["epoch"] = epoch
+        if score > state["best_score"] or state["best_epoch"] == 0:
+            state.update(best_score=score, best_epoch=epoch, bad=0)
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "signature": sig}, best_path)
+        else:
+            state["bad"] += 1
+            if args.patience and state["bad"] >= args.patience:
+                state["done"] = True
+                log.info("early stop after epoch %d (best %d)", epoch, state["best_epoch"])
+        log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, total / max(steps, 1),
+                 "acc" if multiclass else "auc", metric)
+        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                         "state": state, "signature": sig}, last)
+
+    if best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+    scores, labels = _predict(model, make_loader(test_ds, args.batch_size, args.num_workers), multiclass,
+                              device, progress, "test")
+    test = evaluate_scores(scores, labels, tasks, multiclass)
+    metrics: dict[str, Any] = {
+        "task": "finetune", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
+        "type": "multiclass" if multiclass else "multilabel", **test,
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "history": state["history"],
+        "n_train": len(train_ds), "n_val": len(val_ds), "n_test": int(len(labels)),
+        "skipped": {"train": train_ds.skipped.total, "val": val_ds.skipped.total, "test": test_ds.skipped.total},
+        "geometry": asdict(geom),
+        "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
+                     "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
+                     "augment": args.augment, "trainable": "whole encoder + linear head",
+                     "nan_labels": "ignored per class in loss and AUROC"},
+    }
+    row = {"task": "finetune", "data": args.data, "model": tower.name, "fraction": args.fraction,
+           "seed": args.seed, "auc": metrics["auc"]}
+    if multiclass:
+        row["acc"] = metrics["acc"]
+    write_results(args.out, metrics, row)
+    return metrics

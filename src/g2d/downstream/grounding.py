@@ -1,0 +1,193 @@
+"""``g2d eval grounding``: zero-shot grounding (paper A.4.2, BioViL pipeline; MedKLIP's metrics).
+
+For every positive test image (non-empty mask, or at least one box), the cosine similarity between
+the prompt's embedding and every dense pixel embedding (:meth:`G2DModel.dense_embeddings`) is mapped
+back to the ORIGINAL image's pixels (resize and centre crop undone with
+:func:`g2d.data.transforms.eval_geometry`; pixels outside the crop are NaN and never foreground),
+binarised (``--binarize``/``--level``, :func:`g2d.eval.grounding.binarize`), and compared with the
+ground truth at the original resolution (masks as stored; boxes filled with
+:class:`g2d.data.labelled.BoxMask`).
+
+Metrics (means over positive images, and per prompt):
+
+- ``recall``: pixel recall ``|P and G| / |G|``. MedKLIP reports recall but never released its code;
+  pixel recall is our reading (consistent with its high recall next to low IoU);
+- ``iou`` = ``|P and G| / |P or G|`` and ``dice`` = ``2 |P and G| / (|P| + |G|)`` per image (MedKLIP);
+- ``pointing``: MedKLIP's point score (an arg-max pixel inside G).
+
+Prompt per image: ``--prompt TEXT``, else the record's ``extra["prompt"]`` (``csv:`` sets with a
+``prompt`` column) or a sample's ``prompt``, else a synthetic image's single finding, else the set's
+default (``rsna``: "pneumonia", ``siim``: "pneumothorax", or the name of a set's only label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from g2d.data.images import read_image
+from g2d.data.labelled import BoxMask, DataError, LabelledCXR
+from g2d.data.sets import open_dataset
+from g2d.data.transforms import ImageTransformCfg, eval_geometry
+from g2d.downstream.common import load_image_tower, resolve_device, write_results
+from g2d.downstream.features import add_geometry_arguments, check_split, geometry_from_args, make_loader, progress_bar
+from g2d.downstream.zeroshot import require_g2d
+from g2d.eval.grounding import (BINARIZE_RULES, binarize, dense_similarity, dice_per_image, iou_per_image,
+                                pointing_game, recall_per_image, to_original)
+
+__all__ = ["add_arguments", "run", "DEFAULT_PROMPTS", "ground_truth_original"]
+
+log = logging.getLogger("g2d.downstream")
+
+DEFAULT_PROMPTS = {"rsna": "pneumonia", "siim": "pneumothorax"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="one prompt for every image (default: per record / per set)")
+    p.add_argument("--binarize", choices=BINARIZE_RULES, default="minmax",
+                   help="minmax: normalise each map to [0, 1] and keep >= level; fixed: raw cosine > level; "
+                        "quantile: keep the top (1 - level) of pixels")
+    p.add_argument("--level", type=float, default=0.5)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--figures", type=int, default=8, help="heat-map panels of the first N positive images")
+    add_geometry_arguments(p, None, None)
+
+
+def ground_truth_original(ds: Any, sample: dict[str, Any], index: int) -> np.ndarray:
+    """bool ``[H, W]`` ground truth at the file's resolution (mask, else filled boxes, else empty)."""
+    hw = tuple(sample["orig_hw"])
+    if isinstance(ds, LabelledCXR):
+        rec = ds.records[index]
+        if rec.mask is not None:
+            return np.asarray(rec.mask(hw), bool)
+        if rec.boxes is not None and len(rec.boxes):
+            return BoxMask(tuple(tuple(map(float, b)) for b in np.asarray(rec.boxes).reshape(-1, 4)))(hw)
+        return np.zeros(hw, bool)
+    # sets generated at the output size (synthetic): the sample's own mask is the original
+    return sample["mask"][0].numpy() > 0.5
+
+
+def _prompt(args, ds, sample: dict[str, Any], index: int, default: str | None) -> str | None:
+    if args.prompt:
+        return args.prompt
+    if isinstance(ds, LabelledCXR) and ds.records[index].extra.get("prompt"):
+        return str(ds.records[index].extra["prompt"])
+    if sample.get("prompt"):
+        return str(sample["prompt"])
+    if "prompt_findings" in sample:  # synthetic: the mask is the union, so only one finding has a prompt
+        from g2d.data.synthetic import prompt_for
+
+        found = sample["prompt_findings"]
+        return prompt_for(*found[0]) if len(found) == 1 else None
+    return default
+
+
+def _default_prompt(args, ds) -> str | None:
+    name = args.data.split(":", 1)[0]
+    if name in DEFAULT_PROMPTS:
+        return DEFAULT_PROMPTS[name]
+    tasks = list(getattr(ds, "tasks", []))
+    return tasks[0].replace("_", " ").lower() if len(tasks) == 1 else None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tower = load_image_tower(args.model, args.arch)
+    model = require_g2d(tower.model, "zero-shot grounding")
+    device = resolve_device(args.device)
+    model.to(device).eval()
+    geom_cfg = geometry_from_args(args, tower)
+    ds = open_dataset(args.data, args.split, 1.0, geom_cfg)
+    check_split(ds, f"{args.data} {args.split}")
+    if not (getattr(ds, "with_mask", False) or getattr(ds, "with_boxes", False)):
+        raise DataError(f"{args.data}: zero-shot grounding needs masks or boxes")
+    default = _default_prompt(args, ds)
+    # a set rendered at the output size has no resize/crop to undo
+    out_geom = geom_cfg if isinstance(ds, LabelledCXR) else ImageTransformCfg(
+        resize=geom_cfg.crop, crop=geom_cfg.crop, augment="none")
+    out = Path(args.out)
+    skipped: Counter[str] = Counter()
+    per_image: list[dict[str, Any]] = []
+    panels = 0
+    loader = make_loader(ds, args.batch_size, args.num_workers)
+    for batch in progress_bar(loader, len(loader), "grounding", args.no_progress):
+        if batch is None:
+            continue
+        keep, prompts, truths = [], [], []
+        for j, index in enumerate(batch["index"]):
+            sample = {k: v[j] for k, v in batch.items()}
+            truth = ground_truth_original(ds, sample, index)
+            if not truth.any():
+                skipped["negative_image"] += 1
+                continue
+            prompt = _prompt(args, ds, sample, index, default)
+            if prompt is None:
+                skipped["no_prompt"] += 1
+                continue
+            keep.append(j)
+            prompts.append(prompt)
+            truths.append(truth)
+        if not keep:
+            continue
+        dense = dense_similarity(model, batch["image"][keep], prompts)          # [b, h, w]
+        for k, j in enumerate(keep):
+            geom = eval_geometry(batch["orig_hw"][j], out_geom)
+            heat = to_original(dense[k], geom)                                  # [H, W], NaN outside crop
+            truth = torch.from_numpy(truths[k])[None]
+            pred = binarize(heat[None], args.level, args.binarize)
+            rec = {"id": batch["id"][j], "prompt": prompts[k],
+                   "recall": float(recall_per_image(pred, truth)[0]), "iou": float(iou_per_image(pred, truth)[0]),
+                   "dice": float(dice_per_image(pred, truth)[0]),
+                   "pointing": float(pointing_game(heat[None], truth)[0])}
+            per_image.append(rec)
+            if panels < args.figures:
+                from g2d.figures import grounding_panels
+
+                index = batch["index"][j]
+                img = (torch.from_numpy(read_image(ds.records[index].image)) if isinstance(ds, LabelledCXR)
+                       else batch["image"][j, 0])
+                grounding_panels(img[None, None], heat[None], truth.float(), [prompts[k]],
+                                 out / "figures" / f"grounding_{panels:02d}.png")
+                panels += 1
+    if not per_image:
+        raise DataError(f"{args.data} {args.split}: no positive image with a prompt to ground "
+                        f"(skipped: {dict(skipped)}); pass --prompt TEXT")
+    names = ("recall", "iou", "dice", "pointing")
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in per_image:
+        by_prompt[r["prompt"]].append(r)
+
+    def means(rows: list[dict[str, Any]]) -> dict[str, float]:
+        return {n: float(np.nanmean([r[n] for r in rows])) for n in names} | {"images": len(rows)}
+
+    overall = means(per_image)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "per_image.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "prompt", *names])
+        w.writeheader()
+        w.writerows(per_image)
+    metrics: dict[str, Any] = {
+        "task": "grounding", "data": args.data, "split": args.split, "model": tower.name,
+        **{n: overall[n] for n in names}, "images": len(per_image),
+        "per_prompt": {p: means(rows) for p, rows in by_prompt.items()},
+        "skipped": dict(skipped),
+        "binarize": {"rule": args.binarize, "level": args.level},
+        "recall_definition": "pixel recall |P and G| / |G| per positive image, mean (MedKLIP's code unreleased)",
+        "coordinates": "original image pixels; outside the centre crop the map is NaN (never foreground)",
+        "geometry": asdict(geom_cfg),
+    }
+    if any(math.isnan(v) for v in (overall["iou"], overall["dice"])):
+        log.warning("grounding metrics contain NaN")
+    row = {"task": "grounding", "data": args.data, "model": tower.name, "binarize": f"{args.binarize}@{args.level}",
+           "recall": overall["recall"], "iou": overall["iou"], "dice": overall["dice"]}
+    write_results(out, metrics, row)
+    return metrics

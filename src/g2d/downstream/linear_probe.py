@@ -1,0 +1,183 @@
+"""``g2d eval linear``: a linear classifier on frozen, pooled image features (paper A.4.3, MGCA protocol).
+
+The encoder is frozen in eval mode (:class:`g2d.downstream.common.Frozen`: no gradients, BatchNorm
+statistics untouched). Features are extracted once per image and cached (see
+:func:`g2d.downstream.features.cached_features`), so the head trains on a feature matrix.
+
+Choices (see docs/eval-recognition.md):
+
+- features: ``--pool gap`` (default, as MGCA) global-average-pooled last ResNet stage (2048-d for
+  ResNet-50, before any projection); ``--pool embedding`` the G2D attention-pooled projected embedding.
+- hyper-parameters from the paper: AdamW (0.9, 0.999), lr 5e-4, weight decay 1e-6, batch 8, 50
+  epochs, early stopping (patience 10) on validation macro AUROC (multi-label) or accuracy
+  (multi-class); ``--monitor loss`` stops on validation loss as MGCA does. Test uses the best epoch.
+- multi-label sets (CheXpert 5 classes, RSNA 1 class): BCE, macro AUROC over classes; single-label
+  one-hot sets (COVIDx) are detected and use softmax + cross-entropy and top-1 accuracy.
+- unknown labels (NaN) are left out per class, from the loss and from the AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from g2d.data.labelled import DataError
+from g2d.data.sets import open_dataset
+from g2d.downstream.common import load_image_tower, resolve_device, write_results
+from g2d.downstream.features import (POOLINGS, add_geometry_arguments, auroc_per_class, cached_features,
+                                     check_split, default_cache_dir, geometry_from_args, is_multiclass,
+                                     masked_bce, model_key, nan_mean)
+
+__all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
+
+log = logging.getLogger("g2d.downstream")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", choices=POOLINGS, default="gap",
+                   help="gap: global-average-pooled last ResNet stage (MGCA); embedding: G2D's "
+                        "attention-pooled projected embedding")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
+    p.add_argument("--monitor", choices=("metric", "loss"), default="metric",
+                   help="early stopping on validation AUROC/accuracy (metric) or loss (MGCA)")
+    p.add_argument("--feature-cache", default=None,
+                   help="folder of cached features (default $G2D_CACHE/features or ~/.cache/g2d/features)")
+    p.add_argument("--no-feature-cache", action="store_true", help="extract features in memory only")
+    p.add_argument("--extract-batch-size", type=int, default=64)
+    add_geometry_arguments(p, None, None)
+
+
+def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], multiclass: bool
+                    ) -> dict[str, Any]:
+    """Metrics of class scores ``[N, K]`` (probabilities) against labels ``[N, K]`` (NaN = unknown).
+
+    Multi-label: ``auc`` (macro over classes with both label values) and ``auc_per_class``.
+    Multi-class: also ``acc`` (top-1, micro) and ``acc_per_class`` (recall of each class).
+    """
+    per = auroc_per_class(scores, labels, tasks)
+    out: dict[str, Any] = {"auc": nan_mean(per), "auc_per_class": per}
+    if multiclass:
+        pred, true = scores.argmax(1), labels.argmax(1)
+        out["acc"] = float((pred == true).mean()) if len(true) else math.nan
+        out["acc_per_class"] = {t: float((pred[true == k] == k).mean()) if (true == k).any() else math.nan
+                                for k, t in enumerate(tasks)}
+    return out
+
+
+def _loss(logits: Tensor, y: Tensor, multiclass: bool) -> Tensor:
+    return F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)
+
+
+def _probs(logits: Tensor, multiclass: bool) -> Tensor:
+    return logits.softmax(1) if multiclass else logits.sigmoid()
+
+
+def train_linear_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], tasks: list[str],
+                      multiclass: bool, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                      patience: int, monitor: str, seed: int, device: torch.device
+                      ) -> tuple[nn.Linear, dict[str, Any]]:
+    """Train ``Linear(D, K)`` on features ``[N, D]`` / labels ``[N, K]``; keep the best validation epoch.
+
+    :return: the best head (CPU) and a summary (best epoch, epochs run, best validation score).
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xs, ys = train[0].to(device), train[1].to(device)
+    xv, yv = val[0].to(device), val[1]
+    head = nn.Linear(xs.shape[1], ys.shape[1]).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
+    bad, epoch = 0, 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        for idx in torch.randperm(len(xs), generator=g).split(batch_size):
+            loss = _loss(head(xs[idx]), ys[idx], multiclass)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            logits = head(xv)
+            val_loss = _loss(logits, yv.to(device), multiclass).item()
+        m = evaluate_scores(_probs(logits, multiclass).cpu().numpy(), yv.numpy(), tasks, multiclass)
+        metric = m["acc"] if multiclass else m["auc"]
+        # a validation split with one label value has no AUROC: fall back to the loss
+        score = -val_loss if monitor == "loss" or math.isnan(metric) else metric
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(head.state_dict()),
+                    "val_loss": val_loss, "val_metric": metric}
+            bad = 0
+        else:
+            bad += 1
+            if patience and bad >= patience:
+                log.info("early stop after epoch %d (best %d)", epoch, best["epoch"])
+                break
+    head.load_state_dict(best["state"])
+    return head.cpu(), {"best_epoch": best["epoch"], "epochs_run": epoch,
+                        "val_loss": best.get("val_loss", math.nan), "val_metric": best.get("val_metric", math.nan)}
+
+
+def _features(args: argparse.Namespace, tower, split: str, geom, device) -> tuple[Tensor, Tensor, Any]:
+    ds = open_dataset(args.data, split, args.fraction if split == "train" else 1.0, geom)
+    check_split(ds, f"{args.data} {split}")
+    cache = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
+    key = {"model": model_key(tower, args.seed), "data": args.data, "split": split,
+           "geometry": asdict(geom), "pool": args.pool}
+    ids, feats = cached_features(tower, ds, key=key, cache_dir=cache, pooling=args.pool, device=device,
+                                 batch_size=args.extract_batch_size, num_workers=args.num_workers,
+                                 progress=not args.no_progress)
+    row = {i: k for k, i in enumerate(ds.ids)}
+    labels = ds.labels()[[row[i] for i in ids]] if ids else np.zeros((0, len(ds.tasks)), np.float32)
+    return feats, torch.from_numpy(np.asarray(labels, np.float32)), ds
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)  # the random baseline's weights depend on the seed
+    tower = load_image_tower(args.model, args.arch)
+    device = resolve_device(args.device)
+    geom = geometry_from_args(args, tower)
+    (xs, ys, train_ds), (xv, yv, _), (xt, yt, _) = (_features(args, tower, s, geom, device)
+                                                   for s in ("train", "val", "test"))
+    tasks = list(train_ds.tasks)
+    if not tasks:
+        raise DataError(f"{args.data}: the set has no label columns to classify")
+    if len(xs) == 0 or len(xv) == 0 or len(xt) == 0:
+        raise DataError(f"{args.data}: no readable images in train, val or test")
+    multiclass = is_multiclass(ys.numpy()) and is_multiclass(yt.numpy())
+    head, summary = train_linear_head(
+        (xs, ys), (xv, yv), tasks, multiclass, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, patience=args.patience, monitor=args.monitor, seed=args.seed,
+        device=device)
+    with torch.no_grad():
+        scores = _probs(head(xt), multiclass).numpy()
+    test = evaluate_scores(scores, yt.numpy(), tasks, multiclass)
+    metrics: dict[str, Any] = {
+        "task": "linear", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
+        "type": "multiclass" if multiclass else "multilabel", "pool": args.pool, "feature_dim": int(xs.shape[1]),
+        **test, **summary, "n_train": len(xs), "n_val": len(xv), "n_test": len(xt),
+        "unknown_labels_test": int(np.isnan(yt.numpy()).sum()),
+        "geometry": asdict(geom),
+        "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
+                     "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
+                     "monitor": args.monitor, "encoder": "frozen, eval mode (BatchNorm statistics fixed)",
+                     "nan_labels": "ignored per class in loss and AUROC"},
+    }
+    row = {"task": "linear", "data": args.data, "model": tower.name, "pool": args.pool,
+           "fraction": args.fraction, "seed": args.seed, "auc": metrics["auc"]}
+    if multiclass:
+        row["acc"] = metrics["acc"]
+    write_results(args.out, metrics, row)
+    return metrics
