@@ -67,6 +67,11 @@ class TextEncoderCfg:
     # it). The release leaves embeddings trainable, which makes backward run through all layers.
     freeze_embeddings: bool = True
     max_length: int = 256
+    # Sort the batch's reports by length and run the backbone on this many groups, each padded to
+    # its own longest report: cost follows the real report lengths instead of the batch's longest
+    # one. Same result (each report is encoded independently); 1 = pad the whole batch to its
+    # longest report.
+    length_buckets: int = 4
 
 
 @dataclass
@@ -143,6 +148,13 @@ class TrainCfg:
     log_every: int = 10
     ckpt_every: int = 1000  # steps; a checkpoint is also written at every epoch end
     deterministic: bool = False
+    # torch.compile the image encoder and decoder (nn.Module.compile: state-dict keys unchanged).
+    # Off by default: measure first (benchmarks/bench_step.py --compile, bench_growth.py --compile).
+    compile: bool = False
+    # A step whose loss is NaN/inf is skipped (no update); this many in a row stop the run.
+    max_consecutive_nonfinite: int = 10
+    # Collective timeout: a rank stuck without dying makes the others fail after this long.
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -293,7 +305,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+        raise ConfigError(f"cannot parse config file {path}: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return nested_to_dotted(data)
@@ -397,6 +409,8 @@ def validate(cfg: G2DConfig) -> None:
         raise ConfigError(f"model.text.freeze_layers={m.text.freeze_layers} must be >= 0")
     if not 8 <= m.text.max_length <= 512:
         raise ConfigError(f"model.text.max_length={m.text.max_length} must be in 8..512")
+    if m.text.length_buckets < 1:
+        raise ConfigError(f"model.text.length_buckets={m.text.length_buckets} must be >= 1")
     _choice("model.decoder.mode", m.decoder.mode, ("pseudo", "shuffled", "reconstruction", "none"))
     if len(m.decoder.channels) != 5 or min(m.decoder.channels) <= 0:
         raise ConfigError(f"model.decoder.channels={m.decoder.channels} must be 5 positive integers")
@@ -416,10 +430,16 @@ def validate(cfg: G2DConfig) -> None:
     if loss.contrastive_only_steps < 0:
         raise ConfigError("loss.contrastive_only_steps must be >= 0")
 
-    if not (data.spec == "synthetic" or data.spec.startswith("csv:")):
-        raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic' or 'csv:FILE'")
+    if not (data.spec == "synthetic" or data.spec.startswith(("csv:", "mimic:"))):
+        raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic', 'csv:FILE' or 'mimic:DIR'")
+    if data.spec.startswith("mimic:") and not (Path(data.spec[6:]) / "manifest.csv.gz").is_file():
+        raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {data.spec[6:]}; run g2d prepare mimic")
     if data.spec.startswith("csv:") and not Path(data.spec[4:]).is_file():
         raise ConfigError(f"data.spec: CSV file not found: {data.spec[4:]}")
+    if data.spec.startswith("csv:") and data.image_dir is not None:
+        folder = Path(data.spec[4:]).absolute().parent / data.image_dir  # an absolute image_dir wins
+        if not folder.is_dir():
+            raise ConfigError(f"data.image_dir: image folder not found: {folder}")
     _choice("data.augment", data.augment, ("paper", "release", "none"))
     if data.resize < m.image_size:
         raise ConfigError(f"data.resize={data.resize} must be >= model.image_size={m.image_size}")
@@ -446,3 +466,7 @@ def validate(cfg: G2DConfig) -> None:
         raise ConfigError("train.clip_grad must be positive or null")
     if train.ckpt_every < 1 or train.log_every < 1:
         raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
+    if train.max_consecutive_nonfinite < 1:
+        raise ConfigError(f"train.max_consecutive_nonfinite={train.max_consecutive_nonfinite} must be >= 1")
+    if train.dist_timeout_s <= 0:
+        raise ConfigError(f"train.dist_timeout_s={train.dist_timeout_s} must be positive")

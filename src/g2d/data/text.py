@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["SECTION_HEADERS", "clean_report", "release_text", "is_missing_text"]
+__all__ = ["SECTION_HEADERS", "clean_report", "release_text", "is_missing_text", "extract_sections",
+           "pretrain_text", "count_tokens", "SECTION_ALIASES"]
 
 # Section names removed when followed by a colon, in any case ("Findings:", "IMPRESSION :").
 SECTION_HEADERS: tuple[str, ...] = (
@@ -128,3 +129,96 @@ def release_text(findings: str | None, impression: str | None) -> str:
         pieces = [p.strip() for p in pieces]
         text = ". ".join(p for p in pieces if not p.isdigit())
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# MIMIC-CXR report sections
+# --------------------------------------------------------------------------------------------------
+
+# Header name (upper case, single spaces) -> canonical section. Only these names start a section:
+# other capitalised "WORD:" labels inside a section ("LUNGS:", "HEART:", "PA AND LATERAL VIEWS:")
+# stay part of its text. Combined headers go to "impression", as in MIT-LCP's section parser
+# (mimic-cxr/txt/section_parser.py) whose output MGCA's preprocessing reads.
+SECTION_ALIASES: dict[str, str] = {
+    **{n: "findings" for n in ("FINDINGS", "FINDING")},
+    **{n: "impression" for n in (
+        "IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS", "FINDINGS AND IMPRESSION",
+        "FINDINGS AND IMPRESSIONS", "FINDINGS/IMPRESSION", "IMPRESSION AND FINDINGS",
+        "IMPRESSION AND RECOMMENDATION", "IMPRESSION AND RECOMMENDATIONS", "SUMMARY")},
+    **{n: "indication" for n in (
+        "INDICATION", "INDICATIONS", "CLINICAL INDICATION", "REASON FOR EXAM", "REASON FOR EXAMINATION",
+        "REASON FOR STUDY", "CLINICAL INFORMATION")},
+    **{n: "history" for n in ("HISTORY", "CLINICAL HISTORY", "PATIENT HISTORY")},
+    **{n: "comparison" for n in ("COMPARISON", "COMPARISONS")},
+    **{n: "technique" for n in ("TECHNIQUE", "PROCEDURE")},
+    **{n: "examination" for n in ("EXAMINATION", "EXAM", "TYPE OF EXAMINATION")},
+    **{n: "other" for n in ("NOTIFICATION", "RECOMMENDATION", "RECOMMENDATIONS", "WET READ",
+                            "ADDENDUM", "FINAL ADDENDUM")},
+}
+_NAME = r"(?:" + "|".join(r"[ \t]+".join(map(re.escape, n.split()))
+                          for n in sorted(SECTION_ALIASES, key=len, reverse=True)) + r")"
+# At a line start any case ("Findings:", "IMPRESSION :"); inside a line only in capitals, after
+# a sentence end or a blank, so "... prior study. IMPRESSION: ..." splits but prose does not.
+_SECTION_AT_LINE = re.compile(r"(?im)^[ \t]*(" + _NAME + r")[ \t]*:")
+_SECTION_IN_LINE = re.compile(r"[.;][ \t]+(" + _NAME + r")[ \t]*:")
+_FINAL_REPORT = re.compile(r"(?im)^[ \t]*FINAL REPORT[ \t]*$")
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def extract_sections(report: str) -> dict[str, str]:
+    """Split a MIMIC-CXR free-text report into canonical sections.
+
+    Headers are the names in :data:`SECTION_ALIASES` followed by a colon, at a line start (any case,
+    spaces allowed before the colon) or, in capitals, after a sentence end within a line. Text before
+    the first header (``"FINAL REPORT"``, ``"WET READ"`` lines) is returned under ``"preamble"``. A
+    section that appears more than once (e.g. an addendum with its own IMPRESSION) is joined in order.
+    Bodies keep their line breaks and ``"___"`` blanks; use :func:`clean_report` on them.
+
+    Returns:
+        canonical name (``"findings"``, ``"impression"``, ``"indication"``, ``"history"``,
+        ``"comparison"``, ``"technique"``, ``"examination"``, ``"other"``, ``"preamble"``) -> body,
+        stripped; only non-empty bodies are kept.
+    """
+    if is_missing_text(report):
+        return {}
+    text = _FINAL_REPORT.sub("", str(report).replace("\r\n", "\n").replace("\r", "\n"))
+    cuts: list[tuple[int, int, str]] = []  # (header start, body start, canonical name)
+    for m in _SECTION_AT_LINE.finditer(text):
+        cuts.append((m.start(), m.end(), _canonical(m.group(1))))
+    for m in _SECTION_IN_LINE.finditer(text):
+        name = m.group(1)
+        if name.isupper() and not any(a <= m.start(1) < b for a, b, _ in cuts):
+            cuts.append((m.start(1), m.end(), _canonical(name)))
+    cuts.sort()
+    out: dict[str, list[str]] = {}
+    bounds = [(0, 0, "preamble"), *cuts]
+    for k, (_, body_start, name) in enumerate(bounds):
+        end = bounds[k + 1][0] if k + 1 < len(bounds) else len(text)
+        body = text[body_start:end].strip()
+        if body:
+            out.setdefault(name, []).append(body)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def _canonical(header: str) -> str:
+    return SECTION_ALIASES[" ".join(header.upper().split())]
+
+
+def count_tokens(text: str) -> int:
+    """Number of alphanumeric word tokens (MGCA/GLoRIA's ``RegexpTokenizer(r"\\w+")`` count, ASCII)."""
+    return len(_WORD.findall(text or ""))
+
+
+def pretrain_text(findings: str | None, impression: str | None, recipe: str = "paper") -> str:
+    """The pre-training text of a report from its FINDINGS and IMPRESSION bodies.
+
+    ``"paper"``: :func:`clean_report` of FINDINGS followed by IMPRESSION (a sentence break between
+    them); when one is missing or empty the other alone is used; ``""`` when both are.
+    ``"release"``: :func:`release_text` (impression first, no separator, the release's quirks).
+    """
+    if recipe == "release":
+        return release_text(findings or None, impression)
+    if recipe != "paper":
+        raise ValueError(f"text recipe must be 'paper' or 'release', got {recipe!r}")
+    parts = [clean_report(p) for p in (findings, impression) if not is_missing_text(p) and p]
+    return " ".join(p for p in parts if p)

@@ -12,7 +12,8 @@ from g2d.config import G2DConfig
 
 
 def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
-    """The image-text dataset named by ``cfg.data.spec`` ("synthetic" or "csv:FILE")."""
+    """The image-text dataset named by ``cfg.data.spec``: "synthetic", "csv:FILE" (an image-text
+    table) or "mimic:DIR" (a store written by ``g2d prepare mimic``; its ``train`` split)."""
     data, size = cfg.data, cfg.model.image_size
     if data.spec == "synthetic":
         from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
@@ -23,13 +24,17 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
     from g2d.data.transforms import ImageTransformCfg, build_transform
 
     tf = build_transform(ImageTransformCfg(resize=data.resize, crop=size, augment=data.augment), train)
+    if data.spec.startswith("mimic:"):
+        from g2d.data.shards import ShardedPairs
+
+        return ShardedPairs(data.spec[len("mimic:"):], split="train", transform=tf)
     return ImageTextPairs(PairsCfg(path=data.spec[4:], image_col=data.image_col, text_col=data.text_col,
                                    image_dir=data.image_dir, max_skip_fraction=data.max_skip_fraction), tf)
 
 
 def dataset_texts(dataset: Dataset) -> list[str]:
     """All report texts of a pre-training dataset (to build the tiny preset's vocabulary)."""
-    if callable(getattr(dataset, "text", None)):  # ImageTextPairs: no image decoding
+    if callable(getattr(dataset, "text", None)):  # ImageTextPairs, ShardedPairs: no image decoding
         return [dataset.text(i) for i in range(len(dataset))]
     return [dataset[i]["text"] for i in range(len(dataset))]
 
