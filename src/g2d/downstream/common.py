@@ -69,8 +69,10 @@ def load_image_tower(spec: str, arch: str = "resnet50") -> ImageTower:
     ``arch`` applies to the two baselines only; a loaded model brings its own architecture.
     """
     if spec in ("random", "imagenet"):
-        weights = "none" if spec == "random" else "imagenet"
-        return ImageTower(ResNetEncoder(ImageEncoderCfg(arch=arch, weights=weights)), None, None, spec)
+        # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
+        enc = ImageEncoderCfg(arch=arch, weights="imagenet", input_norm="imagenet") if spec == "imagenet" \
+            else ImageEncoderCfg(arch=arch, weights="none")
+        return ImageTower(ResNetEncoder(enc), None, None, spec)
     from g2d.factory import load_model
 
     model = load_model(spec)

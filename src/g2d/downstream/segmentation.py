@@ -1,0 +1,451 @@
+"""``g2d eval segmentation``: U-Net on the pre-trained encoder, scored by Dice (G2D A.4.1, MGCA protocol).
+
+The encoder is frozen - BatchNorm running statistics included (:class:`g2d.downstream.common.Frozen`);
+MGCA's "frozen" encoder still updates them, which ``--update-bn`` reproduces. ``--train-encoder`` is
+MedKLIP's setting (encoder trained too). ``--transfer encoder`` puts a new smp-style U-Net decoder
+(256, 128, 64, 32, 16) on the encoder; ``--transfer encoder-decoder`` starts from G2D's pre-trained
+decoder. Defaults are the paper's: AdamW lr 2e-4, weight decay 0.05, betas (0.9, 0.999), batch 8
+(SIIM) / 16 (RSNA), at most 50 epochs with early stopping on validation Dice (patience 10), the best
+validation-Dice epoch evaluated on test. Images are resized to a square ``--image-size`` (224, no crop)
+as MGCA does. See docs/eval-dense.md.
+
+The training harness at the end of this module (checkpoint/resume, early stopping, loaders) is
+shared with :mod:`g2d.downstream.detection`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from g2d.checkpoint import load_checkpoint, save_checkpoint
+from g2d.data.labelled import collate_labelled
+from g2d.data.sets import open_dataset
+from g2d.data.transforms import ImageTransformCfg
+from g2d.downstream.common import Frozen, load_image_tower, resolve_device, write_results
+from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
+from g2d.model.decoder import SegmentationHead, UNetDecoder
+
+__all__ = ["add_arguments", "run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
+           "DenseFit", "dataset_name", "make_loader", "open_splits"]
+
+log = logging.getLogger("g2d.downstream")
+
+SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+# MGCA/G2D batch sizes by data set; other sets (csv:, synthetic) get SIIM's 8
+SEG_BATCH_SIZE = {"siim": 8, "rsna": 16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transfer", choices=("encoder", "encoder-decoder"), default="encoder",
+                   help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder")
+    p.add_argument("--epochs", type=int, default=50, help="maximum epochs (paper: 50)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation Dice")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 for SIIM, 16 for RSNA, 8 otherwise")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--image-size", type=int, default=224, help="square resize, no crop (multiple of 32)")
+    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (MedKLIP's setting)")
+    p.add_argument("--update-bn", action="store_true",
+                   help="let the frozen encoder's BatchNorm statistics update (MGCA's behaviour)")
+    p.add_argument("--loss", choices=("mixed", "dice-bce"), default="mixed",
+                   help="mixed: MGCA's 10*focal - log(soft Dice); dice-bce: BCE + (1 - soft Dice)")
+    p.add_argument("--mgca-batch-size", type=int, default=None,
+                   help="test batch size of the dice_mgca_batch_mean variant (default: --batch-size, as MGCA)")
+    p.add_argument("--figures", type=int, default=4, help="test images drawn to OUT/figures")
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class UNet(nn.Module):
+    """Encoder (five stage maps) -> U-Net decoder -> 1-channel logits at input resolution."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module, train_encoder: bool = False,
+                 update_bn: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder if train_encoder else Frozen(encoder, update_bn)
+        self.decoder, self.head = decoder, head
+        self.encoder_changes = train_encoder or update_bn
+
+    def forward(self, images: Tensor) -> Tensor:
+        """:param images: ``[B, 1, S, S]`` in [0, 1]. :return: logits ``[B, 1, S, S]``."""
+        return self.head(self.decoder(self.encoder(images)))
+
+
+def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = False,
+               update_bn: bool = False) -> UNet:
+    """A U-Net on ``tower.encoder`` (a :class:`g2d.downstream.common.ImageTower`).
+
+    ``transfer="encoder-decoder"`` copies ``tower.decoder`` (G2D's pre-trained decoder); the
+    1-channel segmentation head is always new (the pre-trained head predicts pseudo masks).
+    """
+    encoder = copy.deepcopy(tower.encoder)
+    if transfer == "encoder":
+        decoder = UNetDecoder(tuple(encoder.channels), SMP_DECODER_CHANNELS)
+    elif transfer == "encoder-decoder":
+        if tower.decoder is None:
+            raise ValueError(f"--transfer encoder-decoder needs a model with a pre-trained decoder, but "
+                             f"{tower.name!r} has none (random/imagenet baselines and decoder-free "
+                             f"pre-training have no decoder); use --transfer encoder")
+        decoder = copy.deepcopy(tower.decoder)
+    else:
+        raise ValueError(f"--transfer must be 'encoder' or 'encoder-decoder', got {transfer!r}")
+    width = decoder.blocks[-1].conv2[0].out_channels
+    return UNet(encoder, decoder, SegmentationHead(width, 1), train_encoder, update_bn)
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+
+def soft_dice(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """MGCA's ``dice_loss`` (a score despite the name): soft Dice of ``sigmoid(logits)`` pooled over
+    the whole batch, ``(2 I + smooth) / (sum p + sum t + smooth)``."""
+    p, t = torch.sigmoid(logits).flatten(), target.flatten()
+    return (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+
+
+def mixed_loss(logits: Tensor, target: Tensor, alpha: float = 10.0, gamma: float = 2.0) -> Tensor:
+    """MGCA's ``MixedLoss``: ``alpha * focal(gamma) - log(soft Dice)``; the focal term is the mean
+    over pixels of ``BCE * (1 - p_t)^gamma`` (torchvision's ``sigmoid_focal_loss`` with alpha off)."""
+    focal = torchvision.ops.sigmoid_focal_loss(logits, target, alpha=-1, gamma=gamma, reduction="mean")
+    return alpha * focal - torch.log(soft_dice(logits, target))
+
+
+def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """``BCE + (1 - soft Dice)`` with the batch-pooled soft Dice of :func:`soft_dice`."""
+    return F.binary_cross_entropy_with_logits(logits, target) + 1 - soft_dice(logits, target)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mixed": mixed_loss, "dice-bce": dice_bce_loss}
+
+
+# ------------------------------------------------------------------------------ shared harness
+
+
+def dataset_name(spec: str) -> str:
+    """``"siim:/data"`` -> ``"siim"``; ``"synthetic:32"`` -> ``"synthetic"``."""
+    return spec.split(":", 1)[0]
+
+
+def square_geometry(size: int) -> ImageTransformCfg:
+    """MGCA's geometry: straight resize to ``size x size`` (aspect not kept, no crop)."""
+    if size <= 0 or size % 32:
+        raise ValueError(f"--image-size must be a positive multiple of 32, got {size}")
+    return ImageTransformCfg(resize=size, crop=size, augment="none", keep_aspect=False)
+
+
+def open_splits(args: argparse.Namespace) -> dict[str, Any]:
+    """train (cut to ``--fraction``), val and test of ``--data`` at the square geometry."""
+    geom = square_geometry(args.image_size)
+    return {s: open_dataset(args.data, s, args.fraction if s == "train" else 1.0, geom)
+            for s in ("train", "val", "test")}
+
+
+def make_loader(ds: Any, batch_size: int, num_workers: int, shuffle: bool = False,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """A loader with :func:`collate_labelled`; the shuffle order depends only on ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=num_workers, collate_fn=collate_labelled,
+                                       persistent_workers=False)
+
+
+def batches(loader: Iterable, progress: bool, desc: str) -> Iterable[dict[str, Any]]:
+    """Non-empty batches of ``loader`` (``collate_labelled`` gives ``None`` when all were unreadable)."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    for b in loader:
+        if b is not None:
+            yield b
+
+
+def skip_counts(splits: dict[str, Any]) -> dict[str, int]:
+    """Per split: rows the reader dropped (missing files, bad rows, ids listed in the split table but
+    unusable) and images that failed to decode during the run (dropped from their batch)."""
+    out = {}
+    for s, ds in splits.items():
+        counts = ds.skipped.counts
+        unreadable = int(counts.get("unreadable_image", 0))
+        out[f"skipped_unreadable_{s}"] = unreadable
+        out[f"skipped_rows_{s}"] = int(ds.skipped.total) - unreadable
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@dataclass
+class DenseFit:
+    """Epoch loop with early stopping, best-state tracking and an atomic per-epoch ``ckpt.pt``.
+
+    ``signature`` holds the arguments a checkpoint must match to be resumed (not ``--epochs`` or
+    ``--patience``, so a finished or stopped run can be continued with more epochs). The shuffle
+    order of epoch ``e`` is seeded by ``(seed, e)``, so a resumed run equals an uninterrupted one.
+    Only state that training can change is saved (a frozen encoder is rebuilt from ``--model``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    out: Path
+    signature: dict[str, Any]
+    epochs: int
+    patience: int
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.epoch = 0
+        self.best_score = -math.inf
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: list[dict[str, float]] = []
+        self.best_state = self._mutable_state()
+        self.resumed_from = 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt.pt"
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return ("encoder.",) if not getattr(self.model, "encoder_changes", True) else ()
+
+    def _mutable_state(self) -> dict[str, Tensor]:
+        skip = self._frozen_prefixes()
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                if not (skip and k.startswith(skip))}
+
+    def _load_mutable(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        skip = self._frozen_prefixes()
+        bad = [k for k in missing if not (skip and k.startswith(skip))] + list(unexpected)
+        if bad:
+            raise ValueError(f"{self.ckpt_path} does not match the model: {bad[:5]}")
+
+    def resume(self) -> bool:
+        """Load ``ckpt.pt`` when present; it must have been written with the same signature."""
+        if not self.ckpt_path.is_file():
+            return False
+        ck = load_checkpoint(self.ckpt_path)
+        if ck.get("signature") != self.signature:
+            diff = sorted(k for k in set(ck.get("signature", {})) | set(self.signature)
+                          if ck.get("signature", {}).get(k) != self.signature.get(k))
+            raise ValueError(f"{self.ckpt_path} was written with different arguments ({', '.join(diff)}); "
+                             f"use another --out or delete it")
+        self._load_mutable(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.best_state = ck["best_state"]
+        for k in ("epoch", "best_score", "best_loss", "best_epoch", "bad_epochs", "stopped_early", "history"):
+            setattr(self, k, ck[k])
+        self.resumed_from = self.epoch
+        log.info("resumed %s at epoch %d", self.ckpt_path, self.epoch)
+        return True
+
+    def _save(self) -> None:
+        save_checkpoint({"signature": self.signature, "model": self._mutable_state(),
+                         "optimizer": self.optimizer.state_dict(), "best_state": self.best_state,
+                         "epoch": self.epoch, "best_score": self.best_score, "best_loss": self.best_loss,
+                         "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                         "stopped_early": self.stopped_early, "history": self.history}, self.ckpt_path)
+
+    def fit(self, train_epoch: Callable[[int], float], validate: Callable[[], tuple[float, float]]) -> None:
+        """``train_epoch(epoch) -> mean loss``; ``validate() -> (score, loss)`` (higher score is
+        better; equal scores are broken by the lower validation loss)."""
+        while self.epoch < self.epochs and not self.stopped_early:
+            self.model.train()
+            train_loss = train_epoch(self.epoch)
+            self.model.eval()
+            score, val_loss = validate()
+            self.epoch += 1
+            self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                 "val_score": score})
+            better = score > self.best_score or (score == self.best_score and val_loss < self.best_loss)
+            if better:
+                self.best_score, self.best_loss, self.best_epoch = score, val_loss, self.epoch
+                self.best_state, self.bad_epochs = self._mutable_state(), 0
+            else:
+                self.bad_epochs += 1
+                self.stopped_early = self.bad_epochs >= self.patience
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s", self.epoch, train_loss,
+                     val_loss, score, " (best)" if better else "")
+            self._save()
+
+    def load_best(self) -> None:
+        self._load_mutable(self.best_state)
+        self.model.eval()
+
+
+def finished_metrics(out: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a finished run with these exact arguments, if ``out/metrics.json`` holds one."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("args") == signature else None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def _signature(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    return {"task": "segmentation", "data": args.data, "model": str(args.model), "fraction": args.fraction,
+            "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
+            "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
+            "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss}
+
+
+@torch.no_grad()
+def predict_dice(model: nn.Module, loader: Iterable, device: torch.device, loss_fn: Callable | None = None,
+                 progress: bool = False, desc: str = "eval") -> tuple[Tensor, float, int]:
+    """Per-image Dice ``[N]`` (loader order), the mean loss per image and the number of empty targets."""
+    model.eval()
+    dice, loss_sum, n, empty = [], 0.0, 0, 0
+    for b in batches(loader, progress, desc):
+        x, m = b["image"].to(device), b["mask"].to(device)
+        logits = model(x)
+        if loss_fn is not None:
+            loss_sum += float(loss_fn(logits, m)) * len(x)
+        dice.append(dice_per_image(logits > 0, m > 0.5).cpu())
+        empty += int(((m > 0.5).flatten(1).sum(1) == 0).sum())
+        n += len(x)
+    return (torch.cat(dice) if dice else torch.zeros(0, dtype=torch.float64)), loss_sum / max(n, 1), empty
+
+
+def _figures(model: nn.Module, ds: Any, device: torch.device, out: Path, n: int) -> list[str]:
+    """PNG per test image: image with ground truth (green) and prediction (red) outlines."""
+    if n <= 0:
+        return []
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    model.eval()
+    for i in range(min(n, len(ds))):
+        s = ds[i]
+        if s is None:
+            continue
+        with torch.no_grad():
+            pred = (model(s["image"][None].to(device)) > 0)[0, 0].float().cpu().numpy()
+        img, gt = s["image"][0].numpy(), s["mask"][0].numpy()
+        d = float(dice_per_image(torch.tensor(pred[None]), torch.tensor(gt[None]))[0])
+        fig = Figure(figsize=(4, 4.3))
+        ax = fig.subplots()
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        for m, colour in ((gt, "lime"), (pred, "red")):
+            if m.any() and not m.all():
+                ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(f"{s['id']}  Dice {d:.3f}\ngreen: ground truth, red: prediction", fontsize=8)
+        ax.axis("off")
+        path = out / f"seg_{i:03d}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        written.append(str(path.name))
+    return written
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and test one segmentation run; writes ``OUT/metrics.json``, ``results.md``, ``ckpt.pt``,
+    ``figures/``. Returns the metrics."""
+    return fit_and_test(args)[0]
+
+
+def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | None]:
+    """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
+    out = Path(args.out)
+    batch_size = args.batch_size or SEG_BATCH_SIZE.get(dataset_name(args.data), 8)
+    signature = _signature(args, batch_size)
+    full_sig = {**signature, "epochs": args.epochs, "patience": args.patience,
+                "mgca_batch_size": args.mgca_batch_size or batch_size}
+    done = finished_metrics(out, full_sig)
+    if done is not None:
+        log.info("%s already holds the finished run", out)
+        return done, None
+    if args.update_bn and args.train_encoder:
+        raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
+    device = resolve_device(args.device)
+    progress = not args.no_progress
+    seed_everything(args.seed)
+    # the tower first, right after seeding: a random baseline's weights depend only on --seed
+    tower = load_image_tower(args.model, arch=args.arch)
+    splits = open_splits(args)
+    model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn).to(device)
+    loss_fn = LOSSES[args.loss]
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    fit = DenseFit(model, optimizer, out, signature, args.epochs, args.patience, progress)
+    fit.resume()
+    val_loader = make_loader(splits["val"], batch_size, args.num_workers)
+
+    def train_epoch(epoch: int) -> float:
+        loader = make_loader(splits["train"], batch_size, args.num_workers, shuffle=True,
+                             seed=args.seed * 100_003 + epoch)
+        total, n = 0.0, 0
+        for b in batches(loader, progress, f"segmentation epoch {epoch + 1}"):
+            x, m = b["image"].to(device), b["mask"].to(device)
+            loss = loss_fn(model(x), m)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + float(loss.detach()) * len(x), n + len(x)
+        return total / max(n, 1)
+
+    def validate() -> tuple[float, float]:
+        dice, val_loss, _ = predict_dice(model, val_loader, device, loss_fn, progress, "validation")
+        return (float(dice.mean()) if len(dice) else 0.0), val_loss
+
+    fit.fit(train_epoch, validate)
+    fit.load_best()
+    test_loader = make_loader(splits["test"], batch_size, args.num_workers)
+    dice, test_loss, n_empty_target = predict_dice(model, test_loader, device, loss_fn, progress, "test")
+    mgca_bs = args.mgca_batch_size or batch_size
+    figures = _figures(model, splits["test"], device, out / "figures", args.figures)
+    metrics: dict[str, Any] = {
+        "task": "segmentation",
+        "dice": float(dice.mean()) if len(dice) else None,
+        "dice_mgca_batch_mean": _jsonable(dice_mgca_batch_mean(dice, mgca_bs)),
+        "dice_rule": "per-image mean; empty target & empty prediction = 1, empty target & non-empty prediction = 0",
+        "mgca_batch_size": mgca_bs,
+        "test_loss": test_loss,
+        "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "n_test_scored": int(len(dice)), "n_test_empty_target": n_empty_target,
+        "epochs_run": fit.epoch, "best_epoch": fit.best_epoch, "best_val_dice": fit.best_score,
+        "stopped_early": fit.stopped_early, "resumed_from_epoch": fit.resumed_from,
+        "batch_size": batch_size, "history": fit.history, "figures": figures,
+        **skip_counts(splits), "args": full_sig,
+    }
+    row = {"task": "segmentation", "data": dataset_name(args.data), "model": tower.name, "fraction": args.fraction,
+           "transfer": args.transfer, "seed": args.seed, "dice": metrics["dice"],
+           "dice_mgca_batch_mean": metrics["dice_mgca_batch_mean"], "best_epoch": fit.best_epoch}
+    write_results(out, metrics, row)
+    return metrics, model
