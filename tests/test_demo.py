@@ -1,10 +1,11 @@
 import json
 
-from g2d.demo import run_demo
+from g2d.demo import run_demo, run_downstream
 
 
 def test_demo_writes_results_figures_and_model(tmp_path):
-    results = run_demo(tmp_path, steps=3, train_samples=64, eval_samples=24, device="cpu")
+    # the downstream part has its own test below
+    results = run_demo(tmp_path, steps=3, train_samples=64, eval_samples=24, device="cpu", downstream_train=0)
     assert set(results["models"]) == {"G2D", "decoder none", "random init"}
     for metrics in results["models"].values():
         assert 0.0 <= metrics["top1_findings"] <= 1.0 and 0.0 <= metrics["grounding_dice"] <= 1.0
@@ -17,5 +18,27 @@ def test_demo_writes_results_figures_and_model(tmp_path):
         assert (tmp_path / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "g2d" / "export" / "model.safetensors").is_file()
     # a second run resumes the finished pre-training instead of repeating it
-    again = run_demo(tmp_path, steps=3, train_samples=64, eval_samples=24, device="cpu")
+    again = run_demo(tmp_path, steps=3, train_samples=64, eval_samples=24, device="cpu", downstream_train=0)
     assert again["models"]["G2D"] == results["models"]["G2D"]
+
+
+def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tmp_path):
+    models = {"G2D": str(tiny_model_dir), "random init": "random"}
+    table = run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu")
+    assert table["seg Dice 1% enc-dec"]["random init"] is None  # no decoder to transfer
+    assert table["zero-shot AUC"]["random init"] is None  # needs a text side
+    for label, row in table.items():
+        assert row["G2D"] is not None and 0.0 <= row["G2D"] <= 1.0, label
+    for label in ("seg Dice 10% enc", "det mAP 10%", "linear AUC 10%"):
+        assert row_ok(table[label]["random init"])
+    assert (tmp_path / "downstream" / "segmentation" / "G2D" / "fraction_0.1_transfer_encoder-decoder"
+            / "metrics.json").is_file()
+
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "downstream").rglob("metrics.json")}
+    assert len(written) == 12  # zero-shot AUC and F1 share one run
+    assert run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are not recomputed
+
+
+def row_ok(v) -> bool:
+    return v is not None and 0.0 <= v <= 1.0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,30 @@ from torch import nn
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_TEXT_DIR = "text"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file cannot be loaded safely (not a tensor-only file, corrupt)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, permissions); the previous file is intact."""
+
+
+_saves = 0  # checkpoint writes by this process, for the G2D_FAULT_KILL_IN_SAVE hook
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    """Temporary files of ``path`` left by writers that died (SIGKILL skips ``finally``)."""
+    out = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            out.append(tmp)
+        except (ValueError, PermissionError):  # not our naming / another user's live process
+            pass
+    return out
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
@@ -31,6 +57,8 @@ def atomic_write(path: str | Path, write: Any) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    for stale in _stale_temps(path):
+        stale.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -41,7 +69,25 @@ def atomic_write(path: str | Path, write: Any) -> None:
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write a training checkpoint atomically. ``state`` must hold only tensors and plain data, so
     it loads with ``torch.load(weights_only=True)``."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    global _saves
+    _saves += 1
+    kill_at = os.environ.get("G2D_FAULT_KILL_IN_SAVE")
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+        if kill_at is not None and _saves == int(kill_at):
+            # Testing hook (docs/reliability.md): die during the N-th write of this process with
+            # half of the temporary file on disk, as a kill or power loss mid-write would.
+            os.truncate(tmp, os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        hint = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        msg = (f"cannot write checkpoint {path}{hint}: {err.strerror or err}; the previous "
+               f"checkpoint there, if any, is intact")
+        raise CheckpointWriteError(err.errno, msg) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -52,7 +98,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"cannot load checkpoint {path} safely: {err}") from None
+        raise CheckpointError(f"cannot load checkpoint {path} safely (only tensors and plain data "
+                              f"are accepted): {_load_reason(err)}") from None
+
+
+def _load_reason(err: Exception) -> str:
+    """The informative part of torch.load's error, on one line. Its weights_only message suggests
+    retrying with ``weights_only=False``, which is exactly what must not be done with such a file."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return (text[:200] or type(err).__name__).split(". This is an internal")[0]
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -98,3 +155,28 @@ def export_model(model: nn.Module, cfg_dict: dict[str, Any], out_dir: str | Path
     text.tokenizer.save_pretrained(text_dir)
     text.backbone.config.save_pretrained(text_dir)
     return out_dir
+
+
+def check_image_weights(image_cfg: Any) -> None:
+    """Fail before any data is read if ``model.image.weights`` (an ``ImageEncoderCfg``) names a file
+    that is missing, unsafe or of another architecture: the file is loaded into an encoder built on
+    the meta device (no memory, no compute), so the error comes before the real model is built.
+
+    :raises g2d.config.ConfigError: naming ``model.image.weights``.
+    """
+    if image_cfg.weights == "none":
+        return
+    import dataclasses
+    import warnings
+
+    from g2d.config import ConfigError
+    from g2d.model.image_encoder import ResNetEncoder, load_image_weights
+
+    with torch.device("meta"):
+        encoder = ResNetEncoder(dataclasses.replace(image_cfg, weights="none"))
+    try:
+        with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": intended
+            warnings.simplefilter("ignore", UserWarning)
+            load_image_weights(encoder, image_cfg.weights, image_cfg.arch)
+    except (OSError, ValueError) as err:  # missing file, CheckpointError, mismatched shapes
+        raise ConfigError(f"model.image.weights: {' '.join(str(err).split())}") from None

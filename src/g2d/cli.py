@@ -13,7 +13,8 @@ from g2d.config import ConfigError, get_config, list_presets, load_config_file, 
 from g2d.data.labelled import DataError
 
 # Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
-COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.figure",)
+COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.prepare", "g2d.commands.evaluate", "g2d.commands.infer",
+                                     "g2d.commands.figure", "g2d.commands.reproduce")
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "key=value overrides, then the explicit flags below.")
     p.add_argument("--preset", default="paper", choices=list_presets())
     p.add_argument("--config", help="YAML or JSON file of settings (nested or dotted keys)")
-    p.add_argument("--data", help="'synthetic' or 'csv:FILE' (an image-text table)")
+    p.add_argument("--data", help="'synthetic', 'csv:FILE' (an image-text table) or 'mimic:DIR' "
+                                   "(a store written by 'g2d prepare mimic')")
     p.add_argument("--image-col", help="image column of a csv: table (default 'image')")
     p.add_argument("--text-col", help="text column of a csv: table (default 'text')")
     p.add_argument("--image-dir", help="folder, relative to the CSV, that image paths are relative to")
@@ -103,4 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"g2d {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from g2d.checkpoint import CheckpointWriteError
+        from g2d.train.distributed import world_info_from_env
+        from g2d.train.loop import NonFiniteLossError
+
+        if isinstance(err, (CheckpointWriteError, NonFiniteLossError)) and not args.verbose:
+            # the run cannot go on (no checkpoints / diverged); the last checkpoint is intact
+            print(f"g2d {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        # Under torchrun every rank prints this, so the log says which rank failed first and why.
+        print(f"g2d {args.command}: rank {world_info_from_env()[0]}: fatal: {type(err).__name__}: "
+              f"{' '.join(str(err).split())[:500]}", file=sys.stderr, flush=True)
+        raise
     return 0

@@ -167,8 +167,8 @@ class G2DConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def validate(self) -> "G2DConfig":
-        validate(self)
+    def validate(self, check_paths: bool = True) -> "G2DConfig":
+        validate(self, check_paths)
         return self
 
 
@@ -315,7 +315,8 @@ def config_from_dict(data: dict[str, Any]) -> G2DConfig:
     """Rebuild a config saved with :meth:`G2DConfig.to_dict` (unknown keys are errors)."""
     cfg = G2DConfig()
     apply_overrides(cfg, nested_to_dotted(data))
-    return cfg.validate()
+    # data paths of a saved config belong to the machine that trained it (g2d.load_model elsewhere)
+    return cfg.validate(check_paths=False)
 
 
 def save_config(cfg: G2DConfig, path: str | Path) -> None:
@@ -386,8 +387,9 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
 
 
-def validate(cfg: G2DConfig) -> None:
-    """Check every field before any data is read or memory is taken; raise ConfigError naming it."""
+def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
+    """Check every field before any data is read or memory is taken; raise ConfigError naming it.
+    ``check_paths=False`` skips the existence checks of data files and folders."""
     m, loss, data, train = cfg.model, cfg.loss, cfg.data, cfg.train
     _choice("model.image.arch", m.image.arch, tuple(RESNET_CHANNELS))
     _choice("model.image.input_norm", m.image.input_norm, ("unit", "imagenet"))
@@ -432,11 +434,11 @@ def validate(cfg: G2DConfig) -> None:
 
     if not (data.spec == "synthetic" or data.spec.startswith(("csv:", "mimic:"))):
         raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic', 'csv:FILE' or 'mimic:DIR'")
-    if data.spec.startswith("mimic:") and not (Path(data.spec[6:]) / "manifest.csv.gz").is_file():
+    if check_paths and data.spec.startswith("mimic:") and not (Path(data.spec[6:]) / "manifest.csv.gz").is_file():
         raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {data.spec[6:]}; run g2d prepare mimic")
-    if data.spec.startswith("csv:") and not Path(data.spec[4:]).is_file():
+    if check_paths and data.spec.startswith("csv:") and not Path(data.spec[4:]).is_file():
         raise ConfigError(f"data.spec: CSV file not found: {data.spec[4:]}")
-    if data.spec.startswith("csv:") and data.image_dir is not None:
+    if check_paths and data.spec.startswith("csv:") and data.image_dir is not None:
         folder = Path(data.spec[4:]).absolute().parent / data.image_dir  # an absolute image_dir wins
         if not folder.is_dir():
             raise ConfigError(f"data.image_dir: image folder not found: {folder}")

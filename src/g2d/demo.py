@@ -1,4 +1,5 @@
-"""``g2d demo``: the whole pre-training path on the embedded synthetic data, on a laptop CPU.
+"""``g2d demo``: the whole pre-training path and the downstream suite on the embedded synthetic data,
+on a laptop CPU.
 
 Pre-trains the ``tiny`` preset twice from the same seed and data — G2D (decoder on pseudo masks)
 and the decoder-free ablation (``model.decoder.mode=none``) — then evaluates both and a randomly
@@ -8,7 +9,10 @@ initialised model on held-out synthetic data:
   (``top1_findings``) and is the image's own report (``top1_exact``);
 - zero-shot grounding Dice: for held-out images with one finding, the similarity between the
   finding's prompt and every pixel embedding, binarised by :func:`g2d.eval.grounding.binarize`,
-  against the finding's mask.
+  against the finding's mask;
+- the downstream protocols of ``g2d eval`` on the synthetic labelled set (``synthetic:N``):
+  frozen-encoder segmentation at 1 % and 10 % (encoder and, for G2D, encoder-decoder transfer),
+  YOLOv3 detection, linear probing, zero-shot classification and zero-shot grounding.
 """
 
 from __future__ import annotations
@@ -89,13 +93,76 @@ def _markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['top1_findings']:.3f} | {m['top1_exact']:.3f} | "
                      f"{m['grounding_dice']:.3f} |")
     lines += ["", f"Grounding over {next(iter(results['models'].values()))['grounding_images']} "
-              "held-out images with one finding; maps min-max normalised and thresholded at 0.5.",
-              "", f"Machine: {results['machine']}; wall time {results['wall_s']:.0f} s.", ""]
+              "held-out images with one finding; maps min-max normalised and thresholded at 0.5.", ""]
+    if results["downstream"]:
+        names = list(results["models"])
+        lines += ["## Downstream protocols (`g2d eval`) on the synthetic labelled set", "",
+                  f"{results['downstream_train']} training images (1 % = "
+                  f"{max(1, results['downstream_train'] // 100)}), frozen encoders; '/' = not applicable.",
+                  "", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label, row in results["downstream"].items():
+            cells = ["/" if row.get(n) is None else f"{row[n]:.3f}" for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"Machine: {results['machine']}; wall time {results['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
+# (task, column label, extra flags, metric, which models): the demo's downstream cells.
+_DOWNSTREAM: list[tuple[str, str, list[str], str, tuple[str, ...]]] = [
+    ("segmentation", "seg Dice 1% enc", ["--fraction", "0.01", "--transfer", "encoder"], "dice", ()),
+    ("segmentation", "seg Dice 10% enc", ["--fraction", "0.1", "--transfer", "encoder"], "dice", ()),
+    ("segmentation", "seg Dice 1% enc-dec", ["--fraction", "0.01", "--transfer", "encoder-decoder"], "dice",
+     ("G2D",)),
+    ("segmentation", "seg Dice 10% enc-dec", ["--fraction", "0.1", "--transfer", "encoder-decoder"], "dice",
+     ("G2D",)),
+    ("detection", "det mAP 10%", ["--fraction", "0.1", "--head-width", "256"], "map", ()),
+    ("linear", "linear AUC 10%", ["--fraction", "0.1", "--no-feature-cache"], "auc", ()),
+    ("zeroshot", "zero-shot AUC", [], "auc", ("G2D", "decoder none")),
+    ("zeroshot", "zero-shot F1", [], "f1", ("G2D", "decoder none")),
+    ("grounding", "grounding Dice", [], "dice", ("G2D", "decoder none")),
+]
+
+
+def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, epochs: int, seed: int,
+                   device: str) -> dict[str, dict[str, float | None]]:
+    """Run the demo's downstream cells through ``g2d eval``; finished cells are reused.
+
+    :param models: display name -> ``--model`` value (export folder or ``random``).
+    :return: ``{column label: {model name: metric or None}}``.
+    """
+    import importlib
+
+    from g2d.commands.evaluate import TASKS, task_parser
+
+    table: dict[str, dict[str, float | None]] = {}
+    for task, label, flags, metric, only in _DOWNSTREAM:
+        table[label] = {}
+        for name, model in models.items():
+            if only and name not in only:
+                table[label][name] = None
+                continue
+            cell = out / "downstream" / task / name.replace(" ", "_") / ("_".join(f.lstrip("-") for f in flags)
+                                                                         or "default")
+            argv = ["--data", f"synthetic:{n_train}", "--model", model, "--arch", "resnet18",
+                    "--seed", str(seed), "--out", str(cell), "--device", device, "--num-workers", "0",
+                    "--no-progress", *flags]
+            if task in ("segmentation", "detection"):
+                argv += ["--image-size", str(size), "--epochs", str(epochs), "--batch-size", "8"]
+            elif task == "linear":
+                argv += ["--image-size", str(size), "--resize", str(size), "--epochs", "30"]
+            else:
+                argv += ["--image-size", str(size), "--resize", str(size)]
+            log.info("downstream: %s | %s", label, name)
+            metrics = importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
+            value = metrics.get(metric)
+            table[label][name] = None if value is None else float(value)
+    return table
+
+
 def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, eval_samples: int = 256,
-             device: str = "auto", seed: int = 0) -> dict[str, Any]:
+             device: str = "auto", seed: int = 0, downstream_train: int = 200, downstream_epochs: int = 6
+             ) -> dict[str, Any]:
     """Run the demo; write ``results.json``, ``results.md``, ``figures/*.png`` and the exported
     G2D model (``g2d/export``) under ``out_dir``; return the results (plus ``markdown``)."""
     start = time.perf_counter()
@@ -133,8 +200,17 @@ def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, e
     grounding_panels(data["image"][one], heat, targets, prompts, figs / "grounding.png")
     loss_curves(curves, figs / "training_loss.png")
 
+    downstream = {}
+    if downstream_train:
+        downstream = run_downstream(
+            {"G2D": str(out / "g2d" / "export"), "decoder none": str(out / "no_decoder" / "export"),
+             "random init": "random"}, out, base.model.image_size, downstream_train, downstream_epochs,
+            seed, device)
+
     results = {
         "models": metrics,
+        "downstream": downstream,
+        "downstream_train": downstream_train,
         "steps": steps,
         "batch_size": base.train.batch_size,
         "train_samples": train_samples,

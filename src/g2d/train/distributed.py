@@ -1,9 +1,11 @@
-"""Process-group set-up for torchrun (and SLURM's srun), CPU (gloo) or CUDA (NCCL)."""
+"""Process-group set-up for torchrun (and SLURM's srun), CPU (gloo) or CUDA (NCCL), and the
+fault-injection hooks the reliability tests use (``docs/reliability.md``)."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +37,13 @@ def world_info_from_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     """Join the process group when launched with several processes; pick the device.
 
     :param device: "auto" (CUDA if available), "cpu" or "cuda".
-    :param timeout_s: collective timeout; a dead rank makes the others fail after this long.
+    :param timeout_s: collective timeout (``train.dist_timeout_s``): a rank that stops taking
+        part in collectives without dying makes the others fail after this long instead of hanging.
+        (A rank that dies is noticed sooner: torchrun stops the whole job when one worker exits.)
     """
     rank, world, local = world_info_from_env()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -65,3 +69,40 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """``flag`` (a bool scalar) is true on every rank; the local value without a process group.
+
+    Used for the non-finite-loss check: gradients are averaged across ranks, so a NaN on one rank
+    reaches all of them, and every rank must skip the same step.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag.item())
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`fault_point` when ``G2D_FAULT_DIE_RANK`` selects this rank."""
+
+
+def fault_point(step: int, rank: int) -> None:
+    """Testing hooks, inert unless their environment variable is set; called by the training loop
+    after each optimizer step (and after that step's checkpoint, when one is due).
+
+    - ``G2D_FAULT_KILL_AT_STEP=N``: every rank SIGKILLs itself right after step ``N``, as a power
+      loss or the OOM killer would (no cleanup, no final checkpoint).
+    - ``G2D_FAULT_DIE_RANK=R`` (with ``G2D_FAULT_DIE_AT_STEP=N``, default 1): rank ``R`` fails after
+      step ``N``; ``G2D_FAULT_DIE_MODE=raise`` (default) raises :class:`InjectedFault`, ``kill``
+      SIGKILLs the process.
+    """
+    env = os.environ
+    if "G2D_FAULT_KILL_AT_STEP" in env and step == int(env["G2D_FAULT_KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "G2D_FAULT_DIE_RANK" in env and rank == int(env["G2D_FAULT_DIE_RANK"]) \
+            and step == int(env.get("G2D_FAULT_DIE_AT_STEP", "1")):
+        if env.get("G2D_FAULT_DIE_MODE", "raise") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise InjectedFault(f"injected fault (G2D_FAULT_DIE_RANK={rank}) after step {step}")

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
+from g2d.checkpoint import check_image_weights, export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
 from g2d.factory import create_model
 from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
@@ -25,7 +25,8 @@ from g2d.model.text_encoder import build_tiny_text_model
 from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
 from g2d.data.pairs import collate_pairs
 from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
-from g2d.train.distributed import DistInfo, barrier, init_distributed
+from g2d.data.labelled import DataError
+from g2d.train.distributed import DistInfo, all_ranks_true, barrier, fault_point, init_distributed
 from g2d.train.scheduler import build_scheduler
 
 log = logging.getLogger("g2d.train")
@@ -127,6 +128,27 @@ def compute_losses(model: G2DModel, images: torch.Tensor, tokens: dict[str, torc
     return StepLosses(vla + pa_weight * pa, vla.detach(), pa.detach(), acc, fg)
 
 
+def wrap_ddp(model: G2DModel, device: torch.device) -> DistributedDataParallel:
+    """DDP as the trainer uses it: every trainable parameter takes part in every step (frozen
+    text layers have ``requires_grad=False``; the decoder runs with weight 0 during the
+    contrastive-only warm-up), so no unused-parameter search.
+
+    Not ``static_graph=True``: with the gathered negatives (an all-reduce inside backward) it gave
+    a wrong update on gloo (tests/test_ddp_equivalence.py fails with it: the loss after one step
+    rose from 2.83 to 3.90 where one process gets 2.79)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False)
+
+
+def compile_model(model: G2DModel) -> None:
+    """``train.compile``: compile the image encoder and decoder in place. The text tower stays
+    eager (its frozen prefix switches grad mode inside the forward, which would break graphs)."""
+    model.image_encoder.compile()
+    if model.decoder is not None:
+        model.decoder.compile()
+        model.segmentation_head.compile()
+
+
 class Pretrainer:
     """Owns the model, optimiser, data and run folder of one pre-training run."""
 
@@ -134,7 +156,7 @@ class Pretrainer:
                  progress: bool = True, tensorboard: bool = True, device: str = "auto"):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
-        self.dist = dist_info or init_distributed(device)
+        self.dist = dist_info or init_distributed(device, timeout_s=self.cfg.train.dist_timeout_s)
         self.progress = progress and self.dist.is_main
         self.tensorboard = tensorboard
         self.ckpt_dir = self.out / CHECKPOINT_DIR
@@ -152,7 +174,6 @@ class Pretrainer:
 
     def setup(self, resume: str | None = None) -> None:
         cfg, d = self.cfg, self.dist
-        self.out.mkdir(parents=True, exist_ok=True)
         resume_path = self._resume_path(resume)
         state = load_checkpoint(resume_path) if resume_path else None
         if state is not None:
@@ -161,14 +182,20 @@ class Pretrainer:
                 log.warning("resuming with the checkpoint's model/loss config (%s); command-line "
                             "values for model.* and loss.* are ignored", resume_path)
                 cfg.model, cfg.loss = saved.model, saved.loss
+        else:  # a wrong weights file fails here, before any data is read or the run folder made
+            check_image_weights(cfg.model.image)
+        self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.train.seed + d.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
 
-        self.dataset = build_pretrain_dataset(cfg, train=True)
+        try:
+            self.dataset = build_pretrain_dataset(cfg, train=True)
+        except (ValueError, RuntimeError) as err:  # unreadable table, too many unusable rows
+            raise DataError(f"data.spec: {' '.join(str(err).split())}") from None
         if len(self.dataset) < cfg.train.batch_size * d.world_size:
-            raise ValueError(f"dataset has {len(self.dataset)} samples, fewer than one global batch "
-                             f"({cfg.train.batch_size} x {d.world_size})")
+            raise DataError(f"dataset has {len(self.dataset)} samples, fewer than one global batch "
+                            f"({cfg.train.batch_size} x {d.world_size})")
         self._prepare_text_model(self.dataset)
         if d.is_main:
             save_config(cfg, self.out / "config.yaml")
@@ -180,11 +207,9 @@ class Pretrainer:
         self.model = create_model(build_cfg).to(d.device)
         if d.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = self.model
-        if d.distributed:
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                find_unused_parameters=False)
+        if cfg.train.compile:
+            compile_model(self.model)
+        self.forward = wrap_ddp(self.model, d.device) if d.distributed else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
@@ -267,10 +292,14 @@ class Pretrainer:
 
     # -------------------------------------------------------------------------------- the loop
 
-    def train(self, interrupt_after: int | None = None, max_nonfinite: int = 10) -> TrainResult:
+    def train(self, interrupt_after: int | None = None, max_nonfinite: int | None = None) -> TrainResult:
         """Run until ``total_steps``. ``interrupt_after`` stops (without the final save/export)
-        after that many optimizer steps, as a crash would; tests use it to check resumption."""
+        after that many optimizer steps, as a crash would; tests use it to check resumption.
+        A step whose loss is non-finite on any rank is skipped on all of them (no update, counted
+        in ``skipped_steps``); ``max_nonfinite`` (default ``train.max_consecutive_nonfinite``) in a
+        row raise :class:`NonFiniteLossError`, leaving the last checkpoint as it was."""
         cfg, d = self.cfg, self.dist
+        max_nonfinite = max_nonfinite or cfg.train.max_consecutive_nonfinite
         writer = None
         if d.is_main and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -284,6 +313,10 @@ class Pretrainer:
                        dynamic_ncols=True)
         result = TrainResult(self.out, self.step)
         acc_steps, nonfinite_run = cfg.train.grad_accum, 0
+        # BatchNorm statistics move in the forward pass; a skipped step puts them back, so a NaN
+        # batch cannot poison them (one fused copy per step).
+        buffers = list(self.model.buffers())
+        kept = [b.clone() for b in buffers]
         t_last, samples_since = time.perf_counter(), 0
         sums: dict[str, torch.Tensor] = {}
         count = 0
@@ -293,11 +326,14 @@ class Pretrainer:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.train.batch_size)
             self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at epoch end
             micro = 0
+            finite = torch.ones((), dtype=torch.bool, device=d.device)
             for batch in self._loader():
                 images = batch["image"].to(d.device, non_blocking=True)
                 if d.device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 tokens = self.model.tokenize(batch["text"])
+                if micro == 0 and buffers:
+                    torch._foreach_copy_(kept, buffers)
                 sync = micro + 1 == acc_steps or not d.distributed
                 ctx = self.forward.no_sync() if not sync and d.distributed else contextlib.nullcontext()
                 with ctx:
@@ -310,11 +346,15 @@ class Pretrainer:
                 for k in ("total", "vla", "pa", "acc", "fg"):
                     sums[k] = sums.get(k, 0) + getattr(losses, k).detach().float()
                 count += 1
+                finite &= torch.isfinite(losses.total.detach())  # every micro-batch of the step
                 if micro < acc_steps:
                     continue
                 micro = 0
-                if not torch.isfinite(losses.total.detach()).item():
+                step_ok, finite = all_ranks_true(finite), torch.ones_like(finite)
+                if not step_ok:
                     self.optimizer.zero_grad(set_to_none=True)
+                    if buffers:
+                        torch._foreach_copy_(buffers, kept)
                     self.skipped += 1
                     nonfinite_run += 1
                     log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step,
@@ -357,6 +397,7 @@ class Pretrainer:
                                  means["pa"], lr, rate)
                 if self.step % cfg.train.ckpt_every == 0:
                     self.save()
+                fault_point(self.step, d.rank)  # testing hooks (docs/reliability.md); inert by default
                 if interrupt_after is not None and self.step >= interrupt_after:
                     if bar is not None:
                         bar.close()
@@ -377,7 +418,10 @@ class Pretrainer:
             writer.close()
         self.save()
         result.steps, result.skipped_steps = self.step, self.skipped
-        if d.is_main:
+        if d.is_main:  # what was skipped, by count and reason only (no report text, no ids)
+            data_summary = getattr(self.dataset, "summary", None)
+            log.info("run summary: %d optimizer steps, %d skipped for a non-finite loss%s", self.step,
+                     self.skipped, f"; data {data_summary()}" if callable(data_summary) else "")
             result.export_dir = export_model(self.model, self.cfg.to_dict(), self.out / "export")
         barrier()
         return result
