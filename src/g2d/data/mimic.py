@@ -194,7 +194,8 @@ def _build_shard(tar_path: str, root: str, rows: list[dict[str, Any]], cfg: dict
                                               cfg["jpeg_quality"])
             except _DECODE_ERRORS as e:
                 corrupt.append(r["image"])
-                logger.warning("corrupt image skipped (%s): %s", type(e).__name__, r["image"])
+                # the file name (dicom_id) only: the folders are patient and study ids
+                logger.warning("corrupt image skipped (%s): %s", type(e).__name__, Path(r["image"]).name)
                 continue
             meta = {k: r[k] for k in ("dicom_id", "subject_id", "study_id", "split", "view", "image")}
             meta.update(orig_h=h0, orig_w=w0)
@@ -245,7 +246,7 @@ def _select(cfg: MimicPrepareCfg, counts: Counter[str]) -> list[dict[str, Any]]:
         rel = _image_rel(subject, study, dicom)
         if not (root / rel).is_file():
             counts["missing_image"] += 1
-            logger.warning("%s: data row %d: image missing: %s", SPLIT_FILE, n, rel)
+            logger.warning("%s: data row %d: image missing: %s", SPLIT_FILE, n, Path(rel).name)
             continue
         kept.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "split": split,
                      "view": view, "image": rel, "text": text})

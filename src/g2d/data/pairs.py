@@ -209,9 +209,9 @@ class ImageTextPairs(torch.utils.data.Dataset):
                 reason = "missing_image"
             if reason is not None:
                 self.skipped[reason] += 1
-                # Never the text: only file names and row numbers.
+                # Never the text, nor folders (they may hold patient ids): file names and rows only.
                 logger.warning("%s: data row %d skipped (%s)%s", self._name, row, reason,
-                               f": {image_path}" if reason == "missing_image" else "")
+                               f": {os.path.basename(image_path)}" if reason == "missing_image" else "")
                 continue
             paths.append(image_path)
             texts.append(text)
@@ -261,8 +261,9 @@ class ImageTextPairs(torch.utils.data.Dataset):
                 im.close()
             self._bad.add(i)
             self.skipped["decode_error"] += 1
-            logger.warning("%s: data row %d: image failed to decode (%s: %s): %s", self._name,
-                           int(self.rows[i]), type(e).__name__, e, path)
+            # not the error's message: PIL puts the full path (patient folders) in it
+            logger.warning("%s: data row %d: image failed to decode (%s): %s", self._name,
+                           int(self.rows[i]), type(e).__name__, os.path.basename(path))
             return None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
