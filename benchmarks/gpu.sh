@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: step throughput/memory at paper size (g2d vs release design) and a short
 # end-to-end `g2d pretrain` with the paper model on CUDA (bf16, channels_last, fused AdamW).
+# Flags of bench_step.py: docs/benchmarks.md.
 # Usage on the device machine: bash benchmarks/gpu.sh  (writes to $OUT or ./gpu_out)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -9,11 +10,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pseudo_mask.py -k cuda > "$OUT/pytest_cuda.log" 2>&1
 echo "cuda pseudo-mask test exit $?"; tail -3 "$OUT/pytest_cuda.log"
+# side by side: g2d (bf16, fused AdamW, channels_last, length-grouped text) vs release design
+# (fp16 + GradScaler, pad to 256, NumPy masks with a host sync), and g2d with trainable embeddings
 for B in 64 128; do
-  timeout 240 python3 benchmarks/bench_step.py --device cuda --batch $B --steps 10 --warmup 3 \
+  timeout 300 python3 benchmarks/bench_step.py --device cuda --batch $B --steps 10 --warmup 3 \
     --flops --peak-tflops 989 --json "$OUT/step_b$B.json" > "$OUT/step_b$B.log" 2>&1
-  echo "bench batch $B exit $?"; tail -c 2500 "$OUT/step_b$B.json" 2>/dev/null || tail -20 "$OUT/step_b$B.log"
+  echo "bench batch $B exit $?"; tail -8 "$OUT/step_b$B.log"
 done
+# torch.compile (train.compile) and the memory format, measured against g2d in the same run
+timeout 420 python3 benchmarks/bench_step.py --device cuda --batch 128 --steps 10 --warmup 3 \
+  --variants g2d,g2d_compile,g2d_contiguous,g2d_no_buckets --json "$OUT/step_b128_options.json" \
+  > "$OUT/step_b128_options.log" 2>&1
+echo "bench options exit $?"; tail -8 "$OUT/step_b128_options.log"
 python3 -c "
 from g2d.model.text_encoder import build_tiny_text_model
 from g2d.data.synthetic import SyntheticCXR

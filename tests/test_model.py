@@ -69,6 +69,37 @@ def test_text_tokenization_pads_to_longest(tiny_cfg):
     assert long["input_ids"].shape[1] == tiny_cfg.model.text.max_length
 
 
+@pytest.mark.parametrize("buckets", [2, 4])
+def test_length_buckets_match_one_padded_batch(tiny_cfg, buckets):
+    """Grouped encoding (model.text.length_buckets) is an optimisation: same embeddings and
+    gradients as padding the whole batch to its longest report, in the caller's order."""
+    from g2d.model.text_encoder import LENGTH_GROUPS
+
+    texts = ["no acute process", "small left pleural effusion with adjacent atelectasis and a "
+             "right lower lobe opacity that may be pneumonia " * 3, "clear", "stable cardiomegaly",
+             "opacity", "the lungs are clear without consolidation or effusion or pneumothorax"]
+    results = {}
+    for n in (1, buckets):
+        tiny_cfg.model.text.length_buckets = n
+        torch.manual_seed(0)
+        model = create_model(tiny_cfg).eval()
+        tok = model.tokenize(texts)
+        assert (LENGTH_GROUPS in tok) == (n > 1)
+        emb = model.text_forward(tok)
+        emb.pow(2).sum().backward()
+        layer = model.text_encoder.backbone.encoder.layer[-1]
+        results[n] = emb.detach(), layer.attention.self.query.weight.grad.clone()
+    torch.testing.assert_close(results[buckets][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[buckets][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_skip_when_lengths_are_equal(tiny_cfg):
+    tiny_cfg.model.text.length_buckets = 4
+    from g2d.model.text_encoder import LENGTH_GROUPS
+
+    assert LENGTH_GROUPS not in create_model(tiny_cfg).tokenize(["clear lungs"] * 8)
+
+
 def test_frozen_text_layers_run_without_autograd(tiny_cfg):
     tiny_cfg.model.text.freeze_layers = 1
     model = create_model(tiny_cfg)

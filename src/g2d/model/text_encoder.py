@@ -78,6 +78,10 @@ def _find_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
+#: Key of the length-grouping plan in :meth:`TextEncoder.tokenize`'s output (not a model input).
+LENGTH_GROUPS = "length_groups"
+
+
 class TextEncoder(nn.Module):
     """Transformer text tower returning the [CLS] hidden state.
 
@@ -123,15 +127,36 @@ class TextEncoder(nn.Module):
         return self
 
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """Pad to the longest text in the batch, truncated at ``max_length`` tokens."""
+        """Pad to the longest text in the batch, truncated at ``max_length`` tokens.
+
+        With ``length_buckets > 1`` the result also holds a length-grouping plan under
+        :data:`LENGTH_GROUPS` (computed here on the host, so the forward never syncs with the device).
+        """
         enc = self.tokenizer(list(texts), padding="longest", truncation=True,
                              max_length=self.cfg.max_length, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items()}
+        out = {k: v.to(device) for k, v in enc.items()}
+        plan = self._length_plan(enc["attention_mask"])
+        if plan is not None:
+            out[LENGTH_GROUPS] = {"order": plan[0].to(device), "inverse": plan[1].to(device),
+                                  "groups": plan[2]}
+        return out
 
-    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
-        """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...).
-        :return: [B, hidden] hidden state of the first ([CLS]) token."""
-        self._grad_mode = torch.is_grad_enabled()
+    def _length_plan(self, mask: Tensor):
+        """(order, inverse order, [(start, end, length)]) for ``length_buckets`` groups of reports
+        sorted by length, or None when grouping would not save at least 10 % of the tokens."""
+        n_groups = min(self.cfg.length_buckets, mask.shape[0])
+        if n_groups < 2 or getattr(self.tokenizer, "padding_side", "right") != "right":
+            return None  # slicing [:, :length] is only valid for right padding
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        bounds = torch.linspace(0, mask.shape[0], n_groups + 1).round().long().tolist()
+        sorted_len = lengths[order].tolist()
+        groups = [(a, b, int(sorted_len[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if sum((b - a) * n for a, b, n in groups) > 0.9 * mask.numel():
+            return None
+        return order, torch.argsort(order), groups
+
+    def _cls(self, tokens: dict[str, Tensor]) -> Tensor:
         prefix_no_grad = self._no_grad_prefix and self._grad_mode
         try:
             if prefix_no_grad:
@@ -140,6 +165,20 @@ class TextEncoder(nn.Module):
         finally:
             torch.set_grad_enabled(self._grad_mode)
         return out.last_hidden_state[:, 0]
+
+    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+        """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...), optionally with
+        the length-grouping plan of :meth:`tokenize`; each group runs padded to its own longest
+        report (right padding, absolute positions: the same result as one padded batch).
+        :return: [B, hidden] hidden state of the first ([CLS]) token."""
+        self._grad_mode = torch.is_grad_enabled()
+        plan = tokens.get(LENGTH_GROUPS)
+        inputs = {k: v for k, v in tokens.items() if k != LENGTH_GROUPS}
+        if plan is None:
+            return self._cls(inputs)
+        ordered = {k: v.index_select(0, plan["order"]) for k, v in inputs.items()}
+        parts = [self._cls({k: v[a:b, :n] for k, v in ordered.items()}) for a, b, n in plan["groups"]]
+        return torch.cat(parts).index_select(0, plan["inverse"])
 
 
 def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_size: int = 1000,
