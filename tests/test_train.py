@@ -56,6 +56,22 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, mode):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_persistent_workers_match_in_process_loading(tiny_cfg, tmp_path):
+    """Two persistent workers over two epochs: the same weights as loading in the main process."""
+    over = {"train.max_steps": 6, "train.epochs": 10, "train.deterministic": True}
+    ref = pretrain(_cfg(tiny_cfg, **over), tmp_path / "w0", progress=False)
+    trainer = Pretrainer(_cfg(tiny_cfg, **over, **{"data.num_workers": 2}), tmp_path / "w2", progress=False)
+    trainer.setup()
+    trainer.train()
+    assert trainer.epoch >= 1 and trainer._loader().persistent_workers
+    assert trainer._loader() is trainer._loader()  # one loader (and one set of workers) per run
+    a = g2d.load_model(tmp_path / "w0" / "export").state_dict()
+    b = trainer.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert ref.steps == 6
+
+
 def test_export_and_load_give_identical_embeddings(tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, **{"train.max_steps": 2})
     trainer = Pretrainer(cfg, tmp_path, progress=False)

@@ -219,6 +219,7 @@ class Pretrainer:
                                            weight_decay=cfg.train.weight_decay, fused=fused or None,
                                            foreach=None if fused else True)
         self.sampler = EpochSampler(len(self.dataset), d.rank, d.world_size, cfg.train.seed)
+        self._dl: DataLoader | None = None
         self.batches_per_epoch = self.sampler.per_rank // cfg.train.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch < 1:
@@ -247,15 +248,20 @@ class Pretrainer:
         return path
 
     def _loader(self) -> DataLoader:
-        cfg = self.cfg
-        workers = cfg.data.num_workers
-        # Its own generator: building the iterator must not draw from the global RNG, or a
-        # resumed run would diverge from an uninterrupted one.
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.epoch)
-        return DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
-                          sampler=self.sampler, num_workers=workers, collate_fn=collate_pairs,
-                          drop_last=True, pin_memory=self.dist.device.type == "cuda", generator=gen,
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
+        """One DataLoader for the whole run: with workers, they persist across epochs (no re-spawn
+        and re-import per epoch). The sampler, iterated in this process, carries epoch and offset."""
+        if self._dl is None:
+            cfg = self.cfg
+            workers = cfg.data.num_workers
+            # Its own generator: building an iterator must not draw from the global RNG, or a
+            # resumed run would diverge from an uninterrupted one. Augmentations do not depend on
+            # it (SeededSamples seeds each sample by epoch and index).
+            gen = torch.Generator().manual_seed(cfg.train.seed * 7919)
+            self._dl = DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
+                                  sampler=self.sampler, num_workers=workers, collate_fn=collate_pairs,
+                                  drop_last=True, pin_memory=self.dist.device.type == "cuda", generator=gen,
+                                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        return self._dl
 
     # ---------------------------------------------------------------------------- checkpoints
 
