@@ -105,3 +105,32 @@ def test_runner_runs_two_cells_and_resumes_a_half_done_table(tiny_text_dir, tmp_
     assert calls == {"task": 5, "pretrain": 1}
     assert json.loads(lost.read_text())["dice"] == pytest.approx(before["dice"])  # deterministic
     assert [r.values for r in again] == [r.values for r in results]
+
+
+def test_runner_goes_seed_by_seed_and_reports_a_failed_pretraining(tmp_path):
+    """Fake tasks: the order of runs, the reuse of pre-training, and a failed variant's cells."""
+    exp = _toy()
+    exp.rows.append(Row("Broken", pretrain={"model.pool.heads": 2}))
+    order = []
+
+    def task(name, argv):
+        order.append((argv[argv.index("--model") + 1], name, int(argv[argv.index("--seed") + 1])))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"dice": 0.5, "map": 0.25}))
+        return {}
+
+    def pre(cfg, d):
+        if cfg.model.pool.heads == 2:
+            raise RuntimeError("out of memory")
+        return d / "export"
+
+    small = load_scale("small")
+    results = Runner(exp, small, tmp_path, seeds=2, run_task=task, run_pretrain=pre).run()
+    seeds = [s for _, _, s in order]
+    assert seeds == sorted(seeds) and len(order) == 2 * 3  # random: 2 cells, ours: 1 (detection skipped)
+    by = {(r.row, r.column): r for r in results}
+    assert by["Ours", "Seg 1%"].values == [50.0, 50.0] and by["Random", "Det 1%"].values == [25.0, 25.0]
+    assert by["Ours", "Det 1%"].values == [] and not by["Ours", "Det 1%"].errors  # skipped
+    for col in ("Seg 1%", "Det 1%"):
+        assert by["Broken", col].errors == ["pretrain: out of memory"]

@@ -225,38 +225,48 @@ class Runner:
         return col.name in row.skip or col.task in row.skip
 
     def run(self) -> list[CellResult]:
-        results = []
-        for row in self.exp.rows:
-            model = None
-            for col in self.exp.columns:
-                res = CellResult(row.name, col.name, [], [])
-                results.append(res)
-                if self.skipped(row, col):
-                    continue
-                try:
-                    model = model or self.model_for(row)
-                except Exception as e:  # a failed pre-training fails its row, not the table
-                    log.error("pre-training of %r failed: %s", row.name, e)
-                    res.errors.append(f"pretrain: {e}")
-                    continue
-                for seed in range(self.seeds):
-                    argv = self.cell_args(row, col, model, seed)
-                    cell_dir = self.out / "cells" / _key([col.task, argv])
-                    metrics_file = cell_dir / "metrics.json"
-                    if not metrics_file.is_file():
-                        log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
-                        try:
-                            self.run_task(col.task, [*argv, "--out", str(cell_dir)])
-                        except Exception as e:
-                            log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
-                            res.errors.append(f"seed {seed}: {e}")
-                            continue
-                    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-                    if col.metric not in metrics:
-                        res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")
+        """Every cell, seed by seed: a long run stopped part-way leaves whole seeds of the table,
+        not whole rows. Each pre-training variant is trained once, before its first cell."""
+        results = {(r.name, c.name): CellResult(r.name, c.name, [], []) for r in self.exp.rows
+                   for c in self.exp.columns}
+        models: dict[str, str | Exception] = {}
+        for seed in range(self.seeds):
+            for row in self.exp.rows:
+                for col in self.exp.columns:
+                    res = results[row.name, col.name]
+                    if self.skipped(row, col):
                         continue
-                    res.values.append(float(metrics[col.metric]) * col.scale)
-        return results
+                    if row.name not in models:
+                        try:
+                            models[row.name] = self.model_for(row)
+                        except Exception as e:  # a failed pre-training fails its row, not the table
+                            log.error("pre-training of %r failed: %s", row.name, e)
+                            models[row.name] = e
+                    model = models[row.name]
+                    if isinstance(model, Exception):
+                        if seed == 0:
+                            res.errors.append(f"pretrain: {model}")
+                        continue
+                    self._run_cell(row, col, model, seed, res)
+        return list(results.values())
+
+    def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult) -> None:
+        argv = self.cell_args(row, col, model, seed)
+        cell_dir = self.out / "cells" / _key([col.task, argv])
+        metrics_file = cell_dir / "metrics.json"
+        if not metrics_file.is_file():
+            log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
+            try:
+                self.run_task(col.task, [*argv, "--out", str(cell_dir)])
+            except Exception as e:
+                log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
+                res.errors.append(f"seed {seed}: {e}")
+                return
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        if col.metric not in metrics:
+            res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")
+            return
+        res.values.append(float(metrics[col.metric]) * col.scale)
 
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
         """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.png``."""
