@@ -48,6 +48,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per pre-training run")
     p.add_argument("--train-samples", type=int, default=None)
     p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--downstream-train", type=int, default=None,
+                   help="synthetic images per downstream set (0 skips the downstream protocols)")
+    p.add_argument("--downstream-epochs", type=int, default=None, help="segmentation/detection epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
 
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             from g2d.demo import run_demo
 
             kwargs = {k: v for k, v in {"steps": args.steps, "train_samples": args.train_samples,
-                                        "eval_samples": args.eval_samples}.items() if v is not None}
+                                        "eval_samples": args.eval_samples,
+                                        "downstream_train": args.downstream_train,
+                                        "downstream_epochs": args.downstream_epochs}.items() if v is not None}
             results = run_demo(args.out, device=args.device, seed=args.seed, **kwargs)
             print(results["markdown"])
         else:
