@@ -242,7 +242,7 @@ class Runner:
         return self.model.tokenize(texts)
 
     def step(self, timer: PhaseTimer) -> None:
-        m, cfg, cuda = self.model, self.cfg, self.device.type == "cuda"
+        m, cfg = self.model, self.cfg
         with timer("data"):
             batch = self._batch()
             images = batch["image"].to(self.device, non_blocking=True)

@@ -77,3 +77,15 @@ def tiny_model_dir(tiny_text_dir, tmp_path_factory) -> Path:
     })
     out = tmp_path_factory.mktemp("tiny_model")
     return pretrain(cfg, out, progress=False).export_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many small models: on a shared 2-core machine two
+    threads are far slower than one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,13 +11,7 @@ from g2d.downstream.features import auroc_per_class, is_multiclass, masked_bce
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a shared 2-core machine two intra-op threads are far slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ["--arch", "resnet18", "--resize", "32", "--image-size", "32", "--num-workers", "0", "--no-progress"]

@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from g2d.reproduce import (CellResult, Column, Experiment, Row, Runner, Scale, _LazyFill, format_csv,
                            format_markdown, list_experiments, load_experiment, load_scale, prepare_jsrt)

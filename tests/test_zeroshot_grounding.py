@@ -14,13 +14,7 @@ from g2d.downstream import grounding, zeroshot
 from g2d.eval.grounding import binarize, dice_per_image, iou_per_image, pointing_game, recall_per_image, to_original
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a shared 2-core machine two intra-op threads are far slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

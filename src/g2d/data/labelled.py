@@ -25,7 +25,6 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np

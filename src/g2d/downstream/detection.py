@@ -22,10 +22,10 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from g2d.downstream.common import Frozen, load_image_tower, resolve_device, write_results
+from g2d.downstream.common import Frozen, write_results
 from g2d.downstream.dense_metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, make_loader,
-                                         make_optimizer, open_splits, seed_everything, skip_counts)
+                                         make_optimizer, skip_counts, start_dense_run)
 from g2d.downstream.yolo import YOLOv3Head, decode, postprocess, scaled_anchors, yolo_loss
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
@@ -151,14 +151,7 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     if done is not None:
         log.info("%s already holds the finished run", out)
         return done, None
-    if args.update_bn and args.train_encoder:
-        raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
-    device = resolve_device(args.device)
-    progress = not args.no_progress
-    seed_everything(args.seed)
-    # the tower first, right after seeding: a random baseline's weights depend only on --seed
-    tower = load_image_tower(args.model, arch=args.arch)
-    splits = open_splits(args)
+    device, progress, tower, splits = start_dense_run(args)
     if not getattr(splits["train"], "with_boxes", True):
         raise ValueError(f"{args.data}: the set has no boxes; detection needs a set with boxes")
     model = Detector(tower.encoder, tower.encoder.channels, args.image_size, args.train_encoder,

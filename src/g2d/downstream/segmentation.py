@@ -34,7 +34,7 @@ from g2d.checkpoint import load_checkpoint, save_checkpoint
 from g2d.data.labelled import collate_labelled
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg
-from g2d.downstream.common import Frozen, load_image_tower, resolve_device, write_results
+from g2d.downstream.common import Frozen, ImageTower, load_image_tower, resolve_device, write_results
 from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 
@@ -305,6 +305,17 @@ def finished_metrics(out: Path, signature: dict[str, Any]) -> dict[str, Any] | N
     return metrics if metrics.get("args") == signature else None
 
 
+def start_dense_run(args: argparse.Namespace) -> tuple[torch.device, bool, ImageTower, dict[str, Any]]:
+    """Checks the flags, seeds, then loads the image tower (right after seeding, so a random
+    baseline's weights depend only on ``--seed``) and the splits: (device, progress, tower, splits)."""
+    if args.update_bn and args.train_encoder:
+        raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    tower = load_image_tower(args.model, arch=args.arch)
+    return device, not args.no_progress, tower, open_splits(args)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -392,14 +403,7 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     if done is not None:
         log.info("%s already holds the finished run", out)
         return done, None
-    if args.update_bn and args.train_encoder:
-        raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
-    device = resolve_device(args.device)
-    progress = not args.no_progress
-    seed_everything(args.seed)
-    # the tower first, right after seeding: a random baseline's weights depend only on --seed
-    tower = load_image_tower(args.model, arch=args.arch)
-    splits = open_splits(args)
+    device, progress, tower, splits = start_dense_run(args)
     model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn).to(device)
     loss_fn = LOSSES[args.loss]
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
