@@ -128,6 +128,19 @@ def test_decode_errors_replaced_deterministically(bad_table: Path, caplog: pytes
     assert ds.skipped["decode_error"] == 3
 
 
+def test_worker_decode_errors_reach_the_main_process(bad_table: Path) -> None:
+    """Workers count on their own copies; the batch's requested/served indices carry the news back."""
+    ds = ImageTextPairs(PairsCfg(str(bad_table), max_skip_fraction=0.3), _eval_tf())
+    loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=2, collate_fn=collate_pairs)
+    for batch in loader:
+        ds.note_served(batch["requested"], batch["index"])
+    assert ds.skipped["decode_error"] == 3
+    assert ds.bad_indices() == {1, 3, 4}
+    ds.mark_bad(ds.bad_indices())  # merging the same set (e.g. from another rank) counts nothing new
+    assert ds.skipped["decode_error"] == 3
+    assert "skipped 6 (decode_error=3, empty_text=2, missing_image=1)" in ds.summary()
+
+
 def test_loader_batches_stay_full(bad_table: Path) -> None:
     ds = ImageTextPairs(PairsCfg(str(bad_table), max_skip_fraction=0.3), _eval_tf())
     batches = list(DataLoader(ds, batch_size=4, shuffle=False, collate_fn=collate_pairs))

@@ -153,23 +153,39 @@ def test_python_dash_m_entry_point():
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_text_dir, tmp_path):
+    """Two gloo ranks train on an image-text table whose undecodable images land on both ranks'
+    shards (and in DataLoader workers): rank 0's end-of-run summary counts all of them."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["image,text"]
+    for i in range(16):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (72, 72), np.uint8)).save(data / f"{i}.png")
+        rows.append(f"{i}.png,Finding number {i} in the right lower lobe.")
+    for bad in (3, 10):
+        (data / f"{bad}.png").write_bytes((data / f"{bad}.png").read_bytes()[:60])  # truncated
+    (data / "pairs.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(g2d.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "g2d", "pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2",
+           "-m", "g2d", "-v", "pretrain", "--preset", "tiny", "--out", str(run), "--max-steps", "2",
            "--device", "cpu", "--no-progress", "--batch-size", "4", f"model.text.model={tiny_text_dir}",
-           "model.text.freeze_layers=1",
-           "model.image_size=64", "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16"]
+           "model.text.freeze_layers=1", "--data", f"csv:{data / 'pairs.csv'}", "data.num_workers=1",
+           "model.image_size=64", "model.pool.width=48", "data.resize=64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # torchrun's workers too
         raise
     assert proc.returncode == 0, err[-3000:]
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2
-    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert (run / "export" / "model.safetensors").is_file()
+    assert "kept 16 of 16 rows; skipped 2 (decode_error=2)" in out + err, (out + err)[-3000:]
 
 
 def test_release_choices_and_accumulation_train(tiny_cfg, tmp_path):

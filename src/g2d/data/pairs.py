@@ -23,7 +23,7 @@ import struct
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -282,10 +282,33 @@ class ImageTextPairs(torch.utils.data.Dataset):
                 image = self.transform(img)
             finally:
                 img.close()
-            return {"image": image, "text": self._texts[j], "index": j}
+            return {"image": image, "text": self._texts[j], "index": j, "requested": i}
         raise RuntimeError(
             f"{self.cfg.path}: images of data rows {int(self.rows[i])} and the following "
             f"{min(self.cfg.max_decode_retries, n - 1)} samples all failed to decode")
+
+    def note_served(self, requested: Iterable[int], served: Iterable[int]) -> None:
+        """Record, in this process, the images a DataLoader worker found undecodable.
+
+        Workers hold copies of the dataset, so their counts never reach the process that writes the
+        run summary. A sample asked for as ``i`` and served from ``j`` proves every index from ``i`` up
+        to ``j`` (cyclically, ``j`` excluded) undecodable.
+        """
+        n = len(self)
+        for i, j in zip(requested, served):
+            i, j = int(i), int(j)
+            self.mark_bad((i + k) % n for k in range((j - i) % n))
+
+    def mark_bad(self, indices: Iterable[int]) -> None:
+        """Count each index not yet known undecodable once, as ``decode_error``."""
+        for i in indices:
+            if i not in self._bad:
+                self._bad.add(int(i))
+                self.skipped["decode_error"] += 1
+
+    def bad_indices(self) -> set[int]:
+        """Indices known undecodable in this process."""
+        return set(self._bad)
 
     def summary(self) -> str:
         """One line: kept and skipped rows by reason."""
@@ -304,10 +327,15 @@ def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
     ``image``, ``text`` and ``index``, e.g. the synthetic set during pre-training).
 
     Returns:
-        ``{"image": FloatTensor [B, 1, S, S], "text": list[str] (B), "index": LongTensor [B]}``.
+        ``{"image": FloatTensor [B, 1, S, S], "text": list[str] (B), "index": LongTensor [B]}``,
+        plus ``"requested": LongTensor [B]`` (the index asked for; differs from ``index`` where an
+        undecodable image was replaced) when the samples carry it.
     """
-    return {
+    out = {
         "image": torch.stack([b["image"] for b in batch]),
         "text": [b["text"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
     }
+    if "requested" in batch[0]:
+        out["requested"] = torch.tensor([b["requested"] for b in batch], dtype=torch.long)
+    return out

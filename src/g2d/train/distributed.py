@@ -7,6 +7,7 @@ import datetime
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,15 @@ def all_ranks_true(flag: torch.Tensor) -> bool:
     t = flag.to(torch.int32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def union_over_ranks(items: set[int]) -> set[int]:
+    """The union of every rank's ``items``; ``items`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return set(items)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(items))
+    return set().union(*gathered)
 
 
 class InjectedFault(RuntimeError):

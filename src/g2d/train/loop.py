@@ -26,7 +26,8 @@ from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
 from g2d.data.pairs import collate_pairs
 from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
 from g2d.data.labelled import DataError
-from g2d.train.distributed import DistInfo, all_ranks_true, barrier, fault_point, init_distributed
+from g2d.train.distributed import (DistInfo, all_ranks_true, barrier, fault_point, init_distributed,
+                                   union_over_ranks)
 from g2d.train.scheduler import build_scheduler
 
 log = logging.getLogger("g2d.train")
@@ -336,6 +337,8 @@ class Pretrainer:
             micro = 0
             finite = torch.ones((), dtype=torch.bool, device=d.device)
             for batch in self._loader():
+                if "requested" in batch and hasattr(self.dataset, "note_served"):
+                    self.dataset.note_served(batch["requested"], batch["index"])
                 images = batch["image"].to(d.device, non_blocking=True)
                 images = images.contiguous(memory_format=torch.channels_last)
                 tokens = self.model.tokenize(batch["text"])
@@ -425,6 +428,8 @@ class Pretrainer:
             writer.close()
         self.save()
         result.steps, result.skipped_steps = self.step, self.skipped
+        if hasattr(self.dataset, "bad_indices"):  # each rank saw only its own shard's bad images
+            self.dataset.mark_bad(union_over_ranks(self.dataset.bad_indices()))
         if d.is_main:  # what was skipped, by count and reason only (no report text, no ids)
             data_summary = getattr(self.dataset, "summary", None)
             log.info("run summary: %d optimizer steps, %d skipped for a non-finite loss%s", self.step,
