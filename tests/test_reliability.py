@@ -241,6 +241,28 @@ def test_dying_rank_ends_the_whole_job_and_names_the_rank(tiny_text_dir, tmp_pat
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_is_skipped_on_both(tiny_text_dir, tmp_path):
+    """Rank 1's loss is NaN at step 1; its gradients reach rank 0 through the all-reduce, so rank 0
+    (finite loss) must skip the step too, or its weights turn NaN and the ranks fall out of step."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "g2d", "pretrain", "--out", str(tmp_path), *_tiny(tiny_text_dir), "--max-steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(G2D_FAULT_NAN_RANK="1", G2D_FAULT_NAN_AT_STEP="1"),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the job hung after a non-finite loss on rank 1")
+    assert proc.returncode == 0, err[-3000:]
+    assert (out + err).count("non-finite loss at step 1: step skipped (1 in a row)") == 2  # both ranks
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["skipped_steps"] == 1 and state["world_size"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
     from g2d.train import distributed
 

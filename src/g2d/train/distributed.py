@@ -94,6 +94,21 @@ def union_over_ranks(items: set[int]) -> set[int]:
     return set().union(*gathered)
 
 
+_nan_fired = False
+
+
+def nan_fault(step: int, rank: int) -> bool:
+    """Testing hook, inert by default: ``G2D_FAULT_NAN_RANK=R`` with ``G2D_FAULT_NAN_AT_STEP=N``
+    (default 1) makes rank ``R``'s loss non-finite once, on its first batch while ``N`` optimizer
+    steps are done (a skipped step leaves the count at ``N``, so "once" needs the flag)."""
+    global _nan_fired
+    env = os.environ
+    fire = (not _nan_fired and "G2D_FAULT_NAN_RANK" in env and rank == int(env["G2D_FAULT_NAN_RANK"])
+            and step == int(env.get("G2D_FAULT_NAN_AT_STEP", "1")))
+    _nan_fired |= fire
+    return fire
+
+
 class InjectedFault(RuntimeError):
     """Raised by :func:`fault_point` when ``G2D_FAULT_DIE_RANK`` selects this rank."""
 

@@ -27,7 +27,7 @@ from g2d.data.pairs import collate_pairs
 from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
 from g2d.data.labelled import DataError
 from g2d.train.distributed import (DistInfo, all_ranks_true, barrier, fault_point, init_distributed,
-                                   union_over_ranks)
+                                   nan_fault, union_over_ranks)
 from g2d.train.scheduler import build_scheduler
 
 log = logging.getLogger("g2d.train")
@@ -349,6 +349,8 @@ class Pretrainer:
                 with ctx:
                     with _autocast(cfg, d.device):
                         losses = compute_losses(self.model, images, tokens, cfg, self.step, self.forward)
+                    if nan_fault(self.step, d.rank):  # testing hook (docs/reliability.md); inert by default
+                        losses.total = losses.total * float("nan")
                     self.scaler.scale(losses.total / acc_steps).backward()
                 micro += 1
                 self.batch_in_epoch += 1
