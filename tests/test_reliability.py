@@ -221,19 +221,27 @@ def test_max_consecutive_nonfinite_is_validated():
 # ------------------------------------------------------------------------------------- distributed
 
 
-@pytest.mark.slow
-def test_dying_rank_ends_the_whole_job_and_names_the_rank(tiny_text_dir, tmp_path):
+def _torchrun_tiny(tiny_text_dir: Path, out: Path, extra: list[str], timeout: float, hung: str,
+                   **faults: str) -> subprocess.CompletedProcess:
+    """A 2-process gloo ``g2d pretrain`` of the tiny run; a hang kills the group and fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "g2d", "pretrain", "--out", str(tmp_path), *_tiny(tiny_text_dir, "train.dist_timeout_s=60")]
+           "-m", "g2d", "pretrain", "--out", str(out), *_tiny(tiny_text_dir), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(G2D_FAULT_DIE_RANK="1", G2D_FAULT_DIE_AT_STEP="1"),
-                            start_new_session=True)
+                            env=_env(**faults), start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
         proc.communicate()
-        pytest.fail("the job hung after rank 1 died")
+        pytest.fail(hung)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_dying_rank_ends_the_whole_job_and_names_the_rank(tiny_text_dir, tmp_path):
+    proc = _torchrun_tiny(tiny_text_dir, tmp_path, ["train.dist_timeout_s=60"], 120, "the job hung after rank 1 died",
+                          G2D_FAULT_DIE_RANK="1", G2D_FAULT_DIE_AT_STEP="1")
+    err = proc.stderr
     assert proc.returncode != 0
     assert "g2d pretrain: rank 1: fatal: InjectedFault: injected fault (G2D_FAULT_DIE_RANK=1) after step 1" in err
     # torchrun's summary: which rank failed first and how
@@ -245,19 +253,12 @@ def test_dying_rank_ends_the_whole_job_and_names_the_rank(tiny_text_dir, tmp_pat
 def test_nonfinite_loss_on_one_rank_is_skipped_on_both(tiny_text_dir, tmp_path):
     """Rank 1's loss is NaN at step 1; its gradients reach rank 0 through the all-reduce, so rank 0
     (finite loss) must skip the step too, or its weights turn NaN and the ranks fall out of step."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "g2d", "pretrain", "--out", str(tmp_path), *_tiny(tiny_text_dir), "--max-steps", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(G2D_FAULT_NAN_RANK="1", G2D_FAULT_NAN_AT_STEP="1"),
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the job hung after a non-finite loss on rank 1")
-    assert proc.returncode == 0, err[-3000:]
-    assert (out + err).count("non-finite loss at step 1: step skipped (1 in a row)") == 2  # both ranks
+    proc = _torchrun_tiny(tiny_text_dir, tmp_path, ["--max-steps", "3"], 300,
+                          "the job hung after a non-finite loss on rank 1",
+                          G2D_FAULT_NAN_RANK="1", G2D_FAULT_NAN_AT_STEP="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout + proc.stderr
+    assert logs.count("non-finite loss at step 1: step skipped (1 in a row)") == 2  # both ranks
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 3 and state["skipped_steps"] == 1 and state["world_size"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
