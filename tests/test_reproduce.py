@@ -23,6 +23,11 @@ def test_markdown_matches_hand_written_table():
                CellResult("Ours", "Det 1%", [], [])]
     md = format_markdown(_toy(), results, {"scale": "small", "commit": "abc1234"})
     assert md == (DATA / "expected_table.md").read_text()
+    no_paper = _toy()
+    for r in no_paper.rows:
+        r.paper = None
+    assert format_markdown(no_paper, results, {}).splitlines()[2:5] == [
+        "| method | Seg 1% | Det 1% |", "|---|---|---|", "| Random | 10.0 ± 2.0 (n=3) | 1.5 (n=1) |"]
     lines = format_csv(_toy(), results).splitlines()
     assert lines[1].split(",")[:9] == ["Random", "Seg 1%", "segmentation", "siim", "0.01", "dice", "10.0000",
                                        "2.0000", "3"]

@@ -295,16 +295,18 @@ def _paper(row: Row, j: int) -> str:
 
 
 def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, Any]) -> str:
-    """The table laid out like the paper's, with the paper's value beside each of ours."""
+    """The table laid out like the paper's, with the paper's value beside each of ours (no paper
+    columns for an experiment without paper values, e.g. ``jsrt``)."""
     by = {(r.row, r.column): r for r in results}
+    paper = any(row.paper for row in exp.rows)
     head = ["method"]
     for c in exp.columns:
-        head += [c.name, "paper"]
+        head += [c.name, "paper"] if paper else [c.name]
     lines = [f"# {exp.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in exp.rows:
         cells = [row.name]
         for j, c in enumerate(exp.columns):
-            cells += [_fmt(by[(row.name, c.name)]), _paper(row, j)]
+            cells += [_fmt(by[(row.name, c.name)])] + ([_paper(row, j)] if paper else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
