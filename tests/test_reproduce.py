@@ -138,3 +138,38 @@ def test_runner_goes_seed_by_seed_and_reports_a_failed_pretraining(tmp_path):
     assert by["Ours", "Det 1%"].values == [] and not by["Ours", "Det 1%"].errors  # skipped
     for col in ("Seg 1%", "Det 1%"):
         assert by["Broken", col].errors == ["pretrain: out of memory"]
+
+
+def test_columns_filter_and_collect_only_run_nothing_else(tmp_path):
+    """--columns runs the matching columns only; --collect-only runs nothing (no pre-training either)
+    and the table shows finished cells, '/' for skipped ones and 'not run' for the rest."""
+    exp = _toy()
+    ran, pretrained = [], []
+
+    def task(name, argv):
+        ran.append((name, int(argv[argv.index("--seed") + 1])))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"dice": 0.5, "map": 0.25}))
+        return {}
+
+    def pre(cfg, d):
+        pretrained.append(d)
+        (d / "export").mkdir(parents=True)
+        (d / "export" / "model.safetensors").write_bytes(b"")
+        return d / "export"
+
+    small = load_scale("small")
+    Runner(exp, small, tmp_path, seeds=1, run_task=task, run_pretrain=pre, columns="^Seg").run()
+    assert sorted(ran) == [("segmentation", 0), ("segmentation", 0)] and len(pretrained) == 1
+
+    def fail(*a):
+        pytest.fail("collect_only ran something")
+
+    results = Runner(exp, small, tmp_path, seeds=2, run_task=fail, run_pretrain=fail, collect_only=True).run()
+    by = {(r.row, r.column): r for r in results}
+    assert by["Ours", "Seg 1%"].values == [50.0] and by["Random", "Seg 1%"].values == [50.0]  # seed 1 not run
+    assert by["Random", "Det 1%"].values == [] and not any(r.errors for r in results)
+    table = format_markdown(exp, results, {})
+    assert "| Random | 50.0 (n=1) | 9.0 | not run | <1 |" in table
+    assert "| Ours | 50.0 (n=1) | 65.6±1.7 | / |  |" in table

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +176,20 @@ class Runner:
 
     :param run_task: ``(task, argv) -> metrics`` (default: ``g2d eval`` in-process).
     :param run_pretrain: ``(config, out_dir) -> model path`` (default: :func:`g2d.train.loop.pretrain`).
+    :param columns: run only the columns whose name matches this regular expression (``re.search``);
+        the others are collected from the store like ``collect_only`` cells.
+    :param collect_only: run nothing (no pre-training, no cell); the table shows finished cells and
+        "not run" for the others.
     """
 
     def __init__(self, exp: Experiment, scale: Scale, out: str | Path, seeds: int | None = None,
                  device: str = "auto", progress: bool = True,
                  run_task: Callable[[str, list[str]], dict[str, Any]] | None = None,
-                 run_pretrain: Callable[[Any, Path], Path] | None = None) -> None:
+                 run_pretrain: Callable[[Any, Path], Path] | None = None,
+                 columns: str | None = None, collect_only: bool = False) -> None:
         self.exp, self.scale, self.out = exp, scale, Path(out)
+        self.columns = re.compile(columns) if columns else None
+        self.collect_only = collect_only
         self.seeds = seeds or scale.seeds or exp.seeds
         self.device, self.progress = device, progress
         self.run_task = run_task or _run_task
@@ -192,11 +200,14 @@ class Runner:
     def pretrain_config(self, row: Row):
         return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {})})
 
+    def pretrain_dir(self, row: Row) -> Path:
+        return self.out / "pretrain" / _key(self.pretrain_config(row).to_dict())
+
     def model_for(self, row: Row) -> str:
         if row.model is not None:
             return row.model
         cfg = self.pretrain_config(row)
-        run_dir = self.out / "pretrain" / _key(cfg.to_dict())
+        run_dir = self.pretrain_dir(row)
         export = run_dir / "export"
         if not (export / "model.safetensors").is_file():
             log.info("pre-training %r in %s", row.name, run_dir)
@@ -221,8 +232,6 @@ class Runner:
                 argv += [f"--{k}", str(v)]
         return argv
 
-    def skipped(self, row: Row, col: Column) -> bool:
-        return col.name in row.skip or col.task in row.skip
 
     def run(self) -> list[CellResult]:
         """Every cell, seed by seed: a long run stopped part-way leaves whole seeds of the table,
@@ -234,7 +243,10 @@ class Runner:
             for row in self.exp.rows:
                 for col in self.exp.columns:
                     res = results[row.name, col.name]
-                    if self.skipped(row, col):
+                    if _skipped(row, col):
+                        continue
+                    if self.collect_only or (self.columns and not self.columns.search(col.name)):
+                        self._collect_cell(row, col, seed, res)
                         continue
                     if row.name not in models:
                         try:
@@ -250,9 +262,18 @@ class Runner:
                     self._run_cell(row, col, model, seed, res)
         return list(results.values())
 
+    def _collect_cell(self, row: Row, col: Column, seed: int, res: CellResult) -> None:
+        """The cell's stored result if it is finished; nothing is trained or evaluated."""
+        model = row.model if row.model is not None else str(self.pretrain_dir(row) / "export")
+        if (self.cell_dir(row, col, model, seed) / "metrics.json").is_file():
+            self._run_cell(row, col, model, seed, res)
+
+    def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
+        return self.out / "cells" / _key([col.task, self.cell_args(row, col, model, seed)])
+
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult) -> None:
         argv = self.cell_args(row, col, model, seed)
-        cell_dir = self.out / "cells" / _key([col.task, argv])
+        cell_dir = self.cell_dir(row, col, model, seed)
         metrics_file = cell_dir / "metrics.json"
         if not metrics_file.is_file():
             log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
@@ -281,9 +302,13 @@ class Runner:
         return paths
 
 
-def _fmt(res: CellResult) -> str:
+def _skipped(row: Row, col: Column) -> bool:
+    return col.name in row.skip or col.task in row.skip
+
+
+def _fmt(res: CellResult, skipped: bool) -> str:
     if not res.values:
-        return "error" if res.errors else "/"
+        return "error" if res.errors else "/" if skipped else "not run"
     n = len(res.values)
     return f"{res.mean:.1f} ± {res.std:.1f} (n={n})" if n > 1 else f"{res.mean:.1f} (n=1)"
 
@@ -306,11 +331,11 @@ def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, 
     for row in exp.rows:
         cells = [row.name]
         for j, c in enumerate(exp.columns):
-            cells += [_fmt(by[(row.name, c.name)])] + ([_paper(row, j)] if paper else [])
+            cells += [_fmt(by[(row.name, c.name)], _skipped(row, c))] + ([_paper(row, j)] if paper else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
-                 "'error' = every seed failed (see errors below).")
+                 "'not run' = no finished seed yet; 'error' = every seed failed (see errors below).")
     if info:
         lines.append("Run: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".")
     errors = [(r, e) for r in results for e in r.errors]
