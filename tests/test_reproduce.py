@@ -166,7 +166,8 @@ def test_columns_filter_and_collect_only_run_nothing_else(tmp_path):
     def fail(*a):
         pytest.fail("collect_only ran something")
 
-    results = Runner(exp, small, tmp_path, seeds=2, run_task=fail, run_pretrain=fail, collect_only=True).run()
+    results = Runner(exp, small, tmp_path, seeds=2, run_task=fail, run_pretrain=fail, collect_only=True,
+                     progress=False).run()  # --no-progress does not change the cells' keys
     by = {(r.row, r.column): r for r in results}
     assert by["Ours", "Seg 1%"].values == [50.0] and by["Random", "Seg 1%"].values == [50.0]  # seed 1 not run
     assert by["Random", "Det 1%"].values == [] and not any(r.errors for r in results)

@@ -269,7 +269,9 @@ class Runner:
             self._run_cell(row, col, model, seed, res)
 
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
-        return self.out / "cells" / _key([col.task, self.cell_args(row, col, model, seed)])
+        """Keyed by the task's arguments, less the display-only ``--no-progress``."""
+        argv = [a for a in self.cell_args(row, col, model, seed) if a != "--no-progress"]
+        return self.out / "cells" / _key([col.task, argv])
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult) -> None:
         argv = self.cell_args(row, col, model, seed)
