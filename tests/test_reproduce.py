@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from g2d.reproduce import (CellResult, Column, Experiment, Row, Runner, Scale, _LazyFill, format_csv,
-                           format_markdown, list_experiments, load_experiment, load_scale, prepare_jsrt)
+                           format_markdown, list_experiments, load_experiment, load_scale, plot_fractions,
+                           prepare_jsrt)
 
 DATA = Path(__file__).parent / "data"
 
@@ -174,3 +175,18 @@ def test_columns_filter_and_collect_only_run_nothing_else(tmp_path):
     table = format_markdown(exp, results, {})
     assert "| Random | 50.0 (n=1) | 9.0 | not run | <1 |" in table
     assert "| Ours | 50.0 (n=1) | 65.6±1.7 | / |  |" in table
+
+
+def test_fraction_plot_leaves_out_panels_without_results(tmp_path):
+    cols = [Column(f"{t} {f}", "segmentation", "syn", "dice", f, {"transfer": t})
+            for t in ("encoder", "encoder-decoder") for f in (0.1, 1.0)]
+    exp = Experiment("sweep", "Sweep", cols, [Row("A", pretrain={}), Row("B", model="random")], seeds=1)
+    empty = [CellResult(r.name, c.name, [], []) for r in exp.rows for c in cols]
+    assert plot_fractions(exp, empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    part = [CellResult(r.name, c.name, [50.0, 60.0] if c.args["transfer"] == "encoder" else [], [])
+            for r in exp.rows for c in cols]
+    png = plot_fractions(exp, part, tmp_path / "part.png")
+    from PIL import Image
+
+    with Image.open(png) as im:  # one panel (4.5 in wide at 90 dpi), not two
+        assert im.size[0] == round(4.5 * 90)
