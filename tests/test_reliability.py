@@ -239,7 +239,8 @@ def _torchrun_tiny(tiny_text_dir: Path, out: Path, extra: list[str], timeout: fl
 
 @pytest.mark.slow
 def test_dying_rank_ends_the_whole_job_and_names_the_rank(tiny_text_dir, tmp_path):
-    proc = _torchrun_tiny(tiny_text_dir, tmp_path, ["train.dist_timeout_s=60"], 120, "the job hung after rank 1 died",
+    proc = _torchrun_tiny(tiny_text_dir, tmp_path, ["train.dist_timeout_s=60"], 120,
+                          "the job hung after rank 1 died",
                           G2D_FAULT_DIE_RANK="1", G2D_FAULT_DIE_AT_STEP="1")
     err = proc.stderr
     assert proc.returncode != 0
@@ -468,7 +469,8 @@ def test_report_text_and_patient_ids_stay_out_of_the_run_folder_and_logs(tiny_te
     rows.append(f"{PATIENT}-y,0.png,\"   \"")  # empty report: logged
     (data / "pairs.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
-    proc = _run(["-v", "pretrain", "--out", str(run), *_tiny(tiny_text_dir, "data.max_skip_fraction=0.5", "data.num_workers=2"),
+    proc = _run(["-v", "pretrain", "--out", str(run),
+                 *_tiny(tiny_text_dir, "data.max_skip_fraction=0.5", "data.num_workers=2"),
                  "--data", f"csv:{data / 'pairs.csv'}", "--image-dir", "imgs", "--max-steps", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = proc.stdout + proc.stderr

@@ -232,7 +232,6 @@ class Runner:
                 argv += [f"--{k}", str(v)]
         return argv
 
-
     def run(self) -> list[CellResult]:
         """Every cell, seed by seed: a long run stopped part-way leaves whole seeds of the table,
         not whole rows. Each pre-training variant is trained once, before its first cell."""
