@@ -206,14 +206,13 @@ class Runner:
     def model_for(self, row: Row) -> str:
         if row.model is not None:
             return row.model
-        cfg = self.pretrain_config(row)
         run_dir = self.pretrain_dir(row)
         export = run_dir / "export"
         if not (export / "model.safetensors").is_file():
             log.info("pre-training %r in %s", row.name, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "variant.txt").write_text(row.name + "\n", encoding="utf-8")
-            export = Path(self.run_pretrain(cfg, run_dir))
+            export = Path(self.run_pretrain(self.pretrain_config(row), run_dir))
         return str(export)
 
     # ------------------------------------------------------------------ cells
@@ -245,7 +244,8 @@ class Runner:
                     if _skipped(row, col):
                         continue
                     if self.collect_only or (self.columns and not self.columns.search(col.name)):
-                        self._collect_cell(row, col, seed, res)
+                        model = row.model if row.model is not None else str(self.pretrain_dir(row) / "export")
+                        self._run_cell(row, col, model, seed, res, compute=False)
                         continue
                     if row.name not in models:
                         try:
@@ -261,22 +261,21 @@ class Runner:
                     self._run_cell(row, col, model, seed, res)
         return list(results.values())
 
-    def _collect_cell(self, row: Row, col: Column, seed: int, res: CellResult) -> None:
-        """The cell's stored result if it is finished; nothing is trained or evaluated."""
-        model = row.model if row.model is not None else str(self.pretrain_dir(row) / "export")
-        if (self.cell_dir(row, col, model, seed) / "metrics.json").is_file():
-            self._run_cell(row, col, model, seed, res)
-
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
         """Keyed by the task's arguments, less the display-only ``--no-progress``."""
         argv = [a for a in self.cell_args(row, col, model, seed) if a != "--no-progress"]
         return self.out / "cells" / _key([col.task, argv])
 
-    def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult) -> None:
+    def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
+                  compute: bool = True) -> None:
+        """Adds the cell's stored result to ``res``, running the task first if it is not stored
+        (and ``compute``; otherwise an unfinished cell adds nothing)."""
         argv = self.cell_args(row, col, model, seed)
         cell_dir = self.cell_dir(row, col, model, seed)
         metrics_file = cell_dir / "metrics.json"
         if not metrics_file.is_file():
+            if not compute:
+                return
             log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
             try:
                 self.run_task(col.task, [*argv, "--out", str(cell_dir)])
