@@ -10,7 +10,9 @@ The label files come from torchxrayvision's wheel, which redistributes them in `
 the wheel's data files; nothing is downloaded otherwise. Each set's module provides
 ``make_split(label_file) -> {id: split}`` and ``SPLIT_SEED`` (the seed of the training-id ranks that
 fix the nested 1 % / 10 % fractions); the table is written with :func:`g2d.data.splits.write_split`
-(byte-identical on every run).
+(byte-identical on every run). ChestX-ray14's split lists are not in any label file, so for it the
+script writes the order table ``cxr14_order.csv.gz`` from ``order_ids(label_file)`` instead
+(:func:`g2d.data.splits.write_order`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from collections import Counter
 from pathlib import Path
 
 from g2d.data.labelled import DataError
-from g2d.data.splits import SPLIT_DIR, fraction_count, write_split
+from g2d.data.splits import SPLIT_DIR, fraction_count, write_order, write_split
 
 MAKERS = {
     "siim": "g2d.data.siim:make_split",
     "rsna": "g2d.data.rsna:make_split",
     "chexpert": "g2d.data.chexpert:make_split",
-    "cxr14": "g2d.data.cxr14:make_split",
+    "cxr14": "g2d.data.cxr14:order_ids",
 }
+# sets whose maker returns ids to rank (an order table) rather than a split assignment
+ORDER_ONLY = {"cxr14"}
 # set -> its label file inside torchxrayvision/data
 LABEL_FILES = {
     "siim": "siim-pneumothorax-train-rle.csv.gz",
@@ -55,12 +59,18 @@ def wheel_data_from_pip(tmp: Path) -> Path:
 
 
 def make_one(name: str, data_dir: Path, out_dir: Path) -> dict[str, int]:
-    """Write ``out_dir/<name>.csv.gz``; returns the counts per split and the 1 % / 10 % train sizes."""
+    """Write ``out_dir/<name>.csv.gz`` (or ``<name>_order.csv.gz``); returns the counts per split and
+    the 1 % / 10 % train sizes (order tables: the number of ranked ids)."""
     mod_name, fn = MAKERS[name].split(":")
     mod = importlib.import_module(mod_name)
     label_file = data_dir / LABEL_FILES[name]
     if not label_file.is_file():
         raise SystemExit(f"{name}: {label_file} not found")
+    if name in ORDER_ONLY:
+        ids = getattr(mod, fn)(label_file)
+        path = write_order(out_dir / f"{mod.ORDER_TABLE}.csv.gz", ids, seed=mod.SPLIT_SEED)
+        print(f"{name}: {path}  {len(ids):,} ids ranked (split lists come with the images)")
+        return {"ranked": len(ids)}
     assignment = getattr(mod, fn)(label_file)
     path = write_split(out_dir / f"{name}.csv.gz", assignment, seed=mod.SPLIT_SEED)
     counts = Counter(assignment.values())

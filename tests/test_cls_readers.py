@@ -15,7 +15,7 @@ from PIL import Image
 from g2d.data import chexpert, covidx, cxr14
 from g2d.data.labelled import DataError, collate_labelled
 from g2d.data.sets import open_dataset
-from g2d.data.splits import load_split, split_ids, write_split
+from g2d.data.splits import load_order, load_split, order_ranks, split_ids, write_order, write_split
 from g2d.data.transforms import ImageTransformCfg
 
 GEOM = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)
@@ -229,6 +229,36 @@ def test_cxr14_splits(cxr14_dir: Path) -> None:
     half = _open(spec, split="train", fraction=0.5, geometry=GEOM).ids
     assert set(ten) <= set(half) < set(sets["train"].ids)
     assert sets["test"][0]["image"].shape == (1, 32, 32)
+
+
+def test_cxr14_carve_and_fractions_follow_the_shipped_order(cxr14_dir: Path) -> None:
+    """Val patients and training fractions come from ``splits/cxr14_order.csv.gz``, not from an RNG."""
+    order = load_order(cxr14.ORDER_TABLE)
+    assert len(order) == 112_120 and sorted(order.values()) == list(range(112_120))  # every NIH image
+    spec = f"cxr14:{cxr14_dir}"
+    train = _open(spec, split="train", geometry=GEOM).records
+    val = _open(spec, split="val", geometry=GEOM).records
+    assert "00000001_000.png" in order and "00000009_001.png" not in order  # NIH has one image of patient 9
+    rank = order_ranks([r.id for r in train + val], order, cxr14.SPLIT_SEED)  # ids NIH lacks rank last
+    best = {}  # patient -> best rank of its train_val images
+    for r in train + val:
+        best[r.patient] = min(best.get(r.patient, 1 << 30), rank[r.id])
+    val_patients = {r.patient for r in val}
+    assert max(best[p] for p in val_patients) < min(best[p] for p in set(best) - val_patients)
+    ten = _open(spec, split="train", fraction=0.1, geometry=GEOM).ids
+    assert sorted(ten) == sorted(sorted((r.id for r in train), key=rank.get)[:len(ten)])
+
+
+def test_order_ranks_put_unlisted_ids_last_without_moving_listed_ones(tmp_path: Path) -> None:
+    table = write_order(tmp_path / "o.csv.gz", ["c", "a", "b"], seed=0)
+    order = load_order(table)
+    assert sorted(order) == ["a", "b", "c"] and sorted(order.values()) == [0, 1, 2]
+    assert table.read_bytes() == write_order(tmp_path / "again" / "o.csv.gz", ["b", "c", "a"], seed=0).read_bytes()
+    ranks = order_ranks(["a", "x", "c", "y"], order, seed=0)
+    assert ranks["a"] == order["a"] and ranks["c"] == order["c"]
+    assert sorted((ranks["x"], ranks["y"])) == [3, 4]
+    with pytest.raises(ValueError, match="id,rank"):
+        load_order(write_split(tmp_path / "s.csv.gz", {"a": "train"}, seed=0))
 
 
 def test_cxr14_missing_files(cxr14_dir: Path) -> None:

@@ -9,13 +9,17 @@ Protocol (G2D fine-tuned classification, "official split, following KAD"; G2D Ta
 
 * 14 tasks in :data:`CLASSES` order (KAD / MedKLIP order); ``Finding Labels`` is ``|``-separated,
   ``No Finding`` = all zeros. Every image of the table is used (no view filter);
-* test = ``test_list.txt`` (25,596); val = 10 % of ``train_val_list.txt`` (8,652 images), carved by
-  **patient** with ``SPLIT_SEED`` (KAD's carve is not published; MAVL splits by image, which puts a
-  patient in train and val); train = the rest.
+* test = ``test_list.txt``; val = 10 % of ``train_val_list.txt`` (8,652 images), carved by
+  **patient** (KAD's carve is not published; MAVL splits by image, which puts a patient in train and
+  val); train = the rest.
 
 The official lists are not derivable from the label table (they are a random patient split), so no
-table is shipped (``SPLIT_TABLE = None``): the reader reads the user's lists and every record carries
-its split. The carve is deterministic: the same files give the same split on every machine.
+split table is shipped (``SPLIT_TABLE = None``): the reader reads the user's lists and every record
+carries its split. What *is* shipped is the order table ``splits/cxr14_order.csv.gz``
+(``ORDER_TABLE``): a seeded rank (``SPLIT_SEED``) of all 112,120 image indices of the label table in
+the torchxrayvision wheel, written by ``scripts/make_splits.py``. Patients enter val in the order of
+their best-ranked image, and the 1 % / 10 % training subsets are the best-ranked training images, so
+the carve and the subsets are published, not recomputed by a random generator on each machine.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from g2d.data.chexpert import carve_by_patient
 from g2d.data.labelled import DataError, Record, SkipLog
+from g2d.data.splits import load_order, order_ranks
 
-__all__ = ["read_cxr14", "make_split", "CLASSES", "SPLIT_TABLE", "SPLIT_SEED", "VAL_SHARE"]
+__all__ = ["read_cxr14", "make_split", "order_ids", "CLASSES", "SPLIT_TABLE", "ORDER_TABLE", "SPLIT_SEED",
+           "VAL_SHARE"]
 
 log = logging.getLogger("g2d.data")
 
 SPLIT_TABLE = None
+ORDER_TABLE = "cxr14_order"
 SPLIT_SEED = 0
 VAL_SHARE = 0.1  # 8,652 of 86,524 train_val images (G2D Table 6)
 
@@ -129,7 +135,8 @@ def _find_label_file(folder: Path) -> Path:
 
 def _assign(entries: dict[str, tuple[np.ndarray, str, str]], lists: dict[str, tuple[str, str]],
             skipped: SkipLog) -> dict[str, str]:
-    """Official test list = test; val = whole train_val patients (seeded) up to ``VAL_SHARE``."""
+    """Official test list = test; val = whole train_val patients, in the order table's order, up to
+    ``VAL_SHARE``; train = the rest."""
     for image, (_, where) in sorted(lists.items(), key=lambda kv: kv[1][1]):
         if image not in entries:
             skipped.skip("listed_but_no_label_row", where)
@@ -143,11 +150,14 @@ def _assign(entries: dict[str, tuple[np.ndarray, str, str]], lists: dict[str, tu
             out[image] = "test"
         else:
             groups.setdefault(patient, []).append(image)
-    n_trainval = sum(len(v) for v in groups.values())
-    val = carve_by_patient(groups, round(VAL_SHARE * n_trainval), SPLIT_SEED)
-    for ids in groups.values():
-        for image in ids:
-            out[image] = "val" if image in val else "train"
+    ranks = order_ranks([i for ids in groups.values() for i in ids], load_order(ORDER_TABLE), SPLIT_SEED)
+    n_target = round(VAL_SHARE * len(ranks))
+    n_val = 0
+    for patient in sorted(groups, key=lambda p: min(ranks[i] for i in groups[p])):
+        part = "val" if n_val < n_target else "train"
+        n_val += len(groups[patient]) if part == "val" else 0
+        for image in groups[patient]:
+            out[image] = part
     return out
 
 
@@ -165,6 +175,14 @@ def make_split(label_file: Path) -> dict[str, str]:
     split = _assign(_entries(label_file, skipped), _lists(label_file.parent, skipped), skipped)
     log.info("%s", skipped.summary())
     return split
+
+
+def order_ids(label_file: Path) -> list[str]:
+    """Every image index of a Data_Entry table: the ids that ``ORDER_TABLE`` ranks."""
+    skipped = SkipLog("cxr14 order_ids")
+    ids = list(_entries(Path(label_file), skipped))
+    log.info("%s", skipped.summary())
+    return ids
 
 
 def _image_index(folder: Path) -> dict[str, Path]:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog
-from g2d.data.splits import SPLITS, check_fraction, fraction_count, load_split, rank_train, split_ids
+from g2d.data.splits import (SPLITS, check_fraction, fraction_count, load_order, load_split, order_ranks, rank_train,
+                             split_ids)
 from g2d.data.transforms import ImageTransformCfg
 
 __all__ = ["READERS", "open_dataset", "SyntheticLabelled", "assign_random_split"]
@@ -36,7 +37,8 @@ __all__ = ["READERS", "open_dataset", "SyntheticLabelled", "assign_random_split"
 log = logging.getLogger("g2d.data")
 
 # name -> "module:function"; each reader is ``read(path: Path, **opts) -> (records, tasks, SkipLog)``
-# and each module names its shipped split table in ``SPLIT_TABLE`` (None: the records carry splits).
+# and each module names its shipped split table in ``SPLIT_TABLE`` (None: the records carry splits) and,
+# optionally, an order table in ``ORDER_TABLE`` that ranks the training ids for the label fractions.
 READERS: dict[str, str] = {
     "siim": "g2d.data.siim:read_siim",
     "rsna": "g2d.data.rsna:read_rsna",
@@ -71,7 +73,7 @@ def _reader(name: str):
         raise DataError(f"unknown data set {name!r}; use one of {sorted(READERS)} or 'synthetic'")
     mod_name, fn = READERS[name].split(":")
     mod = importlib.import_module(mod_name)
-    return getattr(mod, fn), getattr(mod, "SPLIT_TABLE", None)
+    return getattr(mod, fn), getattr(mod, "SPLIT_TABLE", None), getattr(mod, "ORDER_TABLE", None)
 
 
 def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
@@ -92,7 +94,7 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     if ":" not in spec:
         raise DataError(f"data spec {spec!r}: expected NAME:PATH (e.g. siim:/data/siim), csv:FILE or synthetic")
     name, path = spec.split(":", 1)
-    read, table_name = _reader(name)
+    read, table_name, order_name = _reader(name)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{name}: {p} not found")
@@ -112,7 +114,8 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
         unknown = {s for s in assignment.values() if s not in SPLITS}
         if unknown:
             raise DataError(f"{name}:{p}: split values {sorted(unknown)}; use {SPLITS}")
-        ranks = rank_train([i for i, s in assignment.items() if s == "train"], split_seed)
+        train = [i for i, s in assignment.items() if s == "train"]
+        ranks = order_ranks(train, load_order(order_name), split_seed) if order_name else rank_train(train, split_seed)
         table = {i: (s, ranks.get(i, -1)) for i, s in assignment.items()}
     wanted = split_ids(table, split, fraction)
     # The reader named each dropped row; here only the share of this split's ids that is unusable

@@ -5,6 +5,11 @@ A split table ``g2d/data/splits/<name>.csv.gz`` has one row per id: ``id,split,r
 val/test), so the fraction ``f`` of the training set is the ids with ``rank < ceil(f * n_train)``.
 Fractions are therefore nested (the 1 % ids are inside the 10 % ids) and identical for every user.
 ``scripts/make_splits.py`` writes the tables from the public label files.
+
+Where the split itself cannot be derived from a public label file (ChestX-ray14: the official lists
+come only with the images), an *order table* ``<name>_order.csv.gz`` (``id,rank``) ranks every id
+of the label file instead: the reader takes split membership from the user's files and every ordered
+choice (validation carve, training fractions) from the shipped ranks, so those are published too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = ["SPLITS", "SPLIT_DIR", "check_fraction", "fraction_count", "load_split", "split_ids",
-           "write_split", "rank_train"]
+           "write_split", "rank_train", "write_order", "load_order", "order_ranks"]
 
 SPLITS = ("train", "val", "test")
 SPLIT_DIR = Path(__file__).with_name("splits")
@@ -43,27 +48,20 @@ def rank_train(ids: Sequence[str], seed: int) -> dict[str, int]:
     return {order[j]: r for r, j in enumerate(perm)}
 
 
-def write_split(path: str | Path, assignment: dict[str, str], seed: int) -> Path:
-    """Write a split table: ``assignment`` maps id -> train/val/test; training ids get seeded ranks."""
-    bad = {s for s in assignment.values() if s not in SPLITS}
-    if bad:
-        raise ValueError(f"unknown split names {sorted(bad)}; use {SPLITS}")
-    ranks = rank_train([i for i, s in assignment.items() if s == "train"], seed)
+def _write_table(path: str | Path, header: list[str], rows: Iterable[Sequence]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "split", "rank"])
-    for i in sorted(assignment):
-        w.writerow([i, assignment[i], ranks.get(i, -1)])
+    w.writerow(header)
+    w.writerows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # mtime=0: the same split always gives the same bytes.
+    # mtime=0: the same table always gives the same bytes.
     with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
         gz.write(buf.getvalue().encode())
     return path
 
 
-def load_split(name_or_path: str | Path) -> dict[str, tuple[str, int]]:
-    """``{id: (split, rank)}`` from a shipped split name (``"siim"``) or a split-table path."""
+def _read_table(name_or_path: str | Path, columns: set[str]) -> list[dict[str, str]]:
     p = Path(name_or_path)
     if not p.suffix:
         p = SPLIT_DIR / f"{name_or_path}.csv.gz"
@@ -73,9 +71,49 @@ def load_split(name_or_path: str | Path) -> dict[str, tuple[str, int]]:
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt", newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != {"id", "split", "rank"}:
-        raise ValueError(f"{p}: expected columns id,split,rank")
-    return {r["id"]: (r["split"], int(r["rank"])) for r in rows}
+    if not rows or set(rows[0]) != columns:
+        raise ValueError(f"{p}: expected columns {','.join(sorted(columns))}")
+    return rows
+
+
+def write_split(path: str | Path, assignment: dict[str, str], seed: int) -> Path:
+    """Write a split table: ``assignment`` maps id -> train/val/test; training ids get seeded ranks."""
+    bad = {s for s in assignment.values() if s not in SPLITS}
+    if bad:
+        raise ValueError(f"unknown split names {sorted(bad)}; use {SPLITS}")
+    ranks = rank_train([i for i, s in assignment.items() if s == "train"], seed)
+    rows = ((i, assignment[i], ranks.get(i, -1)) for i in sorted(assignment))
+    return _write_table(path, ["id", "split", "rank"], rows)
+
+
+def load_split(name_or_path: str | Path) -> dict[str, tuple[str, int]]:
+    """``{id: (split, rank)}`` from a shipped split name (``"siim"``) or a split-table path."""
+    return {r["id"]: (r["split"], int(r["rank"])) for r in _read_table(name_or_path, {"id", "split", "rank"})}
+
+
+def write_order(path: str | Path, ids: Iterable[str], seed: int) -> Path:
+    """Write an order table (``id,rank``): a seeded permutation rank of every id."""
+    ranks = rank_train(list(set(ids)), seed)
+    return _write_table(path, ["id", "rank"], ((i, ranks[i]) for i in sorted(ranks)))
+
+
+def load_order(name_or_path: str | Path) -> dict[str, int]:
+    """``{id: rank}`` from a shipped order-table name (``"cxr14_order"``) or path."""
+    return {r["id"]: int(r["rank"]) for r in _read_table(name_or_path, {"id", "rank"})}
+
+
+def order_ranks(ids: Iterable[str], order: dict[str, int], seed: int) -> dict[str, int]:
+    """Ranks of ``ids``: the order table's rank, and ids the table lacks after all of them (seeded).
+
+    Unlisted ids (a label table newer than the shipped one) keep a deterministic place without
+    moving any listed id, so the published choices stay what they are.
+    """
+    ids = list(ids)
+    extra = [i for i in ids if i not in order]
+    base = max(order.values(), default=-1) + 1
+    ranks = {i: base + r for i, r in rank_train(extra, seed).items()}
+    ranks.update((i, order[i]) for i in ids if i in order)
+    return ranks
 
 
 def split_ids(table: dict[str, tuple[str, int]], split: str, fraction: float = 1.0,
