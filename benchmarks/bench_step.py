@@ -21,6 +21,12 @@ Variants (``--variants``; every ratio is against ``release_design``):
 * ``g2d_contiguous`` — ``g2d`` in the default (contiguous) memory format.
 * ``g2d_compile`` — ``g2d`` with ``train.compile`` (image encoder and decoder compiled).
 * ``g2d_loop_adamw`` — ``g2d`` with the per-parameter AdamW.
+* ``g2d_sync_loading`` — ``g2d`` with ``num_workers=0``: batches rendered in the training process
+  between steps (the ``data`` phase then holds the whole rendering).
+* ``g2d_2_workers`` — ``g2d`` with 2 DataLoader workers (persistent, pinned on CUDA).
+* ``g2d_short_epochs`` / ``g2d_short_epochs_respawn`` — 2 workers and a 2-batch epoch, so the loader
+  restarts every other step, with persistent workers / with workers started anew each epoch.
+* ``g2d_no_pin`` — ``g2d`` without pinned host memory (CUDA; pinning is off on CPU anyway).
 
 Semantic differences between ``g2d`` and ``release_design``: (1) frozen vs. trainable token
 embeddings (``g2d_trainable_emb`` removes it); (2) the pseudo masks follow the paper (body mask,
@@ -78,6 +84,10 @@ class Variant:
     channels_last: bool = True  # as the trainer, on every device
     compile: bool = False
     optimizer: str = "auto"  # "auto" (fused on CUDA, foreach on CPU) | "loop"
+    workers: int | None = None  # None: --workers
+    pin_memory: bool = True  # with --pin-memory, on CUDA
+    persistent_workers: bool = True
+    epoch_steps: int | None = None  # restart the loader every this many steps (None: the whole set)
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,6 +100,11 @@ VARIANTS: dict[str, Variant] = {
     "g2d_contiguous": Variant(channels_last=False),
     "g2d_compile": Variant(compile=True),
     "g2d_loop_adamw": Variant(optimizer="loop"),
+    "g2d_sync_loading": Variant(workers=0),
+    "g2d_2_workers": Variant(workers=2),
+    "g2d_short_epochs": Variant(workers=2, epoch_steps=2),
+    "g2d_short_epochs_respawn": Variant(workers=2, epoch_steps=2, persistent_workers=False),
+    "g2d_no_pin": Variant(pin_memory=False),
 }
 
 
@@ -216,11 +231,15 @@ class Runner:
         self.opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-8, **kw)
         self.amp_dtype = (torch.float16 if v.release else torch.bfloat16) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and v.release)
+        self.workers = args.workers if v.workers is None else v.workers
+        self.pin_memory = cuda and args.pin_memory and v.pin_memory
+        if v.epoch_steps:
+            dataset = torch.utils.data.Subset(dataset, range(v.epoch_steps * args.batch))
         self.loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True,
-                                 collate_fn=collate_pairs, num_workers=args.workers,
-                                 pin_memory=cuda and args.pin_memory,
-                                 persistent_workers=args.workers > 0,
-                                 prefetch_factor=args.prefetch if args.workers else None)
+                                 collate_fn=collate_pairs, num_workers=self.workers,
+                                 pin_memory=self.pin_memory,
+                                 persistent_workers=self.workers > 0 and v.persistent_workers,
+                                 prefetch_factor=args.prefetch if self.workers else None)
         self.it = iter(self.loader)
         self.timer = PhaseTimer(self.device)
         self.walls: list[float] = []
@@ -374,6 +393,8 @@ def run(args) -> dict:
             "channels_last": r.channels_last,
             "freeze_embeddings": r.v.freeze_embeddings,
             "length_buckets": r.cfg.model.text.length_buckets,
+            "workers": r.workers, "pin_memory": r.pin_memory,
+            "persistent_workers": r.workers > 0 and r.v.persistent_workers, "epoch_steps": r.v.epoch_steps,
         }
         if device.type == "cuda":
             res["peak_mem_gib"] = r.peak_mem / 2**30
