@@ -27,6 +27,10 @@ Variants (``--variants``; every ratio is against ``release_design``):
 * ``g2d_short_epochs`` / ``g2d_short_epochs_respawn`` — 2 workers and a 2-batch epoch, so the loader
   restarts every other step, with persistent workers / with workers started anew each epoch.
 * ``g2d_no_pin`` — ``g2d`` without pinned host memory (CUDA; pinning is off on CPU anyway).
+* ``g2d_fp32`` / ``g2d_fp16`` — ``g2d`` without autocast / with fp16 autocast and GradScaler (CUDA;
+  the CPU step runs in fp32 in every variant).
+* ``g2d_foreach_adamw`` — ``g2d`` with the foreach AdamW instead of the fused one (CUDA; foreach is
+  already the CPU default).
 
 Semantic differences between ``g2d`` and ``release_design``: (1) frozen vs. trainable token
 embeddings (``g2d_trainable_emb`` removes it); (2) the pseudo masks follow the paper (body mask,
@@ -83,7 +87,8 @@ class Variant:
     length_buckets: int | None = None  # None: the config default
     channels_last: bool = True  # as the trainer, on every device
     compile: bool = False
-    optimizer: str = "auto"  # "auto" (fused on CUDA, foreach on CPU) | "loop"
+    optimizer: str = "auto"  # "auto" (fused on CUDA, foreach on CPU) | "foreach" | "loop"
+    amp: str = "auto"  # CUDA autocast: "auto" (fp16 for the release design, else bf16) | "fp16" | "fp32"
     workers: int | None = None  # None: --workers
     pin_memory: bool = True  # with --pin-memory, on CUDA
     persistent_workers: bool = True
@@ -105,6 +110,9 @@ VARIANTS: dict[str, Variant] = {
     "g2d_short_epochs": Variant(workers=2, epoch_steps=2),
     "g2d_short_epochs_respawn": Variant(workers=2, epoch_steps=2, persistent_workers=False),
     "g2d_no_pin": Variant(pin_memory=False),
+    "g2d_fp32": Variant(amp="fp32"),
+    "g2d_fp16": Variant(amp="fp16"),
+    "g2d_foreach_adamw": Variant(optimizer="foreach"),
 }
 
 
@@ -227,10 +235,11 @@ class Runner:
         if v.optimizer == "loop":
             kw = {"foreach": False}
         else:
-            kw = {"fused": True} if cuda else {"foreach": True}
+            kw = {"fused": True} if cuda and v.optimizer == "auto" else {"foreach": True}
         self.opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-8, **kw)
-        self.amp_dtype = (torch.float16 if v.release else torch.bfloat16) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and v.release)
+        amp = v.amp if v.amp != "auto" else "fp16" if v.release else "bf16"
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp] if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.workers = args.workers if v.workers is None else v.workers
         self.pin_memory = cuda and args.pin_memory and v.pin_memory
         if v.epoch_steps:
