@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from g2d.config import G2DConfig, get_config
+from g2d.data.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
 from g2d.eval.grounding import binarize, dice_per_image, similarity_maps
 from g2d.eval.retrieval import embed_pairs, image_to_text_top1
@@ -98,7 +99,7 @@ def _markdown(results: dict[str, Any]) -> str:
         names = list(results["models"])
         lines += ["## Downstream protocols (`g2d eval`) on the synthetic labelled set", "",
                   f"{results['downstream_train']} training images (1 % = "
-                  f"{max(1, results['downstream_train'] // 100)}), frozen encoders; '/' = not applicable.",
+                  f"{fraction_count(results['downstream_train'], 0.01)}), frozen encoders; '/' = not applicable.",
                   "", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for label, row in results["downstream"].items():
             cells = ["/" if row.get(n) is None else f"{row[n]:.3f}" for n in names]
@@ -166,8 +167,8 @@ def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, e
     return table
 
 
-def run_demo(out_dir: str | Path, steps: int = 120, train_samples: int = 1536, eval_samples: int = 256,
-             device: str = "auto", seed: int = 0, downstream_train: int = 200, downstream_epochs: int = 6
+def run_demo(out_dir: str | Path, steps: int = 64, train_samples: int = 1536, eval_samples: int = 256,
+             device: str = "auto", seed: int = 0, downstream_train: int = 160, downstream_epochs: int = 4
              ) -> dict[str, Any]:
     """Run the demo; write ``results.json``, ``results.md``, ``figures/*.png`` and the exported
     G2D model (``g2d/export``) under ``out_dir``; return the results (plus ``markdown``)."""
