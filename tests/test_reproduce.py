@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from g2d.reproduce import (CellResult, Column, Experiment, Row, Runner, Scale, _LazyFill, format_csv,
-                           format_markdown, list_experiments, load_experiment, load_scale, plot_fractions,
-                           prepare_jsrt)
+                           format_fraction_tables, format_markdown, list_experiments, load_experiment, load_scale,
+                           plot_fractions, prepare_jsrt)
 
 DATA = Path(__file__).parent / "data"
 
@@ -190,3 +190,23 @@ def test_fraction_plot_leaves_out_panels_without_results(tmp_path):
 
     with Image.open(png) as im:  # one panel (4.5 in wide at 90 dpi), not two
         assert im.size[0] == round(4.5 * 90)
+
+
+def test_fraction_tables_put_fractions_in_columns():
+    cols = [Column(f"{t} {f}", "segmentation", "syn", "dice", f, {"transfer": t})
+            for t in ("encoder", "encoder-decoder") for f in (0.02, 1.0)]
+    cols.append(Column("det", "detection", "syn", "map", 0.1))  # not a sweep: left out
+    b = Row("B", model="random", skip=["encoder-decoder 0.02", "encoder-decoder 1.0"])
+    exp = Experiment("sweep", "Sweep", cols, [Row("A", pretrain={}), b], seeds=2)
+    values = {("A", "encoder 0.02"): [50.0, 60.0], ("A", "encoder 1.0"): [90.0], ("B", "encoder 0.02"): [40.0]}
+    results = [CellResult(r.name, c.name, values.get((r.name, c.name), []), []) for r in exp.rows for c in cols]
+    assert format_fraction_tables(exp, results) == (
+        "# Sweep: by label fraction\n\n"
+        "## segmentation on syn (dice)\n\n"
+        "| method | arguments | 2 % | 100 % |\n"
+        "|---|---|---|---|\n"
+        "| A | transfer=encoder | 55.0 ± 7.1 (n=2) | 90.0 (n=1) |\n"
+        "| A | transfer=encoder-decoder | not run | not run |\n"
+        "| B | transfer=encoder | 40.0 (n=1) | not run |\n\n"
+        "Mean ± sample std over seeds (n = finished seeds); 'not run' = no finished seed yet.\n")
+    assert format_fraction_tables(_toy(), []) is None

@@ -30,7 +30,7 @@ import yaml
 from g2d.config import get_config
 
 __all__ = ["Column", "Row", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
-           "Runner", "CellResult", "format_markdown", "format_csv", "prepare_jsrt"]
+           "Runner", "CellResult", "format_markdown", "format_csv", "format_fraction_tables", "prepare_jsrt"]
 
 log = logging.getLogger("g2d.reproduce")
 
@@ -290,12 +290,16 @@ class Runner:
         res.values.append(float(metrics[col.metric]) * col.scale)
 
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
-        """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.png``."""
+        """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.md`` / ``.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
         md = format_markdown(self.exp, results, info or {})
         paths = {"markdown": self.out / f"{self.exp.name}.md", "csv": self.out / f"{self.exp.name}.csv"}
         paths["markdown"].write_text(md, encoding="utf-8")
         paths["csv"].write_text(format_csv(self.exp, results), encoding="utf-8")
+        by_fraction = format_fraction_tables(self.exp, results)
+        if by_fraction is not None:
+            paths["fractions_markdown"] = self.out / f"{self.exp.name}_fractions.md"
+            paths["fractions_markdown"].write_text(by_fraction, encoding="utf-8")
         png = plot_fractions(self.exp, results, self.out / f"{self.exp.name}_fractions.png")
         if png is not None:
             paths["plot"] = png
@@ -361,12 +365,48 @@ def format_csv(exp: Experiment, results: list[CellResult]) -> str:
     return buf.getvalue()
 
 
-def plot_fractions(exp: Experiment, results: list[CellResult], path: Path) -> Path | None:
-    """Metric vs label fraction per row, with error bars, one panel per (task, data, metric)."""
+def _fraction_sweeps(exp: Experiment) -> dict[tuple[str, str, str, str], list[Column]]:
+    """Columns grouped by (task, data, metric, args) where a group spans several label fractions."""
     groups: dict[tuple[str, str, str, str], list[Column]] = {}
     for c in exp.columns:
         groups.setdefault((c.task, c.data, c.metric, json.dumps(c.args, sort_keys=True)), []).append(c)
-    sweeps = {k: v for k, v in groups.items() if len({c.fraction for c in v}) > 1}
+    return {k: sorted(v, key=lambda c: c.fraction) for k, v in groups.items() if len({c.fraction for c in v}) > 1}
+
+
+def format_fraction_tables(exp: Experiment, results: list[CellResult]) -> str | None:
+    """The fraction sweeps as one table per (task, data, metric): a row per method and column
+    arguments (e.g. the transfer), a column per label fraction. ``None`` without sweeps.
+
+    The paper-layout table puts every (target, transfer, fraction) in one row, which is unreadable
+    for wide sweeps such as ``jsrt`` (18 columns)."""
+    sweeps = _fraction_sweeps(exp)
+    if not sweeps:
+        return None
+    by = {(r.row, r.column): r for r in results}
+    tables: dict[tuple[str, str, str], list[list[Column]]] = {}
+    for (task, data, metric, _), cols in sweeps.items():
+        tables.setdefault((task, data, metric), []).append(cols)
+    lines = [f"# {exp.title}: by label fraction", ""]
+    for (task, data, metric), groups in tables.items():
+        fractions = sorted({c.fraction for cols in groups for c in cols})
+        head = ["method", "arguments", *(f"{100 * f:g} %" for f in fractions)]
+        lines += [f"## {task} on {data} ({metric})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in exp.rows:
+            for cols in groups:
+                if all(_skipped(row, c) for c in cols):
+                    continue
+                at = {c.fraction: c for c in cols}
+                cells = [_fmt(by[(row.name, at[f].name)], _skipped(row, at[f])) if f in at else "" for f in fractions]
+                args = ", ".join(f"{k}={v}" for k, v in sorted(cols[0].args.items()))
+                lines.append("| " + " | ".join([row.name, args, *cells]) + " |")
+        lines.append("")
+    lines.append("Mean ± sample std over seeds (n = finished seeds); 'not run' = no finished seed yet.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fractions(exp: Experiment, results: list[CellResult], path: Path) -> Path | None:
+    """Metric vs label fraction per row, with error bars, one panel per (task, data, metric)."""
+    sweeps = _fraction_sweeps(exp)
     if not sweeps:
         return None
     import matplotlib
@@ -382,7 +422,6 @@ def plot_fractions(exp: Experiment, results: list[CellResult], path: Path) -> Pa
     colours = {row.name: f"C{i % 10}" for i, row in enumerate(exp.rows)}  # one colour per row in every panel
     fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
     for ax, ((task, data, metric, _), cols) in zip(axes[0], sweeps.items()):
-        cols = sorted(cols, key=lambda c: c.fraction)
         for row in exp.rows:
             pts = [(c.fraction, by[(row.name, c.name)]) for c in cols if by[(row.name, c.name)].values]
             if pts:
