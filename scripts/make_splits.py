@@ -33,10 +33,8 @@ MAKERS = {
     "siim": "g2d.data.siim:make_split",
     "rsna": "g2d.data.rsna:make_split",
     "chexpert": "g2d.data.chexpert:make_split",
-    "cxr14": "g2d.data.cxr14:order_ids",
+    "cxr14": "g2d.data.cxr14:order_ids",  # an ORDER_TABLE module: its maker returns the ids to rank
 }
-# sets whose maker returns ids to rank (an order table) rather than a split assignment
-ORDER_ONLY = {"cxr14"}
 # set -> its label file inside torchxrayvision/data
 LABEL_FILES = {
     "siim": "siim-pneumothorax-train-rle.csv.gz",
@@ -66,7 +64,7 @@ def make_one(name: str, data_dir: Path, out_dir: Path) -> dict[str, int]:
     label_file = data_dir / LABEL_FILES[name]
     if not label_file.is_file():
         raise SystemExit(f"{name}: {label_file} not found")
-    if name in ORDER_ONLY:
+    if getattr(mod, "ORDER_TABLE", None):
         ids = getattr(mod, fn)(label_file)
         path = write_order(out_dir / f"{mod.ORDER_TABLE}.csv.gz", ids, seed=mod.SPLIT_SEED)
         print(f"{name}: {path}  {len(ids):,} ids ranked (split lists come with the images)")

@@ -18,8 +18,10 @@ import csv
 import gzip
 import io
 import math
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -97,12 +99,22 @@ def write_order(path: str | Path, ids: Iterable[str], seed: int) -> Path:
     return _write_table(path, ["id", "rank"], ((i, ranks[i]) for i in sorted(ranks)))
 
 
-def load_order(name_or_path: str | Path) -> dict[str, int]:
-    """``{id: rank}`` from a shipped order-table name (``"cxr14_order"``) or path."""
-    return {r["id"]: int(r["rank"]) for r in _read_table(name_or_path, {"id", "rank"})}
+def load_order(name_or_path: str | Path) -> Mapping[str, int]:
+    """``{id: rank}`` (read-only) from a shipped order-table name (``"cxr14_order"``) or path.
+
+    Cached per file and modification time: one ``open_dataset`` reads it for the validation carve
+    and again for the training ranks, and ChestX-ray14's table has 112,120 rows."""
+    p = Path(name_or_path)
+    p = SPLIT_DIR / f"{name_or_path}.csv.gz" if not p.suffix else p
+    return _load_order(str(p), p.stat().st_mtime_ns if p.is_file() else None)
 
 
-def order_ranks(ids: Iterable[str], order: dict[str, int], seed: int) -> dict[str, int]:
+@lru_cache(maxsize=4)
+def _load_order(path: str, _mtime_ns: int | None) -> Mapping[str, int]:
+    return MappingProxyType({r["id"]: int(r["rank"]) for r in _read_table(path, {"id", "rank"})})
+
+
+def order_ranks(ids: Iterable[str], order: Mapping[str, int], seed: int) -> dict[str, int]:
     """Ranks of ``ids``: the order table's rank, and ids the table lacks after all of them (seeded).
 
     Unlisted ids (a label table newer than the shipped one) keep a deterministic place without
