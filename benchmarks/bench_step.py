@@ -240,15 +240,14 @@ class Runner:
         amp = v.amp if v.amp != "auto" else "fp16" if v.release else "bf16"
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp] if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.workers = args.workers if v.workers is None else v.workers
-        self.pin_memory = cuda and args.pin_memory and v.pin_memory
+        workers = args.workers if v.workers is None else v.workers
         if v.epoch_steps:
             dataset = torch.utils.data.Subset(dataset, range(v.epoch_steps * args.batch))
         self.loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True,
-                                 collate_fn=collate_pairs, num_workers=self.workers,
-                                 pin_memory=self.pin_memory,
-                                 persistent_workers=self.workers > 0 and v.persistent_workers,
-                                 prefetch_factor=args.prefetch if self.workers else None)
+                                 collate_fn=collate_pairs, num_workers=workers,
+                                 pin_memory=cuda and args.pin_memory and v.pin_memory,
+                                 persistent_workers=workers > 0 and v.persistent_workers,
+                                 prefetch_factor=args.prefetch if workers else None)
         self.it = iter(self.loader)
         self.timer = PhaseTimer(self.device)
         self.walls: list[float] = []
@@ -402,8 +401,8 @@ def run(args) -> dict:
             "channels_last": r.channels_last,
             "freeze_embeddings": r.v.freeze_embeddings,
             "length_buckets": r.cfg.model.text.length_buckets,
-            "workers": r.workers, "pin_memory": r.pin_memory,
-            "persistent_workers": r.workers > 0 and r.v.persistent_workers, "epoch_steps": r.v.epoch_steps,
+            "workers": r.loader.num_workers, "pin_memory": r.loader.pin_memory,
+            "persistent_workers": r.loader.persistent_workers, "epoch_steps": r.v.epoch_steps,
         }
         if device.type == "cuda":
             res["peak_mem_gib"] = r.peak_mem / 2**30
