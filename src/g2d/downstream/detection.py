@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from g2d.downstream.common import Frozen, write_results
 from g2d.downstream.dense_metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, make_loader,
-                                         make_optimizer, skip_counts, start_dense_run)
+                                         make_optimizer, shuffled_loader, skip_counts, start_dense_run)
 from g2d.downstream.yolo import YOLOv3Head, decode, postprocess, scaled_anchors, yolo_loss
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
@@ -161,24 +161,13 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     fit.resume()
     val_loader = make_loader(splits["val"], batch_size, args.num_workers)
 
-    def train_epoch(epoch: int) -> float:
-        loader = make_loader(splits["train"], batch_size, args.num_workers, shuffle=True,
-                             seed=args.seed * 100_003 + epoch)
-        total, n = 0.0, 0
-        for b in batches(loader, progress, f"detection epoch {epoch + 1}"):
-            loss = model.loss(b["image"].to(device), b["boxes"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, n = total + float(loss.detach()) * len(b["image"]), n + len(b["image"])
-        return total / max(n, 1)
-
     def validate() -> tuple[float, float]:
         m, val_loss = evaluate(model, val_loader, device, args.conf_threshold, args.nms_threshold, progress,
                                "validation")
         return (m["map"] if m["map"] is not None else 0.0), val_loss
 
-    fit.fit(train_epoch, validate)
+    fit.fit(shuffled_loader(splits["train"], batch_size, args.num_workers, args.seed),
+            lambda b: model.loss(b["image"].to(device), b["boxes"]), validate, "detection")
     fit.load_best()
     test_loader = make_loader(splits["test"], batch_size, args.num_workers)
     m, test_loss = evaluate(model, test_loader, device, args.conf_threshold, args.nms_threshold, progress, "test")

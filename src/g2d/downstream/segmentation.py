@@ -163,6 +163,12 @@ def make_loader(ds: Any, batch_size: int, num_workers: int, shuffle: bool = Fals
                                        persistent_workers=False)
 
 
+def shuffled_loader(ds: Any, batch_size: int, num_workers: int, seed: int) -> Callable[[int], Iterable]:
+    """Epoch -> training loader; epoch ``e``'s shuffle order depends only on ``(seed, e)``, so a resumed
+    run sees the same batches as an uninterrupted one."""
+    return lambda epoch: make_loader(ds, batch_size, num_workers, shuffle=True, seed=seed * 100_003 + epoch)
+
+
 def batches(loader: Iterable, progress: bool, desc: str) -> Iterable[dict[str, Any]]:
     """Non-empty batches of ``loader`` (``collate_labelled`` gives ``None`` when all were unreadable)."""
     if progress:
@@ -266,12 +272,14 @@ class DenseFit:
                          "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                          "stopped_early": self.stopped_early, "history": self.history}, self.ckpt_path)
 
-    def fit(self, train_epoch: Callable[[int], float], validate: Callable[[], tuple[float, float]]) -> None:
-        """``train_epoch(epoch) -> mean loss``; ``validate() -> (score, loss)`` (higher score is
-        better; equal scores are broken by the lower validation loss)."""
+    def fit(self, train_loader: Callable[[int], Iterable], batch_loss: Callable[[dict[str, Any]], Tensor],
+            validate: Callable[[], tuple[float, float]], desc: str) -> None:
+        """``train_loader(epoch)``: that epoch's loader; ``batch_loss(batch)``: the batch's mean loss (one
+        optimizer step per batch); ``validate() -> (score, loss)`` (higher score is better; equal scores
+        are broken by the lower validation loss)."""
         while self.epoch < self.epochs and not self.stopped_early:
             self.model.train()
-            train_loss = train_epoch(self.epoch)
+            train_loss = self._train_epoch(train_loader(self.epoch), batch_loss, f"{desc} epoch {self.epoch + 1}")
             self.model.eval()
             score, val_loss = validate()
             self.epoch += 1
@@ -287,6 +295,17 @@ class DenseFit:
             log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s", self.epoch, train_loss,
                      val_loss, score, " (best)" if better else "")
             self._save()
+
+    def _train_epoch(self, loader: Iterable, batch_loss: Callable[[dict[str, Any]], Tensor], desc: str) -> float:
+        """Mean per-image training loss of one pass."""
+        total, n = 0.0, 0
+        for b in batches(loader, self.progress, desc):
+            loss = batch_loss(b)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total, n = total + float(loss.detach()) * len(b["image"]), n + len(b["image"])
+        return total / max(n, 1)
 
     def load_best(self) -> None:
         self._load_mutable(self.best_state)
@@ -411,24 +430,12 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     fit.resume()
     val_loader = make_loader(splits["val"], batch_size, args.num_workers)
 
-    def train_epoch(epoch: int) -> float:
-        loader = make_loader(splits["train"], batch_size, args.num_workers, shuffle=True,
-                             seed=args.seed * 100_003 + epoch)
-        total, n = 0.0, 0
-        for b in batches(loader, progress, f"segmentation epoch {epoch + 1}"):
-            x, m = b["image"].to(device), b["mask"].to(device)
-            loss = loss_fn(model(x), m)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, n = total + float(loss.detach()) * len(x), n + len(x)
-        return total / max(n, 1)
-
     def validate() -> tuple[float, float]:
         dice, val_loss, _ = predict_dice(model, val_loader, device, loss_fn, progress, "validation")
         return (float(dice.mean()) if len(dice) else 0.0), val_loss
 
-    fit.fit(train_epoch, validate)
+    fit.fit(shuffled_loader(splits["train"], batch_size, args.num_workers, args.seed),
+            lambda b: loss_fn(model(b["image"].to(device)), b["mask"].to(device)), validate, "segmentation")
     fit.load_best()
     test_loader = make_loader(splits["test"], batch_size, args.num_workers)
     dice, test_loss, n_empty_target = predict_dice(model, test_loader, device, loss_fn, progress, "test")
