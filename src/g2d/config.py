@@ -41,6 +41,11 @@ class ImageEncoderCfg:
     # How [0, 1] grayscale input is fed to the ResNet: "unit" keeps [0, 1] (paper A.3), "imagenet"
     # applies ImageNet mean/std (release).
     input_norm: str = "unit"
+    # Output stride of the last stage: 32 (torchvision's ResNet, paper), 16 or 8 (layer4, or
+    # layer3 and layer4, dilated instead of strided, as DeepLab does). Sets the attention map's
+    # side to image_size / output_stride: 4x4 cells at 128 px and stride 32 is too coarse a map to
+    # build a mask from (docs/attention.md).
+    output_stride: int = 32
 
 
 @dataclass
@@ -56,6 +61,8 @@ class AttentionPoolCfg:
     # CLIP/release put the query (mean) token among the keys and drop its weight from the spatial
     # map, so a head's map sums to < 1. False: keys are the pixels only, maps sum to exactly 1.
     keys_include_query: bool = False
+    # LayerNorm on the pixel tokens before the attention (paper silent; see AttentionPool2d).
+    token_norm: bool = False
 
 
 @dataclass
@@ -67,6 +74,10 @@ class TextEncoderCfg:
     # it). The release leaves embeddings trainable, which makes backward run through all layers.
     freeze_embeddings: bool = True
     max_length: int = 256
+    # Report embedding: "cls" (the first token's hidden state; BERT-style models, paper) or "mean"
+    # (mean over the non-padding tokens; what sentence-transformer models such as MiniLM were
+    # trained to output).
+    pooling: str = "cls"
     # Sort the batch's reports by length and run the backbone on this many groups, each padded to
     # its own longest report: cost follows the real report lengths instead of the batch's longest
     # one. Same result (each report is encoded independently); 1 = pad the whole batch to its
@@ -141,11 +152,19 @@ class TrainCfg:
     warmup_steps: int = 1000
     restart_steps: int = 200
     min_lr: float = 1e-8
+    # Learning rate of the pretrained text backbone as a multiple of `lr` (its projector keeps
+    # `lr`). 1.0 = one rate for everything (paper); a small factor keeps a pretrained sentence
+    # encoder from being overwritten by a randomly initialised image tower's early gradients.
+    text_lr_scale: float = 1.0
     precision: str = "bf16"  # "bf16" | "fp16" | "fp32"; autocast is used on CUDA only
     grad_accum: int = 1
     clip_grad: float | None = None
     seed: int = 42
     log_every: int = 10
+    # Attention diagnostics (docs/attention.md) on a fixed held-out probe batch every this many
+    # steps, when the data carry finding masks (synthetic data); 0 = never.
+    probe_every: int = 50
+    probe_images: int = 64
     ckpt_every: int = 1000  # steps; a checkpoint is also written at every epoch end
     deterministic: bool = False
     # torch.compile the image encoder and decoder (nn.Module.compile: state-dict keys unchanged).
@@ -393,6 +412,8 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     m, loss, data, train = cfg.model, cfg.loss, cfg.data, cfg.train
     _choice("model.image.arch", m.image.arch, tuple(RESNET_CHANNELS))
     _choice("model.image.input_norm", m.image.input_norm, ("unit", "imagenet"))
+    if m.image.output_stride not in (8, 16, 32):
+        raise ConfigError(f"model.image.output_stride={m.image.output_stride} must be 8, 16 or 32")
     if not 1 <= m.pool.heads <= 4:
         raise ConfigError(f"model.pool.heads={m.pool.heads} must be in 1..4")
     _choice("model.pool.pool_on", m.pool.pool_on, ("features", "projected"))
@@ -407,6 +428,7 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"model.embed_dim={m.embed_dim} must be positive")
     if m.image_size % 32 or m.image_size < 64:
         raise ConfigError(f"model.image_size={m.image_size} must be a multiple of 32 and >= 64")
+    _choice("model.text.pooling", m.text.pooling, ("cls", "mean"))
     if m.text.freeze_layers < 0:
         raise ConfigError(f"model.text.freeze_layers={m.text.freeze_layers} must be >= 0")
     if not 8 <= m.text.max_length <= 512:
@@ -460,6 +482,10 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
         raise ConfigError("train.max_steps must be >= 1")
     if train.lr <= 0:
         raise ConfigError("train.lr must be positive")
+    if train.text_lr_scale < 0:
+        raise ConfigError(f"train.text_lr_scale={train.text_lr_scale} must be >= 0")
+    if train.probe_every < 0 or train.probe_images < 1:
+        raise ConfigError("train.probe_every must be >= 0 and train.probe_images >= 1")
     _choice("train.scheduler", train.scheduler, ("warmup_cosine", "cosine_restarts"))
     _choice("train.precision", train.precision, ("bf16", "fp16", "fp32"))
     if train.grad_accum < 1:

@@ -15,10 +15,11 @@ from torch import Tensor  # noqa: E402
 
 
 def attention_panels(images: Tensor, attention: Tensor, masks: Tensor, reports: Sequence[str],
-                     path: str | Path) -> Path:
+                     path: str | Path, targets: Tensor | None = None) -> Path:
     """One row per image: image | head-averaged attention map | pseudo mask | report text.
 
     :param images: [B, 1, H, W]. :param attention: [B, heads, h, w]. :param masks: [B, K, H, W].
+    :param targets: optional [B, H, W] finding masks, outlined in green on the three image panels.
     """
     n = images.shape[0]
     att = F.interpolate(attention.float().mean(1, keepdim=True), size=images.shape[-2:],
@@ -33,6 +34,9 @@ def attention_panels(images: Tensor, attention: Tensor, masks: Tensor, reports: 
         axes[i, 2].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[i, 2].imshow(masks[i].float().mean(0).cpu().numpy(), cmap="Reds", alpha=0.5, vmin=0, vmax=1)
         axes[i, 3].text(0.0, 1.0, textwrap.fill(reports[i], 48), va="top", fontsize=9, wrap=True)
+        if targets is not None and targets[i].any():
+            for ax in axes[i, :3]:
+                ax.contour(targets[i].cpu().float().numpy(), levels=[0.5], colors="lime", linewidths=1)
         for ax in axes[i]:
             ax.axis("off")
     for ax, title in zip(axes[0], ("image", "attention (mean of heads)", "pseudo mask", "report")):

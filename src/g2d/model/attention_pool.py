@@ -23,10 +23,13 @@ class AttentionPool2d(nn.Module):
     :param spatial: side of the dense map at the configured input size (positional embedding).
     :param keys_include_query: put the query token among the keys (CLIP/release); its weight is
         then dropped from the returned spatial map, which sums to less than 1.
+    :param token_norm: LayerNorm the pixel tokens before the query/key/value projections (not in
+        CLIP or the release). Without it the ReLU features' norm (about 30 for the ``tiny`` preset)
+        dwarfs the positional embedding and saturates the softmax to one cell (docs/attention.md).
     """
 
     def __init__(self, in_dim: int, width: int, heads: int, out_dim: int, spatial: int,
-                 keys_include_query: bool = False):
+                 keys_include_query: bool = False, token_norm: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads={heads} does not divide attention width={width}")
@@ -37,11 +40,14 @@ class AttentionPool2d(nn.Module):
         self.k = nn.Linear(in_dim, width)
         self.v = nn.Linear(in_dim, width)
         self.out = nn.Linear(width, out_dim)
+        self.norm = nn.LayerNorm(in_dim) if token_norm else None
 
     def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[B, C, H, W] -> query token [B, 1, C] and pixel tokens [B, HW, C], with positions."""
         b, c, h, w = x.shape
         pix = x.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            pix = self.norm(pix)
         pos = self.pos
         if h * w != self.spatial ** 2:
             grid = pos[1:].T.reshape(1, c, self.spatial, self.spatial)

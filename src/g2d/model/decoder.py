@@ -20,7 +20,9 @@ class ConvBNReLU(nn.Sequential):
 
 
 class DecoderBlock(nn.Module):
-    """Nearest x2 upsampling, concatenation with the skip map, two 3x3 conv-BN-ReLU."""
+    """Nearest upsampling to the skip map's size (x2 without one), concatenation with the skip map,
+    two 3x3 conv-BN-ReLU. A dilated encoder (``output_stride`` 16 or 8) gives stages of equal
+    size, where the upsampling is the identity."""
 
     def __init__(self, cin: int, skip: int, cout: int):
         super().__init__()
@@ -28,8 +30,11 @@ class DecoderBlock(nn.Module):
         self.conv2 = ConvBNReLU(cout, cout)
 
     def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        if skip is not None:
+        if skip is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            if x.shape[-2:] != skip.shape[-2:]:
+                x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
             x = torch.cat([x, skip], dim=1)
         return self.conv2(self.conv1(x))
 

@@ -22,9 +22,10 @@ class ImageOutput:
     """What the image tower computes for a batch of B images of size H x W.
 
     :ivar embedding: [B, d] global embedding in the joint space (L2-normalised if requested).
-    :ivar attention: [B, heads, H/32, W/32] attention-pooling weights per head.
-    :ivar dense: [B, C, H/32, W/32] the encoder's last feature map.
-    :ivar features: the five encoder stage maps [/2, /4, /8, /16, /32].
+    :ivar attention: [B, heads, H/s, W/s] attention-pooling weights per head
+        (s = ``model.image.output_stride``, 32 by default).
+    :ivar dense: [B, C, H/s, W/s] the encoder's last feature map.
+    :ivar features: the five encoder stage maps [/2, /4, /8, /16, /32] (the last ones at /s).
     :ivar decoder_logits: [B, K, H, W] decoder output logits (None without a decoder or when not
         requested); K = 1, or the head count for per-head pseudo masks.
     """
@@ -59,16 +60,17 @@ class G2DModel(nn.Module):
         self.cfg = cfg
         self.image_encoder = ResNetEncoder(cfg.image)
         dense_ch = self.image_encoder.channels[-1]
-        spatial = cfg.image_size // 32
+        spatial = cfg.image_size // cfg.image.output_stride
         d = cfg.embed_dim
         if cfg.pool.pool_on == "features":
             self.pixel_proj = None
             self.pool = AttentionPool2d(dense_ch, cfg.pool.width, cfg.pool.heads, cfg.pool.width,
-                                        spatial, cfg.pool.keys_include_query)
+                                        spatial, cfg.pool.keys_include_query, cfg.pool.token_norm)
             self.image_proj = Projector(cfg.pool.width, d)
         else:  # release: per-pixel projection to d, attention pooling on the d-dim map
             self.pixel_proj = Projector(dense_ch, d)
-            self.pool = AttentionPool2d(d, d, cfg.pool.heads, d, spatial, cfg.pool.keys_include_query)
+            self.pool = AttentionPool2d(d, d, cfg.pool.heads, d, spatial, cfg.pool.keys_include_query,
+                                        cfg.pool.token_norm)
             self.image_proj = None
 
         if text_backbone is None:
@@ -111,7 +113,7 @@ class G2DModel(nn.Module):
     def dense_embeddings(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Per-pixel embeddings in the joint space, for zero-shot grounding.
 
-        :param images: [B, 1 or 3, H, W]. :return: [B, H/32, W/32, d].
+        :param images: [B, 1 or 3, H, W]. :return: [B, H/s, W/s, d].
         """
         dense = self._dense_for_pool(self.image_encoder(images)[-1])
         pix = self.pool.pixel_values(dense)

@@ -39,6 +39,11 @@ class ResNetEncoder(nn.Module):
         net = getattr(torchvision.models, cfg.arch)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if cfg.output_stride <= 16:
+            _dilate_stage(self.layer4, 2 if cfg.output_stride == 16 else 4, 1 if cfg.output_stride == 16 else 2)
+        if cfg.output_stride == 8:
+            _dilate_stage(self.layer3, 2, 1)
+        self.output_stride = cfg.output_stride
         self.channels: tuple[int, ...] = RESNET_CHANNELS[cfg.arch]
         self.input_norm = cfg.input_norm
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -54,7 +59,8 @@ class ResNetEncoder(nn.Module):
         return images
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Return the five stage maps ``[stem /2, layer1 /4, layer2 /8, layer3 /16, layer4 /32]``.
+        """Return the five stage maps ``[stem /2, layer1 /4, layer2 /8, layer3 /16, layer4 /32]``
+        (with ``output_stride`` 16: layer4 at /16; 8: layer3 and layer4 at /8).
 
         :param images: [B, 1 or 3, H, W] in [0, 1].
         :return: list of [B, C_i, H / 2^(i+1), W / 2^(i+1)] with C_i = ``self.channels[i]``.
@@ -65,6 +71,25 @@ class ResNetEncoder(nn.Module):
         f3 = self.layer3(f2)
         f4 = self.layer4(f3)
         return [x, f1, f2, f3, f4]
+
+
+def _dilate_stage(stage: nn.Sequential, dilation: int, first: int) -> None:
+    """Turn a strided ResNet stage into a dilated one in place (DeepLab's output-stride trick).
+
+    torchvision's ``replace_stride_with_dilation`` would do this but refuses ResNet-18/34 (its
+    BasicBlock has no dilation argument), so the strides and dilations are set on the built
+    convolutions: the stage keeps its resolution, the first block's 3x3 convolutions use the
+    previous dilation ``first`` and the later blocks' use ``dilation``. Parameter names and shapes
+    are unchanged, so any ResNet weights still load.
+    """
+    for i, block in enumerate(stage):
+        for conv in block.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            conv.stride = (1, 1)
+            if conv.kernel_size == (3, 3):
+                d = first if i == 0 else dilation
+                conv.dilation, conv.padding = (d, d), (d, d)
 
 
 def load_image_weights(encoder: ResNetEncoder, weights: str, arch: str) -> None:

@@ -83,7 +83,7 @@ LENGTH_GROUPS = "length_groups"
 
 
 class TextEncoder(nn.Module):
-    """Transformer text tower returning the [CLS] hidden state.
+    """Transformer text tower returning the [CLS] hidden state (or the mean over tokens, ``pooling``).
 
     The first ``freeze_layers`` layers (and, with ``freeze_embeddings``, the embeddings) have
     ``requires_grad=False``, stay in eval mode, and — when nothing below them is trainable — run
@@ -156,7 +156,7 @@ class TextEncoder(nn.Module):
             return None
         return order, torch.argsort(order), groups
 
-    def _cls(self, tokens: dict[str, Tensor]) -> Tensor:
+    def _embed(self, tokens: dict[str, Tensor]) -> Tensor:
         prefix_no_grad = self._no_grad_prefix and self._grad_mode
         try:
             if prefix_no_grad:
@@ -164,20 +164,25 @@ class TextEncoder(nn.Module):
             out = self.backbone(**tokens)
         finally:
             torch.set_grad_enabled(self._grad_mode)
-        return out.last_hidden_state[:, 0]
+        hidden = out.last_hidden_state
+        if self.cfg.pooling == "mean":  # over real tokens only: padding must not change the result
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return hidden[:, 0]
 
     def forward(self, tokens: dict[str, Tensor]) -> Tensor:
         """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...), optionally with
         the length-grouping plan of :meth:`tokenize`; each group runs padded to its own longest
         report (right padding, absolute positions: the same result as one padded batch).
-        :return: [B, hidden] hidden state of the first ([CLS]) token."""
+        :return: [B, hidden]: the first ([CLS]) token's hidden state, or with ``pooling="mean"`` the
+            mean over non-padding tokens."""
         self._grad_mode = torch.is_grad_enabled()
         plan = tokens.get(LENGTH_GROUPS)
         inputs = {k: v for k, v in tokens.items() if k != LENGTH_GROUPS}
         if plan is None:
-            return self._cls(inputs)
+            return self._embed(inputs)
         ordered = {k: v.index_select(0, plan["order"]) for k, v in inputs.items()}
-        parts = [self._cls({k: v[a:b, :n] for k, v in ordered.items()}) for a, b, n in plan["groups"]]
+        parts = [self._embed({k: v[a:b, :n] for k, v in ordered.items()}) for a, b, n in plan["groups"]]
         return torch.cat(parts).index_select(0, plan["inverse"])
 
 

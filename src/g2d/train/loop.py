@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import random
 import time
@@ -16,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
 from g2d.checkpoint import check_image_weights, export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
 from g2d.factory import create_model
@@ -54,6 +56,8 @@ class TrainResult:
     out_dir: Path
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)  # all logged means, with "step"
+    # attention diagnostics on the held-out probe batch (g2d.attention_diagnostics), with "step"
+    probes: list[dict[str, float]] = field(default_factory=list)
     skipped_steps: int = 0
     export_dir: Path | None = None
 
@@ -151,6 +155,20 @@ def compile_model(model: G2DModel) -> None:
         model.segmentation_head.compile()
 
 
+def param_groups(model: G2DModel, cfg: G2DConfig) -> list[dict[str, Any]]:
+    """The trainable parameters; the text backbone's at ``lr * train.text_lr_scale`` (the schedule's
+    LambdaLR multiplies each group's initial rate by the same factor)."""
+    text = [p for p in model.text_encoder.backbone.parameters() if p.requires_grad]
+    ids = {id(p) for p in text}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.train.lr}]
+    if text and cfg.train.text_lr_scale != 1.0:
+        groups.append({"params": text, "lr": cfg.train.lr * cfg.train.text_lr_scale})
+    else:
+        groups[0]["params"] = rest + text
+    return groups
+
+
 class Pretrainer:
     """Owns the model, optimiser, data and run folder of one pre-training run."""
 
@@ -213,10 +231,9 @@ class Pretrainer:
         if cfg.train.compile:
             compile_model(self.model)
         self.forward = wrap_ddp(self.model, d.device) if d.distributed else self.model
-        params = [p for p in self.model.parameters() if p.requires_grad]
         # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr, betas=cfg.train.betas,
                                            weight_decay=cfg.train.weight_decay, fused=fused or None,
                                            foreach=None if fused else True)
         self.sampler = EpochSampler(len(self.dataset), d.rank, d.world_size, cfg.train.seed)
@@ -232,10 +249,22 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda"
                                            and cfg.train.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        self.probe = None
+        if d.is_main and cfg.train.probe_every and cfg.data.spec == "synthetic":
+            # held out: the generator's samples depend on (seed, index), so another seed is other images
+            self.probe = synthetic_probe(cfg.train.probe_images, cfg.model.image_size, cfg.data.synthetic_seed + 1)
         if state is not None:
             self._load_state(state)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                      self.epoch, self.batch_in_epoch)
+
+    def _run_probe(self) -> dict[str, float]:
+        """Attention diagnostics of the head-mean map on the probe batch (main rank only; no
+        collectives, eval mode, the model's mode restored)."""
+        images, masks, _ = self.probe
+        attention = collect_attention(self.model, images)
+        diag = diagnose_attention(attention, images, masks, self.cfg.model.pseudo_mask)
+        return dataclasses.asdict(diag.mean)
 
     def _resume_path(self, resume: str | None) -> Path | None:
         if not resume:
@@ -380,6 +409,7 @@ class Pretrainer:
                 if cfg.train.clip_grad:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
+                step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, for the log
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -393,7 +423,7 @@ class Pretrainer:
                     now = time.perf_counter()
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
-                    lr = self.optimizer.param_groups[0]["lr"]
+                    lr = step_lr
                     result.history.append({"step": self.step, "lr": lr, "samples_per_s": rate, **means})
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
@@ -407,6 +437,16 @@ class Pretrainer:
                         log.info("step %d/%d loss %.4f vla %.4f pa %.4f lr %.2e %.1f samples/s",
                                  self.step, self.total_steps, means["total"], means["vla"],
                                  means["pa"], lr, rate)
+                if self.probe is not None and (self.step % cfg.train.probe_every == 0
+                                               or self.step == self.total_steps):
+                    probe = self._run_probe()
+                    result.probes.append({"step": self.step, **probe})
+                    if writer is not None:
+                        for k, v in probe.items():
+                            writer.add_scalar(f"attention/{k}", v, self.step)
+                    log.info("step %d attention: collapse r %.3f, pointing %.3f (prior %.3f), "
+                             "pseudo-mask IoU %.3f (prior %.3f)", self.step, probe["collapse_r"],
+                             probe["pointing"], probe["pointing_prior"], probe["iou"], probe["iou_prior"])
                 if self.step % cfg.train.ckpt_every == 0:
                     self.save()
                 fault_point(self.step, d.rank)  # testing hooks (docs/reliability.md); inert by default

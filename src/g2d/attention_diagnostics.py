@@ -1,0 +1,219 @@
+"""Does the attention map follow the image? Diagnostics of G2D's pseudo-mask mechanism.
+
+G2D's dense objective (paper Sec. 3.2, Fig. 2 and Fig. 4) assumes that the attention-pooling
+weights of a model aligned with reports highlight what the report names, so that pseudo masks built
+from them differ from image to image. These functions measure whether they do, on any model and any
+set with finding masks (or boxes filled into masks):
+
+- **collapse** (:func:`collapse_r`): Pearson r between each image's attention map and the mean map
+  over the set. 1.0 means every image gets the same map (a fixed template).
+- **pointing game** (:func:`pointing_hits`): the centre of the attention map's arg-max cell lies
+  inside the finding's mask dilated by ``1/16`` of the image side (a coarse map can only point at
+  cell centres; the dilation forgives a finding that covers the cell but not its centre).
+- **pseudo-mask overlap**: IoU and Dice between the pseudo mask built from the attention
+  (:func:`g2d.pseudo_mask.build_pseudo_masks`) and the finding mask.
+- **position-only prior**: the same scores when every image's attention is replaced by the set's
+  mean map (pointing) and the pseudo mask is built from that mean map with each image's own body
+  mask (overlap). A mechanism that uses the image must beat its prior; a collapsed one equals it.
+- **saturation** (``peak_mass``, ``same_argmax``): per head, the mean attention weight on the
+  arg-max cell (1.0 = one-hot softmax) and the share of images whose arg-max cell is the set's most
+  common one.
+
+Scores are reported for the head mean (what the pseudo mask of Eq. 2 uses) and per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from g2d.eval.grounding import dice_per_image, iou_per_image
+from g2d.pseudo_mask import PseudoMaskCfg, build_pseudo_masks
+
+__all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits",
+           "diagnose_attention", "collect_attention", "POINTING_DILATION"]
+
+#: Dilation of the finding mask for the pointing game, as a fraction of the image side.
+POINTING_DILATION = 1.0 / 16.0
+
+
+def collapse_r(maps: Tensor) -> Tensor:
+    """Pearson r of each map with the mean map of the set.
+
+    :param maps: [N, h, w] (or [N, P]) attention maps of N images.
+    :return: [N] float; NaN for a map that is constant (no variance), and all NaN when the mean map
+        is constant.
+    """
+    x = maps.flatten(1).double()
+    mean = x.mean(0, keepdim=True)
+    xc, mc = x - x.mean(1, keepdim=True), mean - mean.mean()
+    denom = xc.norm(dim=1) * mc.norm()
+    r = (xc * mc).sum(1) / denom
+    return torch.where(denom > 0, r, torch.full_like(r, float("nan"))).float()
+
+
+def _dilate(masks: Tensor, radius: int) -> Tensor:
+    if radius <= 0:
+        return masks.bool()
+    return F.max_pool2d(masks.float()[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+
+
+def pointing_hits(maps: Tensor, targets: Tensor, dilation: float = POINTING_DILATION) -> Tensor:
+    """Pointing game: does the centre of the map's arg-max cell fall inside the (dilated) target?
+
+    Pointing at the cell centre, not at the arg-max of an upsampled map, keeps the answer free of
+    the ties that bilinear upsampling makes around a peak.
+
+    :param maps: [N, h, w] attention (or any score) maps (ties: the first cell in row-major order).
+    :param targets: [N, H, W] bool finding masks over the same field of view.
+    :param dilation: dilation radius as a fraction of the mean side ``(H + W) / 2`` (0: none).
+    :return: [N] float 0/1.
+    """
+    if maps.shape[0] != targets.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps for {targets.shape[0]} targets")
+    h, w = maps.shape[-2:]
+    hh, ww = targets.shape[-2:]
+    top = maps.flatten(1).argmax(1)
+    y = ((top // w).double() + 0.5) * hh / h
+    x = ((top % w).double() + 0.5) * ww / w
+    y, x = y.long().clamp_max(hh - 1), x.long().clamp_max(ww - 1)
+    grown = _dilate(targets, round(dilation * (hh + ww) / 2))
+    return grown[torch.arange(len(top)), y, x].float()
+
+
+@dataclass
+class AttentionScores:
+    """Scores of one attention map per image (one head, or the head mean) over a set.
+
+    :ivar collapse_r: mean Pearson r with the set's mean map (1 = the same map for every image).
+    :ivar pointing: pointing-game hit rate; ``pointing_prior``: the same with the mean map.
+    :ivar iou, dice: mean pseudo-mask IoU / Dice with the finding masks; ``*_prior``: the same for
+        pseudo masks built from the mean map.
+    :ivar peak_mass: mean attention weight on the arg-max cell (1 = one-hot; 1/(h*w) = uniform).
+    :ivar same_argmax: share of images whose arg-max cell is the set's most common arg-max cell.
+    """
+
+    collapse_r: float
+    pointing: float
+    pointing_prior: float
+    iou: float
+    iou_prior: float
+    dice: float
+    dice_prior: float
+    peak_mass: float
+    same_argmax: float
+
+
+@dataclass
+class AttentionDiagnostics:
+    """:ivar mean: scores of the head-mean map (Eq. 2). :ivar heads: scores of each head.
+    :ivar n_images: images scored. :ivar map_hw: attention map size (h, w)."""
+
+    mean: AttentionScores
+    heads: list[AttentionScores]
+    n_images: int
+    map_hw: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat ``{"collapse_r": ..., "head0/collapse_r": ...}`` plus ``n_images``/``map_hw``."""
+        out: dict[str, Any] = dict(dataclasses.asdict(self.mean))
+        for i, h in enumerate(self.heads):
+            out.update({f"head{i}/{k}": v for k, v in dataclasses.asdict(h).items()})
+        out.update(n_images=self.n_images, map_h=self.map_hw[0], map_w=self.map_hw[1], **self.extra)
+        return out
+
+
+def _scores(maps: Tensor, pseudo: Tensor, prior: Tensor, targets: Tensor) -> AttentionScores:
+    """maps [N, h, w]; pseudo / prior masks [N, H, W]; targets [N, H, W] bool."""
+    n = maps.shape[0]
+    mean_map = maps.mean(0, keepdim=True).expand_as(maps)
+    flat = maps.flatten(1)
+    arg = flat.argmax(1)
+    common = torch.mode(arg).values
+    pseudo, prior = pseudo > 0.5, prior > 0.5
+    return AttentionScores(
+        collapse_r=float(torch.nanmean(collapse_r(maps))),
+        pointing=float(pointing_hits(maps, targets).mean()),
+        pointing_prior=float(pointing_hits(mean_map, targets).mean()),
+        iou=float(iou_per_image(pseudo, targets).mean()),
+        iou_prior=float(iou_per_image(prior, targets).mean()),
+        dice=float(dice_per_image(pseudo, targets).mean()),
+        dice_prior=float(dice_per_image(prior, targets).mean()),
+        peak_mass=float((flat.max(1).values / flat.sum(1).clamp_min(1e-12)).mean()),
+        same_argmax=float((arg == common).float().sum() / n),
+    )
+
+
+def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
+                       cfg: PseudoMaskCfg | None = None) -> AttentionDiagnostics:
+    """Score attention maps against finding masks (see the module docstring).
+
+    :param attention: [N, heads, h, w] attention-pooling weights (:attr:`ImageOutput.attention`).
+    :param images: [N, 1, H, W] in [0, 1], the model's input (for the pseudo masks' body mask).
+    :param targets: [N, H, W] bool finding masks at the input's resolution; images whose target is
+        empty should be left out by the caller (they cannot be pointed at).
+    :param cfg: the pseudo-mask options the model was trained with (default: the paper's).
+    :raises ValueError: shapes that do not match, or no images.
+    """
+    if attention.ndim != 4 or images.ndim != 4 or targets.ndim != 3:
+        raise ValueError(f"expected attention [N, heads, h, w], images [N, 1, H, W], targets [N, H, W]; "
+                         f"got {tuple(attention.shape)}, {tuple(images.shape)}, {tuple(targets.shape)}")
+    n = attention.shape[0]
+    if n == 0 or images.shape[0] != n or targets.shape[0] != n or images.shape[-2:] != targets.shape[-2:]:
+        raise ValueError(f"need N > 0 and matching sizes: attention {tuple(attention.shape)}, images "
+                         f"{tuple(images.shape)}, targets {tuple(targets.shape)}")
+    cfg = cfg or PseudoMaskCfg()
+    attention, images, targets = attention.float().cpu(), images.float().cpu(), targets.bool().cpu()
+    prior_attention = attention.mean(0, keepdim=True).expand_as(attention).contiguous()
+    per_head = dataclasses.replace(cfg, aggregate_heads=False)
+    aggregated = dataclasses.replace(cfg, aggregate_heads=True)
+    pseudo_heads = build_pseudo_masks(attention, images, per_head)
+    prior_heads = build_pseudo_masks(prior_attention, images, per_head)
+    heads = [_scores(attention[:, k], pseudo_heads[:, k], prior_heads[:, k], targets)
+             for k in range(attention.shape[1])]
+    mean = _scores(attention.mean(1), build_pseudo_masks(attention, images, aggregated)[:, 0],
+                   build_pseudo_masks(prior_attention, images, aggregated)[:, 0], targets)
+    return AttentionDiagnostics(mean, heads, n, tuple(attention.shape[-2:]))
+
+
+@torch.no_grad()
+def collect_attention(model, images: Tensor, batch_size: int = 64) -> Tensor:
+    """Attention maps of ``model`` (a :class:`g2d.model.G2DModel`) for ``images`` [N, 1, H, W],
+    in eval mode (the model's mode is restored). :return: [N, heads, h, w] on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = model.logit_scale.device
+    try:
+        parts = [model.image_forward(images[i:i + batch_size].to(device), decode=False).attention.float().cpu()
+                 for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def synthetic_probe(n: int, image_size: int, seed: int) -> tuple[Tensor, Tensor, list[str]]:
+    """Held-out synthetic images with exactly one finding, for diagnostics during and after training.
+
+    Draws generator samples of ``seed`` until ``n`` one-finding images are found.
+
+    :return: images [n, 1, S, S], finding masks [n, S, S] bool, and each image's report.
+    """
+    from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
+
+    ds = SyntheticCXR(SyntheticCXRCfg(num_samples=8 * n + 64, image_size=image_size, seed=seed))
+    images, masks, texts = [], [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        if len(s["findings"]) == 1:
+            images.append(s["image"])
+            masks.append(s["finding_masks"][0] > 0.5)
+            texts.append(s["text"])
+            if len(images) == n:
+                break
+    return torch.stack(images), torch.stack(masks), texts

@@ -1,0 +1,108 @@
+"""``g2d eval attention``: does the model's attention map follow the findings?
+
+Runs :func:`g2d.attention_diagnostics.diagnose_attention` on the positive images of a set with
+finding masks or boxes (boxes are filled), at the model's input crop: attention collapse (Pearson r
+with the set's mean map), pointing game and pseudo-mask IoU / Dice, each against the position-only
+prior of the same set, for the head mean and per head. On ``synthetic`` sets only images with
+exactly one finding are scored (their mask is that finding's). Writes ``metrics.json``,
+``results.md`` and ``figures/attention.png`` (image, attention, pseudo mask; the finding outlined).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from g2d.attention_diagnostics import POINTING_DILATION, collect_attention, diagnose_attention
+from g2d.data.labelled import BoxMask, DataError
+from g2d.data.sets import open_dataset
+from g2d.downstream.common import load_image_tower, resolve_device, write_results
+from g2d.downstream.features import add_geometry_arguments, check_split, geometry_from_args, make_loader, progress_bar
+from g2d.downstream.zeroshot import require_g2d
+from g2d.pseudo_mask import build_pseudo_masks
+
+__all__ = ["add_arguments", "run"]
+
+log = logging.getLogger("g2d.downstream")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, default=512, help="score at most this many positive images")
+    p.add_argument("--figures", type=int, default=6, help="rows of the attention figure")
+    add_geometry_arguments(p, None, None)
+
+
+def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | None:
+    """bool [S, S] finding mask in the input crop, or None when the image cannot be scored."""
+    found = sample.get("prompt_findings")
+    if found is not None and len(found) != 1:  # synthetic: the union of two findings names neither
+        return None
+    if "mask" in sample:
+        return sample["mask"][0] > 0.5
+    boxes = sample.get("boxes")
+    if boxes is not None and len(boxes):
+        return torch.from_numpy(BoxMask(tuple(tuple(map(float, b)) for b in boxes.reshape(-1, 4)))(size))
+    return None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tower = load_image_tower(args.model, args.arch)
+    model = require_g2d(tower.model, "attention diagnostics")
+    model.to(resolve_device(args.device)).eval()
+    geom = geometry_from_args(args, tower)
+    ds = open_dataset(args.data, args.split, 1.0, geom)
+    check_split(ds, f"{args.data} {args.split}")
+    if not (getattr(ds, "with_mask", False) or getattr(ds, "with_boxes", False)):
+        raise DataError(f"{args.data}: attention diagnostics need finding masks or boxes")
+    images, targets, ids = [], [], []
+    skipped: Counter[str] = Counter()
+    loader = make_loader(ds, args.batch_size, args.num_workers)
+    for batch in progress_bar(loader, len(loader), "attention", args.no_progress):
+        if batch is None:
+            continue
+        for j in range(len(batch["id"])):
+            sample = {k: v[j] for k, v in batch.items()}
+            target = _target(sample, tuple(batch["image"].shape[-2:]))
+            if target is None or not target.any():
+                skipped["no_single_finding" if target is None else "negative_image"] += 1
+                continue
+            images.append(batch["image"][j])
+            targets.append(target)
+            ids.append(batch["id"][j])
+        if len(images) >= args.max_images:
+            break
+    if not images:
+        raise DataError(f"{args.data} {args.split}: no positive image to score (skipped: {dict(skipped)})")
+    x, t = torch.stack(images[:args.max_images]), torch.stack(targets[:args.max_images])
+    attention = collect_attention(model, x, args.batch_size)
+    cfg = model.config.model.pseudo_mask
+    diag = diagnose_attention(attention, x, t, cfg)
+    out = Path(args.out)
+    if args.figures:
+        from g2d.figures import attention_panels
+
+        k = min(args.figures, x.shape[0])
+        masks = build_pseudo_masks(attention[:k], x[:k], cfg)
+        attention_panels(x[:k], attention[:k], masks, ids[:k], out / "figures" / "attention.png", t[:k])
+    metrics: dict[str, Any] = {
+        "task": "attention", "data": args.data, "split": args.split, "model": tower.name,
+        **diag.as_dict(), "skipped": dict(skipped),
+        "definitions": {
+            "collapse_r": "mean Pearson r of each image's head-mean map with the set's mean map",
+            "pointing": f"arg-max of the bilinearly upsampled map inside the finding mask dilated by "
+                        f"{POINTING_DILATION:.4g} of the side",
+            "prior": "the same score with every image's attention replaced by the set's mean map",
+        },
+    }
+    m = diag.mean
+    row = {"task": "attention", "data": args.data, "model": tower.name, "collapse_r": m.collapse_r,
+           "pointing": m.pointing, "pointing_prior": m.pointing_prior, "iou": m.iou, "iou_prior": m.iou_prior}
+    write_results(out, metrics, row)
+    return metrics
