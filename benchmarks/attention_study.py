@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1536)
     p.add_argument("--out", default="runs/attention_study")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = demo_config(args.steps, args.samples, args.seed)
     cfg.train.probe_every = max(16, args.steps // 8)

@@ -207,3 +207,44 @@ def test_imagenet_weights_from_the_local_torch_cache(tiny_cfg, tmp_path, monkeyp
     tiny_cfg.model.image.weights = "imagenet"
     model = create_model(tiny_cfg)
     torch.testing.assert_close(model.image_encoder.layer4[0].conv1.weight, net.layer4[0].conv1.weight)
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_output_stride_dilates_and_keeps_weight_names(tiny_cfg, stride):
+    """A dilated encoder gives a finer attention map, the decoder still reaches full resolution,
+    and the state dict has the same names and shapes as the strided one (weights interchange)."""
+    tiny_cfg.model.image.output_stride = stride
+    model = create_model(tiny_cfg).eval()
+    out = model.image_forward(torch.rand(2, 1, 64, 64))
+    assert out.attention.shape[-2:] == (64 // stride, 64 // stride)
+    assert out.decoder_logits.shape[-2:] == (64, 64)
+    assert model.dense_embeddings(torch.rand(1, 1, 64, 64)).shape[1:3] == (64 // stride, 64 // stride)
+    tiny_cfg.model.image.output_stride = 32
+    plain = create_model(tiny_cfg).image_encoder.state_dict()
+    dilated = model.image_encoder.state_dict()
+    assert {k: v.shape for k, v in plain.items()} == {k: v.shape for k, v in dilated.items()}
+
+
+def test_token_norm_lowers_saturation():
+    """Large-norm ReLU tokens saturate the softmax; LayerNorm on the tokens keeps it spread."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 64, 4, 4)) * 30
+    for norm, low, high in ((False, 0.9, 1.01), (True, 0.0, 0.5)):
+        torch.manual_seed(1)
+        pool = AttentionPool2d(64, 48, 3, 16, 4, token_norm=norm)
+        _, att = pool(x)
+        peak = att.flatten(2).max(-1).values.mean().item()
+        assert low < peak < high, (norm, peak)
+
+
+def test_mean_pooling_ignores_padding(tiny_cfg):
+    tiny_cfg.model.text.pooling = "mean"
+    tiny_cfg.model.text.length_buckets = 1
+    model = create_model(tiny_cfg).eval()
+    short = model.encode_text(["small left pleural effusion"])
+    padded = model.encode_text(["small left pleural effusion",
+                                "a much longer report that pads the first one with many tokens here"])
+    torch.testing.assert_close(short[0], padded[0], rtol=0, atol=1e-5)
+    tokens = model.tokenize(["small left pleural effusion"])
+    hidden = model.text_encoder.backbone(**tokens).last_hidden_state[0]
+    torch.testing.assert_close(model.text_encoder(tokens)[0], hidden.mean(0))  # not the CLS row

@@ -222,3 +222,22 @@ def test_precision_selects_autocast_dtype_on_cuda_only(tiny_cfg):
         assert _autocast(tiny_cfg, cpu).__class__.__name__ == "nullcontext"
     tiny_cfg.train.precision = "fp32"
     assert _autocast(tiny_cfg, cuda).__class__.__name__ == "nullcontext"
+
+
+def test_logged_lr_is_the_rate_the_step_used(tiny_cfg, tmp_path):
+    """Step N's log shows step N's rate (the scheduler moves on only after the step)."""
+    cfg = _cfg(tiny_cfg, **{"train.max_steps": 4, "train.warmup_steps": 4, "train.lr": 1e-3,
+                            "train.probe_every": 0})
+    result = pretrain(cfg, tmp_path, progress=False)
+    assert [h["lr"] for h in result.history] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+
+
+def test_text_backbone_learning_rate_scale(tiny_cfg, tmp_path):
+    trainer = Pretrainer(_cfg(tiny_cfg, **{"train.text_lr_scale": 0.05, "train.lr": 1e-3}), tmp_path,
+                         progress=False)
+    trainer.setup()
+    groups = trainer.optimizer.param_groups
+    text = {id(p) for p in trainer.model.text_encoder.backbone.parameters() if p.requires_grad}
+    assert [g["initial_lr"] for g in groups] == pytest.approx([1e-3, 1e-3 * 0.05])
+    assert {id(p) for p in groups[1]["params"]} == text and text
+    assert not text & {id(p) for p in groups[0]["params"]}
