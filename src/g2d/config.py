@@ -63,6 +63,8 @@ class AttentionPoolCfg:
     keys_include_query: bool = False
     # LayerNorm on the pixel tokens before the attention (paper silent; see AttentionPool2d).
     token_norm: bool = False
+    # Keys from each pixel token minus that position's mean over images (see AttentionPool2d).
+    key_center: bool = False
 
 
 @dataclass

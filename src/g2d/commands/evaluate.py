@@ -21,9 +21,25 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 
+class _TaskParser(argparse.ArgumentParser):
+    """Folds ``--labels`` into the data spec (``csv:FILE?labels=a,b``) once all flags are read, so
+    every caller of ``run(args)`` (CLI, reproduce, demo) sees the same spec."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "labels", None):
+            from g2d.data.sets import with_options
+
+            ns.data, ns.labels = with_options(ns.data, labels=ns.labels), None
+        return ns, rest
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="siim:DIR, rsna:DIR, object-cxr:DIR, chexpert:DIR, "
-                   "cxr14:DIR, covidx:DIR, csv:FILE or synthetic[:N] (see docs/data.md)")
+                   "cxr14:DIR, covidx:DIR, csv:FILE or synthetic[:N]; reader options after '?': "
+                   "csv:FILE?labels=a,b&image_col=file (see docs/data.md)")
+    p.add_argument("--labels", default=None, help="label columns of a csv: set, a,b,c "
+                   "(the same as csv:FILE?labels=a,b,c)")
     p.add_argument("--model", default="random", help="G2D export/run folder/checkpoint, 'random' or 'imagenet'")
     p.add_argument("--arch", default="resnet50", help="ResNet of the random/imagenet baselines "
                    "(a loaded model brings its own); pass it to load_image_tower")
@@ -45,12 +61,12 @@ def _task(t: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
 
 def task_parser(name: str) -> argparse.ArgumentParser:
     """A stand-alone parser for ``g2d eval NAME`` (tests and scripts use it)."""
-    return _task(argparse.ArgumentParser(prog=f"g2d eval {name}", description=TASKS[name][1]), name)
+    return _task(_TaskParser(prog=f"g2d eval {name}", description=TASKS[name][1]), name)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run a downstream protocol", description=__doc__)
-    tasks = p.add_subparsers(dest="task", required=True)
+    tasks = p.add_subparsers(dest="task", required=True, parser_class=_TaskParser)
     for name, (_, help_) in TASKS.items():
         _task(tasks.add_parser(name, help=help_, description=help_), name)
 

@@ -20,6 +20,7 @@ Public sets use the split tables shipped in :mod:`g2d.data.splits`; ``csv:`` tab
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from g2d.data.splits import (SPLITS, check_fraction, fraction_count, load_order,
                              split_ids)
 from g2d.data.transforms import ImageTransformCfg
 
-__all__ = ["READERS", "open_dataset", "SyntheticLabelled", "assign_random_split"]
+__all__ = ["READERS", "open_dataset", "parse_spec", "with_options", "SyntheticLabelled", "assign_random_split"]
 
 log = logging.getLogger("g2d.data")
 
@@ -76,10 +77,49 @@ def _reader(name: str):
     return getattr(mod, fn), getattr(mod, "SPLIT_TABLE", None), getattr(mod, "ORDER_TABLE", None)
 
 
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``NAME:PATH[?key=value&key=value]`` -> ``(name, path, reader options)``.
+
+    The options after ``?`` go to the set's reader as keyword arguments, so every option a reader
+    takes is reachable from a command line: ``csv:labels.csv?labels=a,b&image_col=file``.
+
+    :raises DataError: no ``NAME:``, an option without ``=``, or one the reader does not take.
+    """
+    if ":" not in spec:
+        raise DataError(f"data spec {spec!r}: expected NAME:PATH (e.g. siim:/data/siim), csv:FILE or synthetic")
+    name, rest = spec.split(":", 1)
+    path, _, query = rest.partition("?")
+    opts: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"data spec {spec!r}: option {item!r} is not key=value")
+        opts[key.strip()] = value.strip()
+    if opts and name in READERS:
+        read = _reader(name)[0]
+        known = [p for p in inspect.signature(read).parameters if p != "path"]
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise DataError(f"data spec {spec!r}: the {name} reader takes no option {unknown[0]!r} "
+                            f"(options: {', '.join(known) or 'none'})")
+    return name, path, opts
+
+
+def with_options(spec: str, **opts: str | None) -> str:
+    """``spec`` with reader options added (``None`` values are left out); see :func:`parse_spec`."""
+    given = {k: v for k, v in opts.items() if v is not None}
+    if not given:
+        return spec
+    sep = "&" if "?" in spec else "?"
+    return spec + sep + "&".join(f"{k}={v}" for k, v in given.items())
+
+
 def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
                  geometry: ImageTransformCfg | None = None, *, split_seed: int = 0,
                  max_skip_fraction: float = 0.1, **reader_opts: Any) -> LabelledCXR:
     """The ``split`` part of the set named by ``spec``, training ids cut to ``fraction``.
+
+    ``spec`` may carry reader options after ``?`` (:func:`parse_spec`); ``reader_opts`` add to them.
 
     Raises:
         DataError: unknown spec, missing folder/file, or more than ``max_skip_fraction`` of the
@@ -91,9 +131,8 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = int(spec.split(":", 1)[1]) if ":" in spec else 256
         return SyntheticLabelled(split, n, fraction, geometry)
-    if ":" not in spec:
-        raise DataError(f"data spec {spec!r}: expected NAME:PATH (e.g. siim:/data/siim), csv:FILE or synthetic")
-    name, path = spec.split(":", 1)
+    name, path, spec_opts = parse_spec(spec)
+    reader_opts = {**spec_opts, **reader_opts}
     read, table_name, order_name = _reader(name)
     p = Path(path).expanduser()
     if not p.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from g2d.config import ImageEncoderCfg
 from g2d.model import G2DModel
 from g2d.model.image_encoder import ResNetEncoder
 
-__all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device", "write_results", "run_info"]
+__all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device", "write_results", "write_json", "strict_json",
+           "run_info"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -99,12 +101,46 @@ def run_info() -> dict[str, Any]:
             "torch": torch.__version__, "gpu": gpu, "commit": commit}
 
 
+def strict_json(data: Any) -> tuple[Any, dict[str, str]]:
+    """``data`` with every NaN / infinite float replaced by ``None`` (JSON's ``null``), and the
+    ``/``-joined key path of each replaced value mapped to a generic reason.
+
+    Python's ``json`` writes NaN as a bare ``NaN``, which is not JSON (JavaScript's ``JSON.parse``,
+    jq and most other readers reject the file)."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = "not a finite number" if not math.isnan(value) else "undefined for this run"
+            return None
+        return value
+
+    return walk(data, ""), found
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """The one writer of result files: strict JSON (``allow_nan=False``), atomically. Undefined
+    values become ``null`` and are listed under ``"undefined"`` with their reason; reasons the
+    producer already gave there (e.g. ``{"auc_per_class/b": "one class in test"}``) are kept."""
+    clean, found = strict_json({k: v for k, v in data.items() if k != "undefined"})
+    reasons = {**found, **data.get("undefined", {})}
+    if reasons:
+        clean["undefined"] = reasons
+    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return Path(path)
+
+
 def write_results(out_dir: str | Path, metrics: dict[str, Any], row: dict[str, Any]) -> Path:
-    """Write ``metrics.json`` (metrics + run info) and ``results.md`` (one Markdown table row) atomically."""
+    """Write ``metrics.json`` (metrics + run info, :func:`write_json`) and ``results.md`` (one
+    Markdown table row) atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {**metrics, "run": run_info()}
-    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n"))
+    write_json(out / "metrics.json", {**metrics, "run": run_info()})
 
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)

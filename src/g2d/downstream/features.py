@@ -29,8 +29,8 @@ from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.common import Frozen, ImageTower
 
 __all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
-           "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "is_multiclass",
-           "progress_bar"]
+           "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
+           "is_multiclass", "progress_bar", "label_tasks"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -194,6 +194,20 @@ def auroc_per_class(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[str]
     return out
 
 
+def auroc_undefined(labels: np.ndarray, tasks: Sequence[str], key: str = "auc_per_class") -> dict[str, str]:
+    """Why each class's AUROC is undefined (for ``metrics.json``'s ``"undefined"``):
+    ``{"auc_per_class/b": "one class in test (all 0)"}``; classes with an AUROC are not listed."""
+    out: dict[str, str] = {}
+    for k, name in enumerate(tasks):
+        y = labels[~np.isnan(labels[:, k]), k]
+        values = np.unique(y)
+        if len(values) == 0:
+            out[f"{key}/{name}"] = "no known label in test"
+        elif len(values) == 1:
+            out[f"{key}/{name}"] = f"one class in test (all {values[0]:g})"
+    return out
+
+
 def nan_mean(values: dict[str, float] | Sequence[float]) -> float:
     vals = [v for v in (values.values() if isinstance(values, dict) else values) if not math.isnan(v)]
     return float(np.mean(vals)) if vals else math.nan
@@ -205,6 +219,16 @@ def masked_bce(logits: Tensor, labels: Tensor) -> Tensor:
     if not known.any():
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def label_tasks(ds: Any, spec: str) -> list[str]:
+    """The set's label names; a set without any (a ``csv:`` table read without ``labels``) is an
+    error that says how to name them."""
+    tasks = list(getattr(ds, "tasks", []))
+    if not tasks:
+        raise DataError(f"{spec}: the set has no label columns to classify; name them with "
+                        "--labels a,b,c or csv:FILE?labels=a,b,c")
+    return tasks
 
 
 def check_split(ds: Any, what: str) -> None:

@@ -33,7 +33,7 @@ from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, is_multiclass,
-                                     make_loader, masked_bce, progress_bar)
+                                     label_tasks, make_loader, masked_bce, progress_bar)
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.model.image_encoder import ResNetEncoder
 
@@ -101,9 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     val_ds, test_ds = (open_dataset(args.data, s, 1.0, geom) for s in ("val", "test"))
     for ds, s in ((train_ds, "train"), (val_ds, "val"), (test_ds, "test")):
         check_split(ds, f"{args.data} {s}")
-    tasks = list(train_ds.tasks)
-    if not tasks:
-        raise DataError(f"{args.data}: the set has no label columns to classify")
+    tasks = label_tasks(train_ds, args.data)
     multiclass = is_multiclass(train_ds.labels()) and is_multiclass(test_ds.labels())
     model = Classifier(tower.encoder, len(tasks)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (POOLINGS, add_geometry_arguments, auroc_per_class, cached_features,
-                                     check_split, default_cache_dir, geometry_from_args, is_multiclass,
-                                     masked_bce, model_key, nan_mean)
+from g2d.downstream.features import (POOLINGS, add_geometry_arguments, auroc_per_class, auroc_undefined,
+                                     cached_features, check_split, default_cache_dir, geometry_from_args,
+                                     is_multiclass, label_tasks, masked_bce, model_key, nan_mean)
 
 __all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
 
@@ -68,7 +68,8 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], mu
     Multi-class: also ``acc`` (top-1, micro) and ``acc_per_class`` (recall of each class).
     """
     per = auroc_per_class(scores, labels, tasks)
-    out: dict[str, Any] = {"auc": nan_mean(per), "auc_per_class": per}
+    out: dict[str, Any] = {"auc": nan_mean(per), "auc_per_class": per,
+                           "undefined": auroc_undefined(labels, tasks)}
     if multiclass:
         pred, true = scores.argmax(1), labels.argmax(1)
         out["acc"] = float((pred == true).mean()) if len(true) else math.nan
@@ -151,9 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     geom = geometry_from_args(args, tower)
     (xs, ys, train_ds), (xv, yv, _), (xt, yt, _) = (_features(args, tower, s, geom, device)
                                                    for s in ("train", "val", "test"))
-    tasks = list(train_ds.tasks)
-    if not tasks:
-        raise DataError(f"{args.data}: the set has no label columns to classify")
+    tasks = label_tasks(train_ds, args.data)
     if len(xs) == 0 or len(xv) == 0 or len(xt) == 0:
         raise DataError(f"{args.data}: no readable images in train, val or test")
     multiclass = is_multiclass(ys.numpy()) and is_multiclass(yt.numpy())

@@ -38,8 +38,8 @@ from g2d.config import ConfigError
 from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, auroc_per_class, check_split, geometry_from_args,
-                                     make_loader, nan_mean, progress_bar)
+from g2d.downstream.features import (add_geometry_arguments, auroc_per_class, auroc_undefined, check_split,
+                                     geometry_from_args, label_tasks, make_loader, nan_mean, progress_bar)
 from g2d.model import G2DModel
 
 __all__ = ["add_arguments", "run", "load_prompts", "class_prompts", "prompt_embeddings", "zero_shot_scores",
@@ -215,7 +215,8 @@ def threshold_metrics(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[st
             thr[t] = float(rule)
         f1s[t], accs[t] = _f1_acc(s, y, thr[t]) if len(y) else (math.nan, math.nan)
     return {"auc": nan_mean(auc), "f1": nan_mean(f1s), "acc": nan_mean(accs), "auc_per_class": auc,
-            "f1_per_class": f1s, "acc_per_class": accs, "thresholds": thr, "threshold_fallback": fallback}
+            "f1_per_class": f1s, "acc_per_class": accs, "thresholds": thr, "threshold_fallback": fallback,
+            "undefined": auroc_undefined(labels, tasks)}
 
 
 def parse_threshold(value: str) -> str | float:
@@ -242,9 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     geom = geometry_from_args(args, tower)
     test_ds = open_dataset(args.data, "test", 1.0, geom)
     check_split(test_ds, f"{args.data} test")
-    tasks = list(test_ds.tasks)
-    if not tasks:
-        raise DataError(f"{args.data}: the set has no label columns to classify")
+    tasks = label_tasks(test_ds, args.data)
     prompts = class_prompts(tasks, load_prompts(args.prompts))
     pos, neg = prompt_embeddings(model, prompts)
     scores, labels = _score_split(model, test_ds, pos, neg, args, device, "test")

@@ -26,10 +26,14 @@ class AttentionPool2d(nn.Module):
     :param token_norm: LayerNorm the pixel tokens before the query/key/value projections (not in
         CLIP or the release). Without it the ReLU features' norm (about 30 for the ``tiny`` preset)
         dwarfs the positional embedding and saturates the softmax to one cell (docs/attention.md).
+    :param key_center: compute the keys from each pixel token minus that position's mean over
+        images (the batch's mean in training, a running mean in eval, as BatchNorm keeps it), so
+        attention responds to what differs from the usual anatomy at that place rather than to
+        the anatomy itself. Values and the query are unchanged. Not in CLIP or the release.
     """
 
     def __init__(self, in_dim: int, width: int, heads: int, out_dim: int, spatial: int,
-                 keys_include_query: bool = False, token_norm: bool = False):
+                 keys_include_query: bool = False, token_norm: bool = False, key_center: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads={heads} does not divide attention width={width}")
@@ -41,20 +45,37 @@ class AttentionPool2d(nn.Module):
         self.v = nn.Linear(in_dim, width)
         self.out = nn.Linear(width, out_dim)
         self.norm = nn.LayerNorm(in_dim) if token_norm else None
+        self.key_center = key_center
+        if key_center:
+            self.register_buffer("position_mean", torch.zeros(spatial * spatial, in_dim))
 
-    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, C, H, W] -> query token [B, 1, C] and pixel tokens [B, HW, C], with positions."""
+    def _resample(self, table: Tensor, h: int, w: int) -> Tensor:
+        """A per-position table [spatial^2, C] at another map size [h * w, C] (bilinear)."""
+        if h * w == self.spatial ** 2:
+            return table
+        c = table.shape[1]
+        grid = table.T.reshape(1, c, self.spatial, self.spatial)
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).reshape(c, h * w).T
+
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, C, H, W] -> query token [B, 1, C], pixel tokens [B, HW, C] with positions, and the
+        tokens the keys are computed from (centred per position with ``key_center``)."""
         b, c, h, w = x.shape
         pix = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             pix = self.norm(pix)
-        pos = self.pos
-        if h * w != self.spatial ** 2:
-            grid = pos[1:].T.reshape(1, c, self.spatial, self.spatial)
-            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-            pos = torch.cat([pos[:1], grid.reshape(c, h * w).T], dim=0)
+        pos = torch.cat([self.pos[:1], self._resample(self.pos[1:], h, w)], dim=0)
         query = pix.mean(dim=1, keepdim=True) + pos[:1]
-        return query, pix + pos[1:]
+        key_pix = pix
+        if self.key_center:
+            if self.training and h * w == self.spatial ** 2:
+                mean = pix.mean(0)
+                with torch.no_grad():
+                    self.position_mean.lerp_(mean.detach().float(), 0.1)
+            else:
+                mean = self._resample(self.position_mean, h, w).to(pix.dtype)
+            key_pix = pix - mean
+        return query, pix + pos[1:], key_pix + pos[1:]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pool a dense map.
@@ -65,12 +86,13 @@ class AttentionPool2d(nn.Module):
             ``keys_include_query``).
         """
         b, _, h, w = x.shape
-        query, pix = self._tokens(x)
-        keys = torch.cat([query, pix], dim=1) if self.keys_include_query else pix
+        query, pix, key_pix = self._tokens(x)
+        keys = torch.cat([query, key_pix], dim=1) if self.keys_include_query else key_pix
+        values = torch.cat([query, pix], dim=1) if self.keys_include_query else pix
         dh = self.width // self.heads
         q = self.q(query).view(b, 1, self.heads, dh).transpose(1, 2)          # [B, h, 1, dh]
         k = self.k(keys).view(b, -1, self.heads, dh).transpose(1, 2)          # [B, h, N, dh]
-        v = self.v(keys).view(b, -1, self.heads, dh).transpose(1, 2)
+        v = self.v(values).view(b, -1, self.heads, dh).transpose(1, 2)
         weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(dh), dim=-1)  # [B, h, 1, N]
         pooled = (weights @ v).transpose(1, 2).reshape(b, self.width)
         spatial = weights[:, :, 0, 1:] if self.keys_include_query else weights[:, :, 0]
@@ -83,5 +105,5 @@ class AttentionPool2d(nn.Module):
         :param x: [B, C, H, W]. :return: [B, H, W, out_dim].
         """
         b, _, h, w = x.shape
-        _, pix = self._tokens(x)
+        _, pix, _ = self._tokens(x)
         return self.out(self.v(pix)).view(b, h, w, -1)

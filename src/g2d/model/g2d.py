@@ -65,12 +65,13 @@ class G2DModel(nn.Module):
         if cfg.pool.pool_on == "features":
             self.pixel_proj = None
             self.pool = AttentionPool2d(dense_ch, cfg.pool.width, cfg.pool.heads, cfg.pool.width,
-                                        spatial, cfg.pool.keys_include_query, cfg.pool.token_norm)
+                                        spatial, cfg.pool.keys_include_query, cfg.pool.token_norm,
+                                        cfg.pool.key_center)
             self.image_proj = Projector(cfg.pool.width, d)
         else:  # release: per-pixel projection to d, attention pooling on the d-dim map
             self.pixel_proj = Projector(dense_ch, d)
             self.pool = AttentionPool2d(d, d, cfg.pool.heads, d, spatial, cfg.pool.keys_include_query,
-                                        cfg.pool.token_norm)
+                                        cfg.pool.token_norm, cfg.pool.key_center)
             self.image_proj = None
 
         if text_backbone is None:
