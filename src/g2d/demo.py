@@ -30,6 +30,7 @@ import torch
 from g2d.config import G2DConfig, get_config
 from g2d.data.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
+from g2d.downstream.common import write_json
 from g2d.eval.grounding import binarize, dice_per_image, similarity_maps
 from g2d.eval.retrieval import embed_pairs, image_to_text_top1
 from g2d.factory import create_model, load_model
@@ -228,6 +229,6 @@ def run_demo(out_dir: str | Path, steps: int = 64, train_samples: int = 1536, ev
         "wall_s": time.perf_counter() - start,
     }
     md = _markdown(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_json(out / "results.json", results)
     (out / "results.md").write_text(md, encoding="utf-8")
     return {**results, "markdown": md}

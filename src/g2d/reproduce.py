@@ -287,6 +287,10 @@ class Runner:
         if col.metric not in metrics:
             res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")
             return
+        if metrics[col.metric] is None:  # strict JSON's null: undefined for this run, with its reason
+            why = metrics.get("undefined", {}).get(col.metric, "undefined")
+            res.errors.append(f"seed {seed}: {col.metric} is undefined ({why}) in {metrics_file}")
+            return
         res.values.append(float(metrics[col.metric]) * col.scale)
 
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:

@@ -111,14 +111,51 @@ def load_prompts(path: str | Path | None = None) -> dict[str, list[tuple[str, st
     return table
 
 
+# Class names that are themselves a normal or negative statement ("No Finding", "normal"): the
+# generic "{finding}" / "no {finding}" pair makes their negative prompt a double negative that means
+# what the positive means, and the score's direction arbitrary (CheXzero's users saw AUC 0.07).
+_NEGATIVE_CLASS = re.compile(r"^(no|not|without|normal|negative|unremarkable|clear|healthy)\b")
+_DOUBLE_NEGATIVE = re.compile(r"\b(no|not|without|absence of)\s+(no|not|without|normal|negative|"
+                              r"unremarkable|healthy)\b")
+
+
+def check_prompt_pair(cls: str, positive: str, negative: str) -> None:
+    """Refuse a pair whose two sides cannot be told apart: identical texts or a double negative.
+
+    :raises DataError: naming the class and the pair.
+    """
+    pos, neg = _norm(positive), _norm(negative)
+    why = ("the positive and negative prompts are the same" if pos == neg else
+           "a prompt is a double negative" if _DOUBLE_NEGATIVE.search(neg) or _DOUBLE_NEGATIVE.search(pos)
+           else None)
+    if why:
+        raise DataError(f"zero-shot prompts for class {cls!r}: {why} ({positive!r} / {negative!r}); give "
+                        "the class its own line in the prompt file with a positive/negative pair of "
+                        "opposite meaning (e.g. 'no acute cardiopulmonary process' / 'acute "
+                        "cardiopulmonary abnormality')")
+
+
 def class_prompts(tasks: Sequence[str], table: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
-    """Filled-in (positive, negative) prompt pairs for every class of ``tasks``."""
+    """Filled-in (positive, negative) prompt pairs for every class of ``tasks``.
+
+    :raises DataError: a class without prompts; a class whose name is a normal/negative statement
+        ("No Finding", "normal") that only the generic ``*`` template covers; any pair that
+        :func:`check_prompt_pair` refuses.
+    """
     out: dict[str, list[tuple[str, str]]] = {}
     for t in tasks:
-        pairs = table.get(_norm(t)) or table.get("*")
+        own = table.get(_norm(t))
+        pairs = own or table.get("*")
         if not pairs:
             raise DataError(f"no prompt for class {t!r} and no '*' line in the prompt file")
+        if own is None and _NEGATIVE_CLASS.match(_norm(t)):
+            raise DataError(f"zero-shot prompts for class {t!r}: the class names a normal or negative "
+                            "finding, and the generic '{finding}' / 'no {finding}' template would make its "
+                            "negative prompt a double negative; give it its own line in the prompt file "
+                            "(a normal study vs. any abnormality)")
         out[t] = [(pos.replace("{finding}", _norm(t)), neg.replace("{finding}", _norm(t))) for pos, neg in pairs]
+        for pos, neg in out[t]:
+            check_prompt_pair(t, pos, neg)
     return out
 
 
