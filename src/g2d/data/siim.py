@@ -32,7 +32,7 @@ import numpy as np
 from g2d.data.images import ImageReadError
 from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog
 from g2d.data.labelled_csv import read_table
-from g2d.data.splits import load_split
+from g2d.data.splits import fraction_count, load_split
 
 __all__ = ["read_siim", "make_split", "balance_train", "RLEMask", "decode_rle", "find_images",
            "SPLIT_TABLE", "SPLIT_SEED", "TASKS"]
@@ -200,23 +200,30 @@ def make_split(label_file: Path) -> dict[str, str]:
     return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
 
 
-def balance_train(ds: LabelledCXR) -> LabelledCXR:
-    """MGCA's balanced SIIM training set: every positive image plus as many negatives.
+def balance_train(ds: LabelledCXR, fraction: float = 1.0) -> LabelledCXR:
+    """MGCA's balanced SIIM training set: every positive image plus as many negatives, then the
+    label fraction taken from that balanced set (MGCA: ``data_pct`` of the balanced ids).
 
-    The negatives are those with the smallest rank in the shipped split table (a seeded permutation),
-    so the choice is fixed, identical for everyone, and nested across label fractions when applied
-    to ``open_dataset("siim:DIR", "train", fraction=f)``. MGCA draws the negatives with
-    ``np.random.choice`` before taking the fraction; the expected composition is the same (half
-    positive), the ids are not. Validation and test stay unbalanced, as in MGCA.
+    ``ds`` is the whole training split (``open_dataset("siim:DIR", "train")``). The negatives are
+    those with the smallest rank in the shipped split table (a seeded permutation), and the fraction
+    keeps the balanced ids of smallest rank, so the choice is fixed, identical for everyone, and
+    nested across fractions. MGCA draws both with ``np.random.choice``; the expected composition is
+    the same (half positive at every fraction), the ids are not. Validation and test stay
+    unbalanced, as in MGCA.
 
     Raises:
         DataError: fewer negatives than positives.
     """
     table = load_split(SPLIT_TABLE)
     lab = ds.labels()[:, 0]
+
+    def rank(i: str) -> tuple[int, str]:
+        return table.get(i, ("", 1 << 62))[1], i
+
     pos = [r.id for r, y in zip(ds.records, lab) if y == 1]
-    neg = sorted((r.id for r, y in zip(ds.records, lab) if y == 0), key=lambda i: (table.get(i, ("", 1 << 62))[1], i))
+    neg = sorted((r.id for r, y in zip(ds.records, lab) if y == 0), key=rank)
     if len(neg) < len(pos):
         raise DataError(f"{ds.name}: {len(pos)} positives but only {len(neg)} negatives; cannot balance")
-    keep = set(pos) | set(neg[:len(pos)])
+    balanced = sorted([*pos, *neg[:len(pos)]], key=rank)
+    keep = set(balanced[:fraction_count(len(balanced), fraction)])
     return ds.subset([i for i in ds.ids if i in keep], name=f"{ds.name}-balanced")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from g2d.downstream.common import Frozen, write_results
 from g2d.downstream.dense_metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, make_loader,
-                                         make_optimizer, shuffled_loader, skip_counts, start_dense_run)
+                                         make_optimizer, positives, shuffled_loader, skip_counts, start_dense_run)
 from g2d.downstream.yolo import YOLOv3Head, decode, postprocess, scaled_anchors, yolo_loss
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
@@ -178,7 +178,7 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
         "map_rule": "map: all test images; map_mgca: images without ground truth or without any detection "
                     "skipped, as MGCA's shared_step",
         "iou_thresholds": list(MAP_IOU_THRESHOLDS), "test_loss": test_loss,
-        "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "n_train": len(splits["train"]), "n_train_pos": positives(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
         "epochs_run": fit.epoch, "best_epoch": fit.best_epoch, "best_val_map": fit.best_score,
         "stopped_early": fit.stopped_early, "resumed_from_epoch": fit.resumed_from,
         "batch_size": batch_size, "lr": lr, "history": fit.history, "figures": figures,

@@ -39,7 +39,7 @@ from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 
 __all__ = ["add_arguments", "run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
-           "DenseFit", "dataset_name", "make_loader", "open_splits"]
+           "DenseFit", "dataset_name", "make_loader", "open_splits", "positives"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mgca-batch-size", type=int, default=None,
                    help="test batch size of the dice_mgca_batch_mean variant (default: --batch-size, as MGCA)")
     p.add_argument("--figures", type=int, default=4, help="test images drawn to OUT/figures")
+    p.add_argument("--siim-train", choices=("balanced", "all"), default="balanced",
+                   help="SIIM only: train on every positive plus as many negatives (MGCA/GLoRIA, paper "
+                        "A.4.1; the fraction is taken from that set), or on the whole training split")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -148,10 +151,28 @@ def square_geometry(size: int) -> ImageTransformCfg:
 
 
 def open_splits(args: argparse.Namespace) -> dict[str, Any]:
-    """train (cut to ``--fraction``), val and test of ``--data`` at the square geometry."""
+    """train (cut to ``--fraction``), val and test of ``--data`` at the square geometry.
+
+    SIIM segmentation trains on MGCA/GLoRIA's balanced set (every positive plus as many negatives,
+    the fraction taken from that set; :func:`g2d.data.siim.balance_train`) unless
+    ``--siim-train all``; val and test keep every image."""
     geom = square_geometry(args.image_size)
-    return {s: open_dataset(args.data, s, args.fraction if s == "train" else 1.0, geom)
-            for s in ("train", "val", "test")}
+    balance = dataset_name(args.data) == "siim" and getattr(args, "siim_train", "all") == "balanced"
+    splits = {s: open_dataset(args.data, s, args.fraction if s == "train" and not balance else 1.0, geom)
+              for s in ("train", "val", "test")}
+    if balance:
+        from g2d.data.siim import balance_train
+
+        splits["train"] = balance_train(splits["train"], args.fraction)
+    return splits
+
+
+def positives(ds: Any) -> int | None:
+    """Images of ``ds`` with at least one positive label (None for a set without labels)."""
+    labels = ds.labels() if hasattr(ds, "labels") else None
+    if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
+        return None
+    return int((labels == 1).any(1).sum())
 
 
 def make_loader(ds: Any, batch_size: int, num_workers: int, shuffle: bool = False,
@@ -354,7 +375,8 @@ def _signature(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     return {"task": "segmentation", "data": args.data, "model": str(args.model), "fraction": args.fraction,
             "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
-            "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss}
+            "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss,
+            "siim_train": args.siim_train}
 
 
 @torch.no_grad()
@@ -448,7 +470,8 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
         "dice_rule": "per-image mean; empty target & empty prediction = 1, empty target & non-empty prediction = 0",
         "mgca_batch_size": mgca_bs,
         "test_loss": test_loss,
-        "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "n_train": len(splits["train"]), "n_train_pos": positives(splits["train"]),
+        "n_val": len(splits["val"]), "n_test": len(splits["test"]),
         "n_test_scored": int(len(dice)), "n_test_empty_target": n_empty_target,
         "epochs_run": fit.epoch, "best_epoch": fit.best_epoch, "best_val_dice": fit.best_score,
         "stopped_early": fit.stopped_early, "resumed_from_epoch": fit.resumed_from,
