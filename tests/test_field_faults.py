@@ -173,3 +173,47 @@ def test_siim_balanced_fraction_is_taken_from_the_balanced_set(tmp_path):
     half = balance_train(full, 0.5)
     assert len(whole) == 8 and len(half) == 4
     assert set(half.ids) <= set(whole.ids)  # nested across fractions
+
+
+def _dicom(path, arr, photometric="MONOCHROME2", wc=None, ww=None, slope=1.0, intercept=0.0):
+    import pydicom  # noqa: F401
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if wc is not None:
+        ds.WindowCenter, ds.WindowWidth = wc, ww
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_voi_window_spreads_the_tissue(tmp_path, photometric):
+    """Tissue 1000..2000 and a burned-in marker at 4095; WindowCenter/Width 1500/1000 (field case 02)."""
+    from g2d.data.images import read_image
+
+    t = np.tile(np.linspace(1000, 2000, 64), (64, 1))
+    t[:4, :4] = 4095
+    if photometric == "MONOCHROME1":
+        t = 4095 - t
+    img = read_image(_dicom(tmp_path / "w.dcm", t, photometric, wc=1500 if photometric == "MONOCHROME2"
+                            else 4095 - 1500, ww=1000))
+    tissue = img[10:, :]
+    assert tissue.min() == pytest.approx(0.0, abs=0.01) and tissue.max() == pytest.approx(1.0, abs=0.01)
+    assert img[0, 0] == pytest.approx(1.0)           # the marker is clipped at the window's top
+    assert tissue[:, -1].mean() > tissue[:, 0].mean()  # 2000 is brighter than 1000 in both encodings
+    # without a window: the stored range, as before (the marker squeezes the tissue)
+    plain = read_image(_dicom(tmp_path / "p.dcm", t, photometric))
+    assert plain[10:, :].max() - plain[10:, :].min() < 0.35

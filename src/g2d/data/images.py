@@ -37,13 +37,25 @@ def _read_dicom(path: Path) -> np.ndarray:
         import pydicom
     except ImportError as e:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(path, "reading DICOM needs pydicom (pip install pydicom)") from e
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
     ds = pydicom.dcmread(str(path))
-    arr = ds.pixel_array.astype(np.float64)
+    arr = ds.pixel_array
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3].mean(-1)
+        arr = arr[..., :3].astype(np.float64).mean(-1)
     elif arr.ndim != 2:
         raise ValueError(f"unsupported DICOM pixel array of shape {arr.shape}")
-    arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    else:
+        # Modality LUT (or RescaleSlope/Intercept), then the first VOI LUT or window
+        # (WindowCenter/Width): what a viewer shows, so a burned-in marker at the top of the stored
+        # range cannot squeeze the tissue into a corner of [0, 1]. pydicom applies both as the
+        # standard (PS3.3 C.11) defines them.
+        arr = apply_modality_lut(arr, ds)
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            arr = apply_voi_lut(arr, ds, index=0)
+    arr = np.asarray(arr, dtype=np.float64)
     lo, hi = float(arr.min()), float(arr.max())
     arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     # MONOCHROME1: high values are dark; invert so bone is bright as in every other format.
@@ -57,7 +69,8 @@ def read_image(path: str | Path) -> np.ndarray:
 
     PNG/JPEG/TIFF of any PIL mode follow :func:`g2d.data.transforms.to_grayscale_float` (RGB -> luma,
     alpha composited over black, 16-bit scaled by the image's own range). DICOM (``.dcm``) is read
-    with pydicom, rescaled by slope/intercept, min-max scaled and inverted when MONOCHROME1.
+    with pydicom: modality LUT (slope/intercept), then the VOI LUT or window when the file has one,
+    min-max scaled and inverted when MONOCHROME1.
 
     Raises:
         ImageReadError: the file is missing, empty, or cannot be decoded (message names the file).
