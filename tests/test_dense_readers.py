@@ -136,7 +136,7 @@ def test_siim_reader_through_open_dataset(siim_dir: Path, monkeypatch, tmp_path:
     assert by_id["pos1"].labels.tolist() == [1.0] and by_id["neg_png"].labels.tolist() == [0.0]
     assert by_id["neg_png"].image.endswith(".png") and by_id["pos1"].image.endswith(".dcm")
 
-    ds = open_dataset(f"siim:{siim_dir}", split="train", geometry=GEOM32, max_skip_fraction=0.9)
+    ds = open_dataset(f"siim:{siim_dir}?label_size=image", split="train", geometry=GEOM32, max_skip_fraction=0.9)
     assert len(ds) == 5 and ds.with_mask and not ds.with_boxes
     samples = {s["id"]: s for s in (ds[i] for i in range(len(ds))) if s is not None}
     # RLE past the image end and the unreadable DICOM fail at decode time and are named + counted
@@ -163,7 +163,7 @@ def test_siim_balanced_train(siim_dir: Path, monkeypatch, tmp_path: Path) -> Non
         f.write("neg2, -1\n")
     use_table(monkeypatch, siim, tmp_path, {"pos1": "train", "neg_m1": "train", "neg_png": "train",
                                             "neg2": "train", "past_end": "test", "broken": "val"})
-    ds = open_dataset(f"siim:{siim_dir}", split="train", geometry=GEOM32, max_skip_fraction=0.9)
+    ds = open_dataset(f"siim:{siim_dir}?label_size=image", split="train", geometry=GEOM32, max_skip_fraction=0.9)
     bal = siim.balance_train(ds)
     lab = bal.labels()[:, 0]
     assert len(bal) == 2 and lab.sum() == 1
@@ -214,7 +214,7 @@ def test_rsna_reader_through_open_dataset(tmp_path: Path, monkeypatch, caplog) -
         assert f"stage_2_train_labels.csv:{row}" in caplog.text
     assert "pD" not in caplog.text  # patient ids never logged
 
-    ds = open_dataset(f"rsna:{d}", split="test", geometry=GEOM32, max_skip_fraction=0.6)
+    ds = open_dataset(f"rsna:{d}?label_size=image", split="test", geometry=GEOM32, max_skip_fraction=0.6)
     assert ds.ids == ["pA", "pB", "pC"] and ds.with_mask and ds.with_boxes
     s = ds[0]
     assert s["image"].shape == (1, 32, 32) and s["mask"].shape == (1, 32, 32)
@@ -227,10 +227,10 @@ def test_rsna_reader_through_open_dataset(tmp_path: Path, monkeypatch, caplog) -
     assert neg["boxes"].shape == (0, 4) and neg["mask"].sum() == 0 and neg["labels"].tolist() == [0.0]
     # the bad rows (5 of 9) exceed the default 10 %
     with pytest.raises(DataError, match="unusable"):
-        open_dataset(f"rsna:{d}", split="test", geometry=GEOM32)
+        open_dataset(f"rsna:{d}?label_size=image", split="test", geometry=GEOM32)
     # malformed patients listed in the split: 3 of its 4 ids unusable
     with pytest.raises(DataError, match="3 of 4 ids unusable"):
-        open_dataset(f"rsna:{d}", split="train", geometry=GEOM32, max_skip_fraction=0.6)
+        open_dataset(f"rsna:{d}?label_size=image", split="train", geometry=GEOM32, max_skip_fraction=0.6)
 
 
 def test_rsna_make_split_groups_patients(tmp_path: Path) -> None:

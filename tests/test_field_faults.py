@@ -156,9 +156,9 @@ def test_siim_segmentation_trains_on_the_balanced_set(tmp_path, monkeypatch, mod
     # the folder holds 12 of the table's 12,047 ids: lift the missing-ids guard for this test only
     monkeypatch.setattr(seg, "open_dataset", functools.partial(open_dataset, max_skip_fraction=1.0))
     out = tmp_path / f"out_{mode}"
-    assert main(["eval", "segmentation", "--data", f"siim:{tmp_path / 'siim'}", "--model", "random",
-                 "--arch", "resnet18", "--epochs", "1", "--batch-size", "4", "--image-size", "64",
-                 "--out", str(out), "--no-progress", "--figures", "0", "--num-workers", "0",
+    spec = f"siim:{tmp_path / 'siim'}?label_size=image"  # the fixture's RLE is in its 64-px images
+    assert main(["eval", "segmentation", "--data", spec, "--model", "random", "--arch", "resnet18",
+                 "--epochs", "1", "--batch-size", "4", "--image-size", "64", "--out", str(out), "--no-progress", "--figures", "0", "--num-workers", "0",
                  "--siim-train", mode]) == 0
     m = _strict(out / "metrics.json")
     assert (m["n_train"], m["n_train_pos"], m["n_val"], m["n_test"]) == (n_train, n_pos, 2, 2)
@@ -168,7 +168,7 @@ def test_siim_balanced_fraction_is_taken_from_the_balanced_set(tmp_path):
     from g2d.data.siim import balance_train
 
     _tiny_siim(tmp_path / "siim", n_train=8, n_pos=4)
-    full = open_dataset(f"siim:{tmp_path / 'siim'}", "train", max_skip_fraction=1.0)
+    full = open_dataset(f"siim:{tmp_path / 'siim'}?label_size=image", "train", max_skip_fraction=1.0)
     whole = balance_train(full)
     half = balance_train(full, 0.5)
     assert len(whole) == 8 and len(half) == 4
@@ -217,3 +217,68 @@ def test_dicom_voi_window_spreads_the_tissue(tmp_path, photometric):
     # without a window: the stored range, as before (the marker squeezes the tissue)
     plain = read_image(_dicom(tmp_path / "p.dcm", t, photometric))
     assert plain[10:, :].max() - plain[10:, :].min() < 0.35
+
+
+def _rsna(root, size, box, pid=None):
+    from g2d.data.splits import load_split
+
+    t = load_split("rsna")
+    pid = pid or sorted(k for k, v in t.items() if v[0] == "test")[0]
+    (root / "stage_2_train_images").mkdir(parents=True)
+    x, y, w, h = box                                       # 1024-px label
+    img = np.full(size[::-1], 20, np.uint8)
+    sx, sy = size[0] / 1024, size[1] / 1024
+    img[int(y * sy):int((y + h) * sy), int(x * sx):int((x + w) * sx)] = 240
+    Image.fromarray(img).save(root / "stage_2_train_images" / f"{pid}.png")
+    (root / "stage_2_train_labels.csv").write_text(f"patientId,x,y,width,height,Target\n{pid},{x},{y},{w},{h},1\n")
+    return root
+
+
+@pytest.mark.parametrize("side", [1024, 512, 256])
+def test_rsna_boxes_follow_a_resized_conversion(tmp_path, side):
+    """RSNA's boxes are in 1024-px space; on a PNG converted to another size they land on the
+    finding (field case 16)."""
+    from g2d.data.transforms import ImageTransformCfg
+
+    root = _rsna(tmp_path / "rsna", (side, side), (600, 300, 200, 300))
+    ds = open_dataset(f"rsna:{root}", "test", geometry=ImageTransformCfg(resize=224, crop=224, augment="none",
+                                                                          keep_aspect=False), max_skip_fraction=1.0)
+    s = ds[0]
+    bright = s["image"][0] > 0.5
+    assert s["boxes"][0].tolist() == pytest.approx([v * 224 / 1024 for v in (600, 300, 800, 600)], abs=0.01)
+    inter = (s["mask"][0].bool() & bright).sum() / (s["mask"][0].bool() | bright).sum()
+    assert inter > 0.9
+    assert ds.skipped.total == 0
+
+
+def test_labels_that_cannot_fit_are_named_and_skipped(tmp_path, caplog):
+    from g2d.data.transforms import ImageTransformCfg
+
+    geom = ImageTransformCfg(resize=64, crop=64, augment="none", keep_aspect=False)
+    # a 512 x 256 conversion of a 1024 x 1024 image: another aspect ratio, the boxes cannot be placed
+    root = _rsna(tmp_path / "a", (512, 256), (600, 300, 200, 300))
+    ds = open_dataset(f"rsna:{root}", "test", geometry=geom, max_skip_fraction=1.0)
+    assert ds[0] is None and ds.skipped.counts["label_space_mismatch"] == 1
+    assert "stage_2_train_labels.csv:2" in caplog.text and "another aspect ratio" in caplog.text
+    # labels declared in image pixels, but a box beyond the 512-px image: never silently dropped
+    root = _rsna(tmp_path / "b", (512, 512), (600, 300, 200, 300))
+    ds = open_dataset(f"rsna:{root}?label_size=image", "test", geometry=geom, max_skip_fraction=1.0)
+    assert ds[0] is None and ds.skipped.counts["box_outside_image"] == 1
+
+
+def test_csv_label_size_rescales_boxes_and_masks(tmp_path):
+    from g2d.data.transforms import ImageTransformCfg
+
+    (tmp_path / "img").mkdir()
+    img = np.zeros((100, 200), np.uint8)
+    img[20:40, 100:140] = 255
+    Image.fromarray(img).save(tmp_path / "img" / "a.png")
+    mask = np.zeros((200, 400), np.uint8)                    # the mask drawn at twice the image size
+    mask[40:80, 200:280] = 255
+    Image.fromarray(mask).save(tmp_path / "img" / "a_mask.png")
+    (tmp_path / "t.csv").write_text("image,mask,boxes,split,y\nimg/a.png,img/a_mask.png,\"200,40,80,40\",test,1\n")
+    geom = ImageTransformCfg(resize=100, crop=100, augment="none", keep_aspect=False)
+    ds = open_dataset(f"csv:{tmp_path / 't.csv'}?labels=y&label_size=400x200", "test", geometry=geom)
+    s = ds[0]
+    assert s["boxes"][0].tolist() == pytest.approx([50.0, 20.0, 70.0, 40.0])
+    assert (s["mask"][0].bool() == (s["image"][0] > 0.5)).float().mean() > 0.99

@@ -96,6 +96,9 @@ class Record:
         split: ``train`` / ``val`` / ``test`` when the source itself assigns one (``csv:`` tables).
         source: where the record came from, e.g. ``"train-rle.csv:12"``, for messages.
         extra: reader-specific fields (e.g. a prompt for grounding).
+        label_hw: ``(H, W)`` of the pixel space the boxes and mask are given in, when the set
+            declares one (RSNA and SIIM: the 1024 x 1024 DICOMs); ``None`` = the image file's own
+            pixels. :func:`labels_at` rescales them to the image actually read.
     """
 
     id: str
@@ -107,6 +110,81 @@ class Record:
     split: str | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    label_hw: tuple[int, int] | None = None
+
+
+class LabelSpaceError(ValueError):
+    """A record's boxes or mask cannot be placed on the image read (other aspect ratio, or a box
+    outside the image). :ivar reason: the skip-log reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_label_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """A reader's ``label_size`` option -> ``(H, W)`` or ``None`` (the image's own pixels).
+
+    Accepts ``None`` / ``"image"``, a side (``1024`` or ``"1024"``: square), ``"WxH"`` or ``(H, W)``.
+
+    :raises DataError: anything else.
+    """
+    if value is None or value == "image":
+        return None
+    if isinstance(value, tuple):
+        return int(value[0]), int(value[1])
+    text = str(value).lower().strip()
+    try:
+        if "x" in text:
+            w, h = (int(v) for v in text.split("x"))
+        else:
+            w = h = int(text)
+    except ValueError:
+        raise DataError(f"label_size={value!r}: use 'image', a side such as 1024, or WxH such as 2048x1536") from None
+    if w <= 0 or h <= 0:
+        raise DataError(f"label_size={value!r} must be positive")
+    return h, w
+
+
+#: Largest relative difference of the height and width scale factors still read as one resize.
+ASPECT_TOLERANCE = 0.01
+
+
+def labels_at(rec: Record, hw: tuple[int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The record's boxes ``[N, 4]`` and mask (bool ``[H, W]``) in the pixels of the image read.
+
+    Labels given in another pixel space (``rec.label_hw``, e.g. RSNA's 1024-px boxes on a 512-px PNG
+    conversion) are rescaled: boxes by the two scale factors, masks drawn in their own space and
+    resized with nearest neighbour. A box that partly leaves the image is clipped later with the
+    crop; one wholly outside cannot be a label of this image.
+
+    :raises LabelSpaceError: the label space has another aspect ratio than the image (a crop or a
+        padded conversion, which cannot be undone), or a box lies wholly outside the image.
+    """
+    h, w = hw
+    space = tuple(rec.label_hw) if rec.label_hw else (h, w)
+    sy, sx = h / space[0], w / space[1]
+    if abs(sy / sx - 1) > ASPECT_TOLERANCE:
+        raise LabelSpaceError("label_space_mismatch",
+                              f"labels are given for {space[1]}x{space[0]} px, the image is {w}x{h}: "
+                              "another aspect ratio, so they cannot be rescaled")
+    boxes = None
+    if rec.boxes is not None:
+        boxes = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.float32([sx, sy, sx, sy])
+        outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+        if outside.any():
+            b = rec.boxes[int(np.flatnonzero(outside)[0])]
+            raise LabelSpaceError("box_outside_image", f"box {[float(v) for v in b]} lies outside the "
+                                  f"{w}x{h} image" + (f" (labels in {space[1]}x{space[0]} px)"
+                                                       if rec.label_hw else ""))
+    mask = None
+    if rec.mask is not None:
+        mask = np.asarray(rec.mask(space), bool)
+        if space != (h, w):
+            t = torch.from_numpy(mask.astype(np.uint8))[None]
+            mask = TF.resize(t, [h, w], interpolation=InterpolationMode.NEAREST_EXACT,
+                             antialias=False)[0].numpy().astype(bool)
+    return boxes, mask
 
 
 class SkipLog:
@@ -233,17 +311,20 @@ class LabelledCXR(torch.utils.data.Dataset):
             s, top, left = geom["crop_hw"][0], geom["crop_top"], geom["crop_left"]
             out: dict[str, Any] = {"image": x[:, top:top + s, left:left + s].clamp(0, 1).contiguous(),
                                    "id": rec.id, "orig_hw": tuple(img.shape), "index": i}
+            boxes, m = labels_at(rec, img.shape)
             if self.with_mask:
-                m = rec.mask(img.shape) if rec.mask is not None else np.zeros(img.shape, bool)
-                out["mask"] = _resize_mask(m, geom)
+                out["mask"] = _resize_mask(m if m is not None else np.zeros(img.shape, bool), geom)
         except ImageReadError as e:
             self.skipped.skip("unreadable_image", rec.source or rec.image, e.reason)
+            return None
+        except LabelSpaceError as e:
+            self.skipped.skip(e.reason, rec.source or rec.image, str(e))
             return None
         k = len(self.tasks)
         lab = rec.labels if rec.labels is not None else np.full(k, np.nan, np.float32)
         out["labels"] = torch.as_tensor(np.asarray(lab, dtype=np.float32))
         if self.with_boxes:
-            out["boxes"] = boxes_to_output(rec.boxes, geom)
+            out["boxes"] = boxes_to_output(boxes, geom)
         return out
 
 

@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from g2d.data.labelled import DataError, FileMask, Record, SkipLog
+from g2d.data.labelled import DataError, FileMask, Record, SkipLog, parse_label_size
 
 __all__ = ["read_labelled_csv", "UnionMask", "SPLIT_TABLE", "read_table", "parse_label", "TableRow"]
 
@@ -168,13 +168,16 @@ def _label_names(labels: str | Sequence[str] | None) -> list[str]:
 def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, image_col: str = "image",
                       mask_col: str = "mask", boxes_col: str = "boxes", split_col: str = "split",
                       patient_col: str = "patient", prompt_col: str = "prompt",
-                      ) -> tuple[list[Record], list[str], SkipLog]:
+                      label_size: str | int | None = None) -> tuple[list[Record], list[str], SkipLog]:
     """Read a labelled table (see the module docstring for the columns).
 
     Args:
         path: the CSV file (``.csv`` / ``.csv.gz``); image and mask paths are relative to its folder.
         labels: label columns, ``"a,b,c"`` or a list; ``None`` reads none (``tasks == []``).
         image_col ... prompt_col: column names; optional columns that are absent are simply unused.
+        label_size: the pixel space of the boxes and masks when it is not each image's own (e.g.
+            ``1024`` or ``"2048x1536"``, W x H); they are rescaled to the image read. Default: image
+            pixels. See :func:`g2d.data.labelled.parse_label_size`.
 
     Returns:
         ``(records, tasks, skipped)``; records carry ``split`` when the table has a split column.
@@ -186,6 +189,7 @@ def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, ima
     if path.is_dir():
         raise DataError(f"csv:{path} is a folder; give the CSV file (csv:/data/my_set/labels.csv)")
     tasks = _label_names(labels)
+    label_hw = parse_label_size(label_size)
     header, rows = read_table(path, required=[image_col, *tasks])
     root = path.parent
     skipped = SkipLog(f"csv:{path.name}")
@@ -236,7 +240,7 @@ def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, ima
         patient = (c[patient_col] or None) if has[patient_col] else None
         seen.add(img)
         records.append(Record(id=img, image=str(img_path), labels=lab, boxes=boxes, mask=mask,
-                              patient=patient, split=split, source=row.where, extra=extra))
+                              patient=patient, split=split, source=row.where, extra=extra, label_hw=label_hw))
     if not records:
         raise DataError(f"csv:{path}: no usable rows ({skipped.summary()})")
     return records, tasks, skipped

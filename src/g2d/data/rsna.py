@@ -26,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.data.labelled import BoxMask, DataError, Record, SkipLog
+from g2d.data.labelled import BoxMask, DataError, Record, SkipLog, parse_label_size
+
+#: The pixel space of the label file's boxes: the 1024 x 1024 DICOMs. Images converted to another
+#: size (512-px PNGs) get their boxes rescaled (g2d.data.labelled.labels_at).
+LABEL_SIZE = 1024
 from g2d.data.labelled_csv import read_table
 
 __all__ = ["read_rsna", "make_split", "SPLIT_TABLE", "SPLIT_SEED", "TASKS"]
@@ -72,18 +76,22 @@ def _find_image(root: Path, pid: str, names: set[str]) -> Path | None:
     return None
 
 
-def read_rsna(path: Path, label_file: str | None = None) -> tuple[list[Record], list[str], SkipLog]:
+def read_rsna(path: Path, label_file: str | None = None, label_size: str | int | None = LABEL_SIZE
+              ) -> tuple[list[Record], list[str], SkipLog]:
     """Read RSNA pneumonia from its Kaggle folder (see the module docstring).
 
     Args:
         path: folder with ``stage_2_train_labels.csv`` and ``stage_2_train_images/``.
         label_file: another label table (relative to ``path`` or absolute; ``.csv``/``.csv.gz``/``.zip``).
+        label_size: the pixel space of the boxes (default the 1024-px DICOMs; ``"image"`` = each
+            file's own pixels); boxes are rescaled to the image read.
 
     Returns:
         ``(records, ["pneumonia"], skipped)``; ``Record.id`` = patientId (one image per patient),
         ``boxes`` float32 ``[N, 4]`` (``[0, 4]`` for negatives), ``mask`` a :class:`BoxMask`.
     """
     path = Path(path)
+    label_hw = parse_label_size(label_size)
     table = path / (label_file or _LABEL_FILE)
     if not table.is_file():
         raise DataError(f"rsna: {table} not found (expected the Kaggle {_LABEL_FILE} in {path})")
@@ -133,7 +141,7 @@ def read_rsna(path: Path, label_file: str | None = None) -> tuple[list[Record], 
         b = tuple(boxes[pid])
         records.append(Record(id=pid, image=str(img), labels=np.asarray([float(targets[pid])], np.float32),
                               boxes=np.asarray(b, np.float32).reshape(-1, 4), mask=BoxMask(b),
-                              patient=pid, source=first_row[pid]))
+                              patient=pid, source=first_row[pid], label_hw=label_hw))
     if not records:
         raise DataError(f"rsna:{path}: no usable image ({skipped.summary()})")
     return records, list(TASKS), skipped

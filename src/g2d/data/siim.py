@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import ImageReadError
-from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog
+from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog, parse_label_size
 from g2d.data.labelled_csv import read_table
 from g2d.data.splits import fraction_count, load_split
 
@@ -134,17 +134,22 @@ def _label_path(path: Path, label_file: str | None) -> Path:
     return p
 
 
-def read_siim(path: Path, label_file: str | None = None) -> tuple[list[Record], list[str], SkipLog]:
+def read_siim(path: Path, label_file: str | None = None, label_size: str | int | None = 1024
+              ) -> tuple[list[Record], list[str], SkipLog]:
     """Read SIIM-ACR from its Kaggle folder (see the module docstring).
 
     Args:
         path: the folder holding ``train-rle.csv`` and the images (searched recursively).
         label_file: another RLE table (relative to ``path`` or absolute) instead of ``train-rle.csv``.
+        label_size: the pixel space of the RLE masks: the 1024 x 1024 DICOMs (default); masks of
+            images converted to another size are decoded there and resized. ``"image"``: the RLE
+            is in each image file's own pixels. See :func:`g2d.data.labelled.parse_label_size`.
 
     Returns:
         ``(records, ["pneumothorax"], skipped)``; ``Record.id`` = ImageId, ``mask`` an :class:`RLEMask`.
     """
     path = Path(path)
+    label_hw = parse_label_size(label_size)
     table = _label_path(path, label_file)
     _, rows = read_table(table, required=["ImageId", "EncodedPixels"])
     skipped = SkipLog("siim")
@@ -178,7 +183,7 @@ def read_siim(path: Path, label_file: str | None = None) -> tuple[list[Record], 
             continue
         runs = tuple(rles[iid])
         records.append(Record(id=iid, image=str(img), labels=np.asarray([float(bool(runs))], np.float32),
-                              mask=RLEMask(runs, first_row[iid]), source=first_row[iid]))
+                              mask=RLEMask(runs, first_row[iid]), source=first_row[iid], label_hw=label_hw))
     if not records:
         raise DataError(f"siim:{path}: no usable image ({skipped.summary()})")
     return records, list(TASKS), skipped

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from g2d.data.images import read_image
-from g2d.data.labelled import BoxMask, DataError, LabelledCXR
+from g2d.data.labelled import BoxMask, DataError, LabelledCXR, labels_at
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
@@ -67,11 +67,11 @@ def ground_truth_original(ds: Any, sample: dict[str, Any], index: int) -> np.nda
     """bool ``[H, W]`` ground truth at the file's resolution (mask, else filled boxes, else empty)."""
     hw = tuple(sample["orig_hw"])
     if isinstance(ds, LabelledCXR):
-        rec = ds.records[index]
-        if rec.mask is not None:
-            return np.asarray(rec.mask(hw), bool)
-        if rec.boxes is not None and len(rec.boxes):
-            return BoxMask(tuple(tuple(map(float, b)) for b in np.asarray(rec.boxes).reshape(-1, 4)))(hw)
+        boxes, mask = labels_at(ds.records[index], hw)  # the sample was read, so its labels fit
+        if mask is not None:
+            return mask
+        if boxes is not None and len(boxes):
+            return BoxMask(tuple(tuple(map(float, b)) for b in boxes))(hw)
         return np.zeros(hw, bool)
     # sets generated at the output size (synthetic): the sample's own mask is the original
     return sample["mask"][0].numpy() > 0.5
