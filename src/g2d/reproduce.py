@@ -15,7 +15,6 @@ is never computed twice.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,8 @@ from typing import Any, Callable
 import yaml
 
 from g2d.config import get_config
+from g2d.data.sets import open_dataset
+from g2d.fingerprint import dataset_identity, digest, model_identity
 
 __all__ = ["Column", "Row", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
            "Runner", "CellResult", "format_markdown", "format_csv", "format_fraction_tables", "prepare_jsrt"]
@@ -151,8 +152,7 @@ class _LazyFill(dict):
         return self._fill(self[name])
 
 
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+_key = digest
 
 
 @dataclass
@@ -193,6 +193,7 @@ class Runner:
         self.seeds = seeds or scale.seeds or exp.seeds
         self.device, self.progress = device, progress
         self.run_task = run_task or _run_task
+        self._data_ids: dict[str, str] = {}
         self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
 
     # ------------------------------------------------------------------ pre-training variants
@@ -261,6 +262,17 @@ class Runner:
                     self._run_cell(row, col, model, seed, res)
         return list(results.values())
 
+    def input_identity(self, spec: str, model: str) -> dict[str, str]:
+        """The content a cell's result depends on beyond its arguments (g2d.fingerprint): the data
+        set's records and files (once per spec and run) and the model's weight files."""
+        if spec not in self._data_ids:
+            try:
+                self._data_ids[spec] = digest([dataset_identity(open_dataset(spec, s, max_skip_fraction=1.0))
+                                               for s in ("train", "val", "test")])
+            except Exception as e:  # the task itself reports what is wrong with the data
+                self._data_ids[spec] = f"unreadable: {type(e).__name__}"
+        return {"data_id": self._data_ids[spec], "model_id": model_identity(model)}
+
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
         """Keyed by the task's arguments, less the display-only ``--no-progress``."""
         argv = [a for a in self.cell_args(row, col, model, seed) if a != "--no-progress"]
@@ -273,6 +285,17 @@ class Runner:
         argv = self.cell_args(row, col, model, seed)
         cell_dir = self.cell_dir(row, col, model, seed)
         metrics_file = cell_dir / "metrics.json"
+        inputs_file = cell_dir / "inputs.json"
+        inputs = self.input_identity(argv[argv.index("--data") + 1], model)
+        if metrics_file.is_file() and not inputs_file.is_file():
+            # a cell finished before inputs were tracked: taken as is, and tracked from now on
+            inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
+        if metrics_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) != inputs:
+            if not compute:
+                res.errors.append(f"seed {seed}: {metrics_file} was computed from other images or weights")
+                return
+            log.info("%s: its model or data changed since it ran; running it again", cell_dir)
+            metrics_file.unlink()
         if not metrics_file.is_file():
             if not compute:
                 return
@@ -283,6 +306,7 @@ class Runner:
                 log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
                 res.errors.append(f"seed {seed}: {e}")
                 return
+            inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         if col.metric not in metrics:
             res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")

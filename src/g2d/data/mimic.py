@@ -56,6 +56,7 @@ from PIL import Image
 from g2d.data.labelled import DataError
 from g2d.data.shards import IMAGE_FORMATS, STORE_VERSION, encode_image, finalize_store, read_sidecar, write_shard
 from g2d.data.text import count_tokens, extract_sections, pretrain_text
+from g2d.fingerprint import file_stamp
 
 __all__ = ["MimicPrepareCfg", "prepare_mimic", "ReportSource", "SPLIT_FILE", "METADATA_FILE", "DROP_REASONS"]
 
@@ -176,10 +177,12 @@ def _image_rel(subject_id: str, study_id: str, dicom_id: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _shard_hash(rows: list[dict[str, Any]], fingerprint: dict[str, Any]) -> str:
+def _shard_hash(rows: list[dict[str, Any]], fingerprint: dict[str, Any], root: str) -> str:
+    """A shard is rebuilt when its settings, rows, report texts or any image file (absolute path,
+    size, mtime: one replaced in place, or another --root) changed."""
     h = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode())
     for r in rows:
-        h.update(json.dumps([r["dicom_id"], r["image"], r["text"]]).encode())
+        h.update(json.dumps([r["dicom_id"], r["image"], r["text"], file_stamp(Path(root) / r["image"])]).encode())
     return h.hexdigest()
 
 
@@ -305,7 +308,7 @@ def prepare_mimic(cfg: MimicPrepareCfg) -> dict[str, Any]:
             chunk = rows[k:k + cfg.shard_size]
             name = f"{split}-{k // cfg.shard_size:06d}.tar"
             names.append(name)
-            digest = _shard_hash(chunk, fp)
+            digest = _shard_hash(chunk, fp, cfg.root)
             side = read_sidecar(out / "shards" / name)
             if side is not None and side.get("hash") == digest:
                 done += len(chunk)

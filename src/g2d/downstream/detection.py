@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from g2d.downstream.common import Frozen, write_results
 from g2d.downstream.dense_metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
-from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, make_loader,
-                                         make_optimizer, positives, shuffled_loader, skip_counts, start_dense_run)
+from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, input_identity,
+                                         make_loader, make_optimizer, open_splits, positives, shuffled_loader,
+                                         skip_counts, start_dense_run)
 from g2d.downstream.yolo import YOLOv3Head, decode, postprocess, scaled_anchors, yolo_loss
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
@@ -140,18 +141,19 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
     out = Path(args.out)
     batch_size, lr = _defaults(args)
+    splits = open_splits(args)
     signature = {"task": "detection", "data": args.data, "model": str(args.model), "fraction": args.fraction,
                  "seed": args.seed, "arch": args.arch, "batch_size": batch_size, "lr": lr,
                  "weight_decay": args.weight_decay, "image_size": args.image_size,
                  "train_encoder": args.train_encoder, "update_bn": args.update_bn,
-                 "head_width": args.head_width}
+                 "head_width": args.head_width, **input_identity(args, splits)}
     full_sig = {**signature, "epochs": args.epochs, "patience": args.patience,
                 "conf_threshold": args.conf_threshold, "nms_threshold": args.nms_threshold}
     done = finished_metrics(out, full_sig)
     if done is not None:
         log.info("%s already holds the finished run", out)
         return done, None
-    device, progress, tower, splits = start_dense_run(args)
+    device, progress, tower = start_dense_run(args)
     if not getattr(splits["train"], "with_boxes", True):
         raise ValueError(f"{args.data}: the set has no boxes; detection needs a set with boxes")
     model = Detector(tower.encoder, tower.encoder.channels, args.image_size, args.train_encoder,

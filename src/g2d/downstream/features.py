@@ -27,6 +27,7 @@ from g2d.checkpoint import atomic_write
 from g2d.data.labelled import DataError, collate_labelled
 from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.common import Frozen, ImageTower
+from g2d.fingerprint import file_stamp, model_identity
 
 __all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
            "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
@@ -118,15 +119,22 @@ def extract_features(tower: ImageTower, ds: Dataset, pooling: str, device: torch
 
 
 def model_key(tower: ImageTower, seed: int) -> str:
-    """Identity of the weights: the file's path, size and mtime, or the baseline + arch (+ seed)."""
+    """Identity of the weights: the files' paths, sizes and mtimes (:func:`g2d.fingerprint.model_identity`),
+    or the baseline + arch (+ seed)."""
     if tower.name == "random":
         return f"random-{type(tower.encoder.layer4[0]).__name__}-{tower.encoder.channels[-1]}-seed{seed}"
     if tower.name == "imagenet":
         return f"imagenet-{tower.encoder.channels[-1]}-{sum(p.numel() for p in tower.encoder.parameters())}"
-    p = Path(tower.name).resolve()
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".pt"))
-    stamp = [(str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files]
-    return f"{p}:{stamp}"
+    return model_identity(tower.name)
+
+
+def _entry_keys(ds: Any) -> list[str]:
+    """One cache key per image: its id plus the image file's absolute path, size and mtime, so a
+    file replaced in place (or the same relative path elsewhere) is extracted anew."""
+    records = getattr(ds, "records", None)
+    if records is None:  # generated sets: the id names the sample
+        return list(ds.ids)
+    return [f"{r.id}|{json.dumps(file_stamp(r.image))}" for r in records]
 
 
 def default_cache_dir() -> Path:
@@ -138,14 +146,17 @@ def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_di
                     progress: bool = False) -> tuple[list[str], Tensor]:
     """Features of ``ds`` (ids + ``[N, D]``), extracting only images not in the cache yet.
 
-    The cache file ``cache_dir/features_<split>_<hash>.pt`` holds per-image features keyed by id;
-    ``key`` (model, data spec, split, geometry, pooling) names it. A 1 % probe extracts 1 % of the
+    The cache file ``cache_dir/features_<split>_<hash>.pt`` holds per-image features keyed by id and
+    image file stamp (:func:`_entry_keys`); ``key`` (model weights' identity, data spec, split,
+    geometry, pooling) names it. A 1 % probe extracts 1 % of the
     training images; a later 10 % probe adds the missing 9 %. ``cache_dir=None`` disables caching.
     Unreadable images are never cached (they are retried, and dropped again, next time).
     """
-    wanted = list(ds.ids)
     if cache_dir is None:
         return extract_features(tower, ds, pooling, device, batch_size, num_workers, progress)
+    ids = list(ds.ids)
+    wanted = _entry_keys(ds)
+    id_of = dict(zip(wanted, ids))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features_{key.get('split', 'all')}_{digest}.pt"
     cache: dict[str, Any] = {"ids": [], "features": torch.zeros(0, 0), "key": key}
@@ -157,6 +168,8 @@ def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_di
         log.info("extracting features of %d images (%d cached) into %s", len(missing), len(index), path)
         new_ids, new = extract_features(tower, Subset(ds, missing), pooling, device, batch_size,
                                         num_workers, progress)
+        key_of = {ids[k]: wanted[k] for k in missing}
+        new_ids = [key_of[i] for i in new_ids]
         if new_ids:
             old = cache["features"]
             feats = torch.cat([old, new]) if old.numel() else new
@@ -167,7 +180,8 @@ def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_di
         log.info("all %d features cached in %s", len(wanted), path)
     have = [i for i in wanted if i in index]
     rows = torch.tensor([index[i] for i in have], dtype=torch.long)
-    return have, cache["features"][rows] if have else torch.zeros(0, cache["features"].shape[-1])
+    feats = cache["features"][rows] if have else torch.zeros(0, cache["features"].shape[-1])
+    return [id_of[i] for i in have], feats
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -36,6 +36,7 @@ from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.common import Frozen, ImageTower, load_image_tower, resolve_device, write_results
 from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
+from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 
 __all__ = ["add_arguments", "run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
@@ -275,6 +276,10 @@ class DenseFit:
         if ck.get("signature") != self.signature:
             diff = sorted(k for k in set(ck.get("signature", {})) | set(self.signature)
                           if ck.get("signature", {}).get(k) != self.signature.get(k))
+            if set(diff) <= set(INPUT_KEYS):  # same arguments, other images or weights: start over
+                log.warning("%s was written for other inputs (%s changed since): starting anew",
+                            self.ckpt_path, ", ".join(diff))
+                return False
             raise ValueError(f"{self.ckpt_path} was written with different arguments ({', '.join(diff)}); "
                              f"use another --out or delete it")
         self._load_mutable(ck["model"])
@@ -345,15 +350,27 @@ def finished_metrics(out: Path, signature: dict[str, Any]) -> dict[str, Any] | N
     return metrics if metrics.get("args") == signature else None
 
 
-def start_dense_run(args: argparse.Namespace) -> tuple[torch.device, bool, ImageTower, dict[str, Any]]:
+#: Signature keys that identify the inputs' content rather than the arguments (g2d.fingerprint).
+INPUT_KEYS = ("data_id", "model_id")
+
+
+def input_identity(args: argparse.Namespace, splits: dict[str, Any]) -> dict[str, str]:
+    """What the result depends on beyond the arguments' text: the splits' content (image files,
+    labels) and the model's weight files, so a finished run or a checkpoint is never reused for
+    replaced images, retrained weights or the same relative path in another folder."""
+    return {"data_id": digest([dataset_identity(splits[s]) for s in ("train", "val", "test")]),
+            "model_id": model_identity(str(args.model))}
+
+
+def start_dense_run(args: argparse.Namespace) -> tuple[torch.device, bool, ImageTower]:
     """Checks the flags, seeds, then loads the image tower (right after seeding, so a random
-    baseline's weights depend only on ``--seed``) and the splits: (device, progress, tower, splits)."""
+    baseline's weights depend only on ``--seed``): (device, progress, tower)."""
     if args.update_bn and args.train_encoder:
         raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     tower = load_image_tower(args.model, arch=args.arch)
-    return device, not args.no_progress, tower, open_splits(args)
+    return device, not args.no_progress, tower
 
 
 def seed_everything(seed: int) -> None:
@@ -437,14 +454,15 @@ def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | 
     """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
     out = Path(args.out)
     batch_size = args.batch_size or SEG_BATCH_SIZE.get(dataset_name(args.data), 8)
-    signature = _signature(args, batch_size)
+    splits = open_splits(args)
+    signature = {**_signature(args, batch_size), **input_identity(args, splits)}
     full_sig = {**signature, "epochs": args.epochs, "patience": args.patience,
                 "mgca_batch_size": args.mgca_batch_size or batch_size}
     done = finished_metrics(out, full_sig)
     if done is not None:
         log.info("%s already holds the finished run", out)
         return done, None
-    device, progress, tower, splits = start_dense_run(args)
+    device, progress, tower = start_dense_run(args)
     model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn).to(device)
     loss_fn = LOSSES[args.loss]
     optimizer = make_optimizer(model, args.lr, args.weight_decay)

@@ -98,6 +98,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _autocast(cfg: G2DConfig, device: torch.device):
+    if device.type == "cpu" and cfg.train.cpu_bf16 and cfg.train.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.type != "cuda" or cfg.train.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16

@@ -1,0 +1,82 @@
+"""What identifies the inputs of a cached or finished result: files by absolute path, size and
+modification time; models by their weight files; labelled sets by every record's image and label
+files and label values.
+
+Caches keyed on the *text* of a command-line argument go stale when a user replaces images in place
+or runs the same relative ``--data`` from another folder. Every cache and every "finished, reuse it"
+check keys on these instead (docs/reliability.md lists each cache, its key and how to clear it).
+
+Size + mtime (not a content hash) because hashing every image of a 100k-image set on each run would
+cost more than the work the cache saves; a file rewritten with the same size within the file
+system's timestamp resolution would go unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["file_stamp", "model_identity", "dataset_identity", "digest"]
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_stamp(path: str | Path) -> list[Any]:
+    """``[absolute path, size, mtime_ns]`` of a file; ``[absolute path, None, None]`` when missing."""
+    p = Path(path).expanduser().resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p), None, None]
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def model_identity(spec: str) -> str:
+    """``random`` / ``imagenet`` as they are; a model path by the stamps of its weight and config
+    files (an export folder, a run folder or a checkpoint), so retraining into the same folder, or
+    the same relative path elsewhere, is another model."""
+    if spec in ("random", "imagenet"):
+        return spec
+    p = Path(spec).expanduser().resolve()
+    if p.is_file():
+        files = [p]
+    else:
+        files = sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".pt", ".json")
+                       and "tensorboard" not in q.parts)
+    return digest([str(p), [file_stamp(q) for q in files]])
+
+
+def _mask_files(mask: Any) -> list[str]:
+    """Paths of the files a mask source reads (FileMask, UnionMask of FileMasks)."""
+    if mask is None:
+        return []
+    if hasattr(mask, "path"):
+        return [mask.path]
+    return [f for part in getattr(mask, "parts", ()) for f in _mask_files(part)]
+
+
+def dataset_identity(ds: Any) -> str:
+    """Identity of a labelled set's content: per record its id, the image file's stamp, its
+    labels, boxes, label space, mask source and the stamps of the mask files it reads. Sets made by
+    a generator (``synthetic``) are identified by their name, size and generator settings."""
+    records = getattr(ds, "records", None)
+    if records is None:  # generated data: deterministic given its class and configuration
+        source = getattr(ds, "source", None)
+        cfg = getattr(source, "cfg", None)
+        return digest([type(ds).__name__, getattr(ds, "name", ""), len(ds),
+                       dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)])
+    rows = []
+    for r in records:
+        rows.append([r.id, file_stamp(r.image),
+                     None if r.labels is None else np.asarray(r.labels).tolist(),
+                     None if r.boxes is None else np.asarray(r.boxes).tolist(),
+                     r.label_hw, repr(r.mask), [file_stamp(f) for f in _mask_files(r.mask)]])
+    return digest([getattr(ds, "name", ""), list(getattr(ds, "tasks", [])), rows])
