@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import read_image
-from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry
+from g2d.data.transforms import build_transform, eval_geometry, inference_geometry
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
 
@@ -60,8 +60,8 @@ def _load(args: argparse.Namespace):
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     cfg = model.config
-    size = args.image_size or cfg.model.image_size
-    geom = ImageTransformCfg(resize=max(args.resize or cfg.data.resize, size), crop=size, augment="none")
+    geom = inference_geometry(args.resize or cfg.data.resize, args.image_size or cfg.model.image_size,
+                              cfg.data.augment)
     return model, geom, device
 
 

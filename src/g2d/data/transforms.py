@@ -114,6 +114,20 @@ class ImageTransformCfg:
         return self.crop
 
 
+def inference_geometry(resize: int, image_size: int, augment: str,
+                       keep_aspect: bool | None = None) -> ImageTransformCfg:
+    """The deterministic geometry of a model pre-trained with ``data.resize``, ``model.image_size``
+    and ``data.augment``: the same resize rule (square for ``"release"``, shorter side otherwise)
+    and centre crop as its training transform, without the random augmentation. Inference,
+    figures and evaluation defaults use it, so a model sees the pixels it was trained on.
+
+    :param keep_aspect: a user's override of the resize rule (``None``: the recipe's).
+    """
+    trained = ImageTransformCfg(resize=max(resize, image_size), crop=image_size, augment=augment)
+    return ImageTransformCfg(resize=trained.resize, crop=trained.crop, augment="none",
+                             keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect)
+
+
 # --------------------------------------------------------------------------------------------------
 # Conversion to one float channel
 # --------------------------------------------------------------------------------------------------

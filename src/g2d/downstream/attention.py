@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from g2d.attention_diagnostics import POINTING_DILATION, collect_attention, diag
 from g2d.data.labelled import BoxMask, DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import add_geometry_arguments, check_split, geometry_from_args, make_loader, progress_bar
+from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
+                                     make_loader, progress_bar)
 from g2d.downstream.zeroshot import require_g2d
 from g2d.pseudo_mask import build_pseudo_masks
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "task": "attention", "data": args.data, "split": args.split, "model": tower.name,
         **diag.as_dict(), "skipped": dict(skipped),
+        "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
         "definitions": {
             "collapse_r": "mean Pearson r of each image's head-mean map with the set's mean map",
             "pointing": f"arg-max of the bilinearly upsampled map inside the finding mask dilated by "

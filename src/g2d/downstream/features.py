@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from g2d.checkpoint import atomic_write
 from g2d.data.labelled import DataError, collate_labelled
-from g2d.data.transforms import ImageTransformCfg
+from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.downstream.common import Frozen, ImageTower
 from g2d.fingerprint import file_stamp, model_identity
 
 __all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
            "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
-           "is_multiclass", "progress_bar", "label_tasks"]
+           "is_multiclass", "progress_bar", "label_tasks", "geometry_source"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -39,7 +39,7 @@ POOLINGS = ("gap", "embedding")
 
 
 def add_geometry_arguments(p: argparse.ArgumentParser, resize: int | None, image_size: int | None,
-                           square: bool = False) -> None:
+                           square: bool | None = None) -> None:
     """``--resize`` (shorter side, or both sides with ``--square``) and ``--image-size`` (centre crop).
 
     ``None`` defaults mean: the loaded G2D model's own pre-training geometry (256 / 224 otherwise).
@@ -48,17 +48,29 @@ def add_geometry_arguments(p: argparse.ArgumentParser, resize: int | None, image
                    help="resize before the centre crop (shorter side; both sides with --square)")
     p.add_argument("--image-size", type=int, default=image_size, help="side of the centre crop fed to the model")
     p.add_argument("--square", action=argparse.BooleanOptionalAction, default=square,
-                   help="resize to resize x resize (aspect ratio not kept) instead of the shorter side")
+                   help="resize to resize x resize (aspect ratio not kept) instead of the shorter side "
+                        "(default: the loaded model's own rule, square for the release recipe)")
 
 
 def geometry_from_args(args: argparse.Namespace, tower: ImageTower | None = None) -> ImageTransformCfg:
-    """The deterministic evaluation geometry: flags first, then the model's pre-training geometry."""
+    """The deterministic evaluation geometry: flags first, then the loaded model's pre-training
+    geometry (:func:`g2d.data.transforms.inference_geometry`: its resize, crop and resize rule),
+    else 256 / 224 with the shorter side resized. :func:`geometry_source` says which."""
     cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
     resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
-    if size > resize:
-        resize = size
-    return ImageTransformCfg(resize=resize, crop=size, augment="none", keep_aspect=not args.square)
+    square = getattr(args, "square", None)
+    keep = None if square is None else not square
+    return inference_geometry(resize, size, cfg.data.augment if cfg is not None else "none", keep)
+
+
+def geometry_source(args: argparse.Namespace, tower: ImageTower | None = None) -> str:
+    """``"model"`` (the loaded model's pre-training geometry), ``"flags"`` (a user override, all
+    or in part) or ``"default"`` (a baseline without a recorded geometry), for ``metrics.json``."""
+    given = args.resize or args.image_size or getattr(args, "square", None) is not None
+    if given:
+        return "flags"
+    return "model" if tower is not None and tower.model is not None else "default"
 
 
 def _seed_worker(worker_id: int) -> None:

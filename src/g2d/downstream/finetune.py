@@ -32,8 +32,8 @@ from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, is_multiclass,
-                                     label_tasks, make_loader, masked_bce, progress_bar)
+from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
+                                     is_multiclass, label_tasks, make_loader, masked_bce, progress_bar)
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.model.image_encoder import ResNetEncoder
 
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "history": state["history"],
         "n_train": len(train_ds), "n_val": len(val_ds), "n_test": int(len(labels)),
         "skipped": {"train": train_ds.skipped.total, "val": val_ds.skipped.total, "test": test_ds.skipped.total},
-        "geometry": asdict(geom),
+        "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
         "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
                      "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
                      "augment": args.augment, "trainable": "whole encoder + linear head",

@@ -39,7 +39,8 @@ from g2d.data.labelled import BoxMask, DataError, LabelledCXR, labels_at
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import add_geometry_arguments, check_split, geometry_from_args, make_loader, progress_bar
+from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
+                                     make_loader, progress_bar)
 from g2d.downstream.zeroshot import require_g2d
 from g2d.eval.grounding import (BINARIZE_RULES, binarize, dense_similarity, dice_per_image, iou_per_image,
                                 pointing_game, recall_per_image, to_original)
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "binarize": {"rule": args.binarize, "level": args.level},
         "recall_definition": "pixel recall |P and G| / |G| per positive image, mean (MedKLIP's code unreleased)",
         "coordinates": "original image pixels; outside the centre crop the map is NaN (never foreground)",
-        "geometry": asdict(geom_cfg),
+        "geometry": asdict(geom_cfg), "geometry_source": geometry_source(args, tower),
     }
     if any(math.isnan(v) for v in (overall["iou"], overall["dice"])):
         log.warning("grounding metrics contain NaN")

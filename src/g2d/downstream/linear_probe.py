@@ -35,7 +35,8 @@ from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (POOLINGS, add_geometry_arguments, auroc_per_class, auroc_undefined,
                                      cached_features, check_split, default_cache_dir, geometry_from_args,
-                                     is_multiclass, label_tasks, masked_bce, model_key, nan_mean)
+                                     geometry_source, is_multiclass, label_tasks, masked_bce, model_key,
+                                     nan_mean)
 
 __all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
 
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "type": "multiclass" if multiclass else "multilabel", "pool": args.pool, "feature_dim": int(xs.shape[1]),
         **test, **summary, "n_train": len(xs), "n_val": len(xv), "n_test": len(xt),
         "unknown_labels_test": int(np.isnan(yt.numpy()).sum()),
-        "geometry": asdict(geom),
+        "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
         "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
                      "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
                      "monitor": args.monitor, "encoder": "frozen, eval mode (BatchNorm statistics fixed)",

@@ -39,7 +39,8 @@ from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (add_geometry_arguments, auroc_per_class, auroc_undefined, check_split,
-                                     geometry_from_args, label_tasks, make_loader, nan_mean, progress_bar)
+                                     geometry_from_args, geometry_source, label_tasks, make_loader, nan_mean,
+                                     progress_bar)
 from g2d.model import G2DModel
 
 __all__ = ["add_arguments", "run", "load_prompts", "class_prompts", "prompt_embeddings", "zero_shot_scores",
@@ -304,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompts": {t: [list(pr) for pr in pairs] for t, pairs in prompts.items()},
         "prompt_file": args.prompts or "default",
         "logit_scale": float(model.logit_scale.exp()), "n_test": int(len(labels)), "n_val": n_val,
-        "geometry": asdict(geom),
+        "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
     }
     row = {"task": "zeroshot", "data": args.data, "model": tower.name, "threshold": rule_name,
            "auc": m["auc"], "f1": m["f1"], "acc": m["acc"]}
