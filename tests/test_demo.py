@@ -14,6 +14,9 @@ def test_demo_writes_results_figures_and_model(tmp_path):
     assert saved["models"] == results["models"]
     md = (tmp_path / "results.md").read_text()
     assert "| G2D |" in md and "| random init |" in md
+    assert "| model | collapse r | pointing | pointing prior |" in md
+    for metrics in results["models"].values():
+        assert -1.0 <= metrics["attention_collapse_r"] <= 1.0 and 0.0 <= metrics["attention_pointing"] <= 1.0
     for fig in ("attention_pseudo_masks.png", "grounding.png", "training_loss.png"):
         assert (tmp_path / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "g2d" / "export" / "model.safetensors").is_file()

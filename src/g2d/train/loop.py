@@ -235,9 +235,9 @@ class Pretrainer:
         self.forward = wrap_ddp(self.model, d.device) if d.distributed else self.model
         # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr, betas=cfg.train.betas,
-                                           weight_decay=cfg.train.weight_decay, fused=fused or None,
-                                           foreach=None if fused else True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
+                                           betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
+                                           fused=fused or None, foreach=None if fused else True)
         self.sampler = EpochSampler(len(self.dataset), d.rank, d.world_size, cfg.train.seed)
         self._dl: DataLoader | None = None
         self.batches_per_epoch = self.sampler.per_rank // cfg.train.batch_size
@@ -254,7 +254,8 @@ class Pretrainer:
         self.probe = None
         if d.is_main and cfg.train.probe_every and cfg.data.spec == "synthetic":
             # held out: the generator's samples depend on (seed, index), so another seed is other images
-            self.probe = synthetic_probe(cfg.train.probe_images, cfg.model.image_size, cfg.data.synthetic_seed + 1)
+            self.probe = synthetic_probe(cfg.train.probe_images, cfg.model.image_size,
+                                         cfg.data.synthetic_seed + 1)
         if state is not None:
             self._load_state(state)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
@@ -411,7 +412,7 @@ class Pretrainer:
                 if cfg.train.clip_grad:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
-                step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, for the log
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, for the log
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -425,7 +426,6 @@ class Pretrainer:
                     now = time.perf_counter()
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
-                    lr = step_lr
                     result.history.append({"step": self.step, "lr": lr, "samples_per_s": rate, **means})
                     if bar is not None:
                         bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
