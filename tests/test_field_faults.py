@@ -392,12 +392,12 @@ def test_inference_sees_the_pixels_of_training(tmp_path, augment):
     torch.testing.assert_close(infer(read_image(tmp_path / "a.png")), expected)
     # g2d eval defaults (linear, zero-shot, grounding, attention)
     tower = SimpleNamespace(model=SimpleNamespace(config=cfg))
-    args = argparse.Namespace(resize=None, image_size=None, square=None)
+    args = argparse.Namespace(resize=None, image_size=None, square=None, geometry_defaults=(None, None, None))
     geom = geometry_from_args(args, tower)
     sample = open_dataset(f"csv:{tmp_path / 't.csv'}", "test", geometry=geom)[0]
     torch.testing.assert_close(sample["image"], expected, atol=1e-6, rtol=0)
     assert geometry_source(args, tower) == "model"
     # an override stays possible and is named as such
-    args = argparse.Namespace(resize=96, image_size=None, square=True)
+    args = argparse.Namespace(resize=96, image_size=None, square=True, geometry_defaults=(None, None, None))
     assert geometry_from_args(args, tower).resize == 96 and not geometry_from_args(args, tower).keep_aspect
     assert geometry_source(args, tower) == "flags"

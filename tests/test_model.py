@@ -43,13 +43,13 @@ def test_model_output_shapes(tiny_cfg, variant):
     model = create_model(tiny_cfg)
     images = torch.rand(4, 1, 64, 64)
     out = model(images, model.tokenize(["a b", "c", "opacity in the right lower lobe", "no"]))
-    heads = tiny_cfg.model.pool.heads
+    heads, side = tiny_cfg.model.pool.heads, 64 // tiny_cfg.model.image.output_stride  # tiny: stride 16
     assert out.image.embedding.shape == (4, 128) and out.text_embedding.shape == (4, 128)
-    assert out.image.attention.shape == (4, heads, 2, 2)
+    assert out.image.attention.shape == (4, heads, side, side)
     assert out.image.decoder_logits.shape == (4, 1, 64, 64)
-    assert [f.shape[-1] for f in out.image.features] == [32, 16, 8, 4, 2]
+    assert [f.shape[-1] for f in out.image.features] == [32, 16, 8, 4, side]
     torch.testing.assert_close(out.image.embedding.norm(dim=-1), torch.ones(4))
-    assert model.dense_embeddings(images).shape == (4, 2, 2, 128)
+    assert model.dense_embeddings(images).shape == (4, side, side, 128)
     assert torch.allclose(out.logit_scale, torch.tensor(1 / 0.07))
 
 
@@ -157,6 +157,7 @@ def test_image_weights_from_file(tiny_cfg, tmp_path):
 
 def test_encoder_and_decoder_load_into_smp_unet(tiny_cfg):
     smp = pytest.importorskip("segmentation_models_pytorch")
+    tiny_cfg.model.image.output_stride = 32  # smp's strided ResNet: equal outputs need the same strides
     model = create_model(tiny_cfg).eval()
     unet = smp.Unet("resnet18", encoder_weights=None, classes=1,
                     decoder_channels=tuple(tiny_cfg.model.decoder.channels)).eval()
@@ -246,5 +247,6 @@ def test_mean_pooling_ignores_padding(tiny_cfg):
                                 "a much longer report that pads the first one with many tokens here"])
     torch.testing.assert_close(short[0], padded[0], rtol=0, atol=1e-5)
     tokens = model.tokenize(["small left pleural effusion"])
-    hidden = model.text_encoder.backbone(**tokens).last_hidden_state[0]
+    with torch.no_grad():  # the frozen prefix's hook switches grad mode; no_grad restores it on exit
+        hidden = model.text_encoder.backbone(**tokens).last_hidden_state[0]
     torch.testing.assert_close(model.text_encoder(tokens)[0], hidden.mean(0))  # not the CLS row

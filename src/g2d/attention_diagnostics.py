@@ -216,4 +216,6 @@ def synthetic_probe(n: int, image_size: int, seed: int) -> tuple[Tensor, Tensor,
             texts.append(s["text"])
             if len(images) == n:
                 break
+    if not images:
+        raise ValueError(f"synthetic_probe: no image with exactly one finding among {len(ds)} samples")
     return torch.stack(images), torch.stack(masks), texts

@@ -209,7 +209,8 @@ def run_demo(out_dir: str | Path, steps: int = 256, train_samples: int = 1536, e
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = demo_config(steps, train_samples, seed, cpu_bf16=cpu_has_fast_bf16())
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    base = demo_config(steps, train_samples, seed, cpu_bf16=on_cpu and cpu_has_fast_bf16())
     no_decoder = copy.deepcopy(base)
     no_decoder.model.decoder.mode = "none"
     variants = {"G2D": base, "decoder none": no_decoder}

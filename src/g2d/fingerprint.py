@@ -40,17 +40,20 @@ def file_stamp(path: str | Path) -> list[Any]:
 
 
 def model_identity(spec: str) -> str:
-    """``random`` / ``imagenet`` as they are; a model path by the stamps of its weight and config
-    files (an export folder, a run folder or a checkpoint), so retraining into the same folder, or
-    the same relative path elsewhere, is another model."""
+    """``random`` / ``imagenet`` as they are; a model path by the stamps of the files
+    :func:`g2d.load_model` reads (an export's weights and config, else the run's last checkpoint, or
+    the file itself), so retraining into the same folder, or the same relative path elsewhere, is
+    another model, while results written into the folder are not."""
     if spec in ("random", "imagenet"):
         return spec
     p = Path(spec).expanduser().resolve()
-    if p.is_file():
-        files = [p]
-    else:
-        files = sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".pt", ".json")
-                       and "tensorboard" not in q.parts)
+    files = [p]
+    if p.is_dir():
+        files = [p / "checkpoints" / "last.pt"]
+        for export in (p, p / "export"):
+            if (export / "model.safetensors").is_file():
+                files = [export / "model.safetensors", export / "config.json"]
+                break
     return digest([str(p), [file_stamp(q) for q in files]])
 
 

@@ -311,7 +311,7 @@ class LabelledCXR(torch.utils.data.Dataset):
             s, top, left = geom["crop_hw"][0], geom["crop_top"], geom["crop_left"]
             out: dict[str, Any] = {"image": x[:, top:top + s, left:left + s].clamp(0, 1).contiguous(),
                                    "id": rec.id, "orig_hw": tuple(img.shape), "index": i}
-            boxes, m = labels_at(rec, img.shape)
+            boxes, m = labels_at(rec, img.shape) if self.with_mask or self.with_boxes else (None, None)
             if self.with_mask:
                 out["mask"] = _resize_mask(m if m is not None else np.zeros(img.shape, bool), geom)
         except ImageReadError as e:

@@ -27,10 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.labelled import BoxMask, DataError, Record, SkipLog, parse_label_size
-
-#: The pixel space of the label file's boxes: the 1024 x 1024 DICOMs. Images converted to another
-#: size (512-px PNGs) get their boxes rescaled (g2d.data.labelled.labels_at).
-LABEL_SIZE = 1024
 from g2d.data.labelled_csv import read_table
 
 __all__ = ["read_rsna", "make_split", "SPLIT_TABLE", "SPLIT_SEED", "TASKS"]
@@ -42,6 +38,11 @@ N_EVAL = 5337  # MGCA's val and test sizes (patients)
 _LABEL_FILE = "stage_2_train_labels.csv"
 _IMAGE_DIR = "stage_2_train_images"
 _COLUMNS = ["patientId", "x", "y", "width", "height", "Target"]
+
+
+#: The pixel space of the label file's boxes: the 1024 x 1024 DICOMs. Images converted to another
+#: size (512-px PNGs) get their boxes rescaled (g2d.data.labelled.labels_at).
+LABEL_SIZE = 1024
 
 
 def _parse_row(c: dict[str, str]) -> tuple[int, tuple[float, float, float, float] | None]:

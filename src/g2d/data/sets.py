@@ -96,13 +96,32 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
             raise DataError(f"data spec {spec!r}: option {item!r} is not key=value")
         opts[key.strip()] = value.strip()
     if opts and name in READERS:
-        read = _reader(name)[0]
-        known = [p for p in inspect.signature(read).parameters if p != "path"]
-        unknown = sorted(set(opts) - set(known))
+        params = {p.name: p for p in inspect.signature(_reader(name)[0]).parameters.values()
+                  if p.name != "path" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        unknown = sorted(set(opts) - set(params))
         if unknown:
             raise DataError(f"data spec {spec!r}: the {name} reader takes no option {unknown[0]!r} "
-                            f"(options: {', '.join(known) or 'none'})")
+                            f"(options: {', '.join(params) or 'none'})")
+        opts = {k: v if "str" in str(params[k].annotation) else _typed(spec, k, v, params[k].default)
+                for k, v in opts.items()}
     return name, path, opts
+
+
+def _typed(spec: str, key: str, value: str, default: Any) -> Any:
+    """A spec option's text as the type of the reader parameter's default (bool, int, float), for
+    parameters that do not take text."""
+    if isinstance(default, bool):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise DataError(f"data spec {spec!r}: option {key}={value!r} must be true or false")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise DataError(f"data spec {spec!r}: option {key}={value!r} must be a number") from None
+    return value
 
 
 def with_options(spec: str, **opts: str | None) -> str:
@@ -128,8 +147,13 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     check_fraction(fraction)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 256
+    if spec == "synthetic" or spec.startswith(("synthetic:", "synthetic?")):
+        if "?" in spec:
+            raise DataError(f"data spec {spec!r}: the synthetic set takes no reader options")
+        try:
+            n = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        except ValueError:
+            raise DataError(f"data spec {spec!r}: expected synthetic or synthetic:N") from None
         return SyntheticLabelled(split, n, fraction, geometry)
     name, path, spec_opts = parse_spec(spec)
     reader_opts = {**spec_opts, **reader_opts}

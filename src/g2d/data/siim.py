@@ -37,6 +37,9 @@ from g2d.data.splits import fraction_count, load_split
 __all__ = ["read_siim", "make_split", "balance_train", "RLEMask", "decode_rle", "find_images",
            "SPLIT_TABLE", "SPLIT_SEED", "TASKS"]
 
+#: The pixel space of the RLE masks: the 1024 x 1024 DICOMs (g2d.data.labelled.labels_at).
+LABEL_SIZE = 1024
+
 log = logging.getLogger("g2d.data")
 
 SPLIT_TABLE = "siim"
@@ -134,7 +137,7 @@ def _label_path(path: Path, label_file: str | None) -> Path:
     return p
 
 
-def read_siim(path: Path, label_file: str | None = None, label_size: str | int | None = 1024
+def read_siim(path: Path, label_file: str | None = None, label_size: str | int | None = LABEL_SIZE
               ) -> tuple[list[Record], list[str], SkipLog]:
     """Read SIIM-ACR from its Kaggle folder (see the module docstring).
 

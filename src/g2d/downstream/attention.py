@@ -55,6 +55,8 @@ def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | Non
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.max_images < 1:
+        raise DataError(f"--max-images must be >= 1, got {args.max_images}")
     tower = load_image_tower(args.model, args.arch)
     model = require_g2d(tower.model, "attention diagnostics")
     model.to(resolve_device(args.device)).eval()
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
         "definitions": {
             "collapse_r": "mean Pearson r of each image's head-mean map with the set's mean map",
-            "pointing": f"arg-max of the bilinearly upsampled map inside the finding mask dilated by "
+            "pointing": f"centre of the map's arg-max cell inside the finding mask dilated by "
                         f"{POINTING_DILATION:.4g} of the side",
             "prior": "the same score with every image's attention replaced by the set's mean map",
         },

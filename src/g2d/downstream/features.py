@@ -50,6 +50,7 @@ def add_geometry_arguments(p: argparse.ArgumentParser, resize: int | None, image
     p.add_argument("--square", action=argparse.BooleanOptionalAction, default=square,
                    help="resize to resize x resize (aspect ratio not kept) instead of the shorter side "
                         "(default: the loaded model's own rule, square for the release recipe)")
+    p.set_defaults(geometry_defaults=(resize, image_size, square))
 
 
 def geometry_from_args(args: argparse.Namespace, tower: ImageTower | None = None) -> ImageTransformCfg:
@@ -65,11 +66,14 @@ def geometry_from_args(args: argparse.Namespace, tower: ImageTower | None = None
 
 
 def geometry_source(args: argparse.Namespace, tower: ImageTower | None = None) -> str:
-    """``"model"`` (the loaded model's pre-training geometry), ``"flags"`` (a user override, all
-    or in part) or ``"default"`` (a baseline without a recorded geometry), for ``metrics.json``."""
-    given = args.resize or args.image_size or getattr(args, "square", None) is not None
-    if given:
+    """For ``metrics.json``: ``"flags"`` (a user override, all or in part), ``"protocol"`` (the
+    protocol's own geometry, e.g. fine-tuning's 256 x 256), ``"model"`` (the loaded model's
+    pre-training geometry) or ``"default"`` (a baseline without a recorded geometry)."""
+    defaults = getattr(args, "geometry_defaults", (None, None, None))
+    if (args.resize, args.image_size, getattr(args, "square", None)) != tuple(defaults):
         return "flags"
+    if any(v is not None for v in defaults):
+        return "protocol"
     return "model" if tower is not None and tower.model is not None else "default"
 
 

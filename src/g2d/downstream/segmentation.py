@@ -158,7 +158,7 @@ def open_splits(args: argparse.Namespace) -> dict[str, Any]:
     the fraction taken from that set; :func:`g2d.data.siim.balance_train`) unless
     ``--siim-train all``; val and test keep every image."""
     geom = square_geometry(args.image_size)
-    balance = dataset_name(args.data) == "siim" and getattr(args, "siim_train", "all") == "balanced"
+    balance = dataset_name(args.data) == "siim" and getattr(args, "siim_train", "balanced") == "balanced"
     splits = {s: open_dataset(args.data, s, args.fraction if s == "train" and not balance else 1.0, geom)
               for s in ("train", "val", "test")}
     if balance:
@@ -393,7 +393,7 @@ def _signature(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
             "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
             "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss,
-            "siim_train": args.siim_train}
+            "siim_train": getattr(args, "siim_train", "balanced")}
 
 
 @torch.no_grad()

@@ -84,13 +84,14 @@ class YOLOv3Head(nn.Module):
         self.embedding2 = _Embedding((w // 8, w // 4), c2 + w // 8, out)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
-        """:param features: ``[layer2 /8, layer3 /16, layer4 /32]`` maps.
-        :return: raw outputs ``[B, A * (5 + C), S / s, S / s]`` for strides 32, 16, 8 (that order)."""
+        """:param features: ``[layer2 /8, layer3 /16, layer4 /32]`` maps (a dilated encoder gives
+            layer4 at /16, or layer3 and layer4 at /8: each map is upsampled to the next one's size).
+        :return: raw outputs ``[B, A * (5 + C), h_i, w_i]`` at the three maps' sizes (coarsest first)."""
         x2, x3, x4 = features
         out0, b0 = self.embedding0(x4)
-        x = F.interpolate(self.embedding1_cbl(b0), scale_factor=2.0, mode="nearest")
+        x = F.interpolate(self.embedding1_cbl(b0), size=x3.shape[-2:], mode="nearest")
         out1, b1 = self.embedding1(torch.cat([x, x3], 1))
-        x = F.interpolate(self.embedding2_cbl(b1), scale_factor=2.0, mode="nearest")
+        x = F.interpolate(self.embedding2_cbl(b1), size=x2.shape[-2:], mode="nearest")
         out2, _ = self.embedding2(torch.cat([x, x2], 1))
         return [out0, out1, out2]
 

@@ -57,10 +57,11 @@ class AttentionPool2d(nn.Module):
         grid = table.T.reshape(1, c, self.spatial, self.spatial)
         return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).reshape(c, h * w).T
 
-    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _tokens(self, x: Tensor, update: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """[B, C, H, W] -> query token [B, 1, C], pixel tokens [B, HW, C] with positions, and the
-        tokens the keys are computed from (centred per position with ``key_center``)."""
-        b, c, h, w = x.shape
+        tokens the keys are computed from (centred per position with ``key_center``; ``update``:
+        a training forward, whose batch mean is used and moves the running mean)."""
+        h, w = x.shape[-2:]
         pix = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             pix = self.norm(pix)
@@ -68,7 +69,8 @@ class AttentionPool2d(nn.Module):
         query = pix.mean(dim=1, keepdim=True) + pos[:1]
         key_pix = pix
         if self.key_center:
-            if self.training and h * w == self.spatial ** 2:
+            # a batch of one has no mean over images but itself: it uses the running mean
+            if update and self.training and x.shape[0] > 1 and h * w == self.spatial ** 2:
                 mean = pix.mean(0)
                 with torch.no_grad():
                     self.position_mean.lerp_(mean.detach().float(), 0.1)
@@ -86,7 +88,7 @@ class AttentionPool2d(nn.Module):
             ``keys_include_query``).
         """
         b, _, h, w = x.shape
-        query, pix, key_pix = self._tokens(x)
+        query, pix, key_pix = self._tokens(x, update=True)
         keys = torch.cat([query, key_pix], dim=1) if self.keys_include_query else key_pix
         values = torch.cat([query, pix], dim=1) if self.keys_include_query else pix
         dh = self.width // self.heads

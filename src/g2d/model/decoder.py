@@ -3,7 +3,8 @@
 Kept in-repo (about 50 lines) instead of importing smp's ``UnetDecoder``, whose call signature has
 changed across releases (the release code breaks on smp >= 0.5). Parameter names match smp's
 ``Unet`` (``decoder.blocks.N.conv1.0.weight``, ``segmentation_head.0.weight``), so the pre-trained
-decoder loads into ``smp.Unet`` for "encoder + decoder" transfer (tests/test_model.py checks it).
+decoder loads into ``smp.Unet`` for "encoder + decoder" transfer (tests/test_model.py checks it; with
+``model.image.output_stride`` 32, since smp's ResNet is strided).
 """
 
 from __future__ import annotations

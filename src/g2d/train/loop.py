@@ -362,6 +362,7 @@ class Pretrainer:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         done = self.step >= self.total_steps
+        finished_before = done  # a resumed run that had already finished: nothing new to export
         self.model.train()
         while not done and self.epoch < cfg.train.epochs:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.train.batch_size)
@@ -470,7 +471,8 @@ class Pretrainer:
             bar.close()
         if writer is not None:
             writer.close()
-        self.save()
+        if not finished_before:
+            self.save()
         result.steps, result.skipped_steps = self.step, self.skipped
         if hasattr(self.dataset, "bad_indices"):  # each rank saw only its own shard's bad images
             self.dataset.mark_bad(union_over_ranks(self.dataset.bad_indices()))
@@ -478,7 +480,11 @@ class Pretrainer:
             data_summary = getattr(self.dataset, "summary", None)
             log.info("run summary: %d optimizer steps, %d skipped for a non-finite loss%s", self.step,
                      self.skipped, f"; data {data_summary()}" if callable(data_summary) else "")
-            result.export_dir = export_model(self.model, self.cfg.to_dict(), self.out / "export")
+            export = self.out / "export"
+            if finished_before and (export / "model.safetensors").is_file():
+                result.export_dir = export  # unchanged weights: keep the files (and their stamps)
+            else:
+                result.export_dir = export_model(self.model, self.cfg.to_dict(), export)
         barrier()
         return result
 
