@@ -287,6 +287,15 @@ def test_resume_and_idempotence(mimic_raw, tmp_path, monkeypatch) -> None:
     after = {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir()) if not p.name.endswith(".tmp")}
     assert after == before  # byte-identical shards, sidecars, index and manifest
     assert (out / "manifest.csv.gz").read_bytes() == manifest and (out / "index-train.npy").read_bytes() == index
+    # an image replaced in place (here: only its modification time moves) rebuilds its shard only
+    import os
+
+    built.clear()
+    image = sorted(Path(mimic_raw[0]).rglob("*.jpg"))[0]
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    prepare_mimic(_cfg(mimic_raw, out))
+    assert len(built) == 1
     with pytest.raises(DataError, match="other settings"):
         prepare_mimic(_cfg(mimic_raw, out, min_tokens=5))
 

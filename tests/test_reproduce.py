@@ -210,3 +210,31 @@ def test_fraction_tables_put_fractions_in_columns():
         "| B | transfer=encoder | 40.0 (n=1) | not run |\n\n"
         "Mean ± sample std over seeds (n = finished seeds); 'not run' = no finished seed yet.\n")
     assert format_fraction_tables(_toy(), []) is None
+
+
+def test_a_cell_whose_model_changed_runs_again(tmp_path):
+    """A finished cell is reused only while its data and model files are the ones it ran on."""
+    exp = Experiment("mini", "Mini", [Column("enc", "linear", "syn", "auc", 0.5, {})],
+                     [Row("mine", model=str(tmp_path / "model.pt"))], seeds=1)
+    (tmp_path / "model.pt").write_bytes(b"v1")
+    calls = []
+
+    def task(name, argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"auc": 0.5 + 0.1 * len(calls)}))
+
+    scale = Scale("s", "tiny", {}, _LazyFill({"syn": "synthetic:16"}, lambda v: v), {}, 1)
+    first = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    again = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    assert len(calls) == 1 and again[0].values == first[0].values
+    import os
+
+    st = (tmp_path / "model.pt").stat()
+    (tmp_path / "model.pt").write_bytes(b"v2")  # retrained in place
+    os.utime(tmp_path / "model.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    stale = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task, collect_only=True).run()
+    assert stale[0].errors and "other images or weights" in stale[0].errors[0]
+    third = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    assert len(calls) == 2 and third[0].values != first[0].values

@@ -89,7 +89,8 @@ def test_export_and_load_give_identical_embeddings(tiny_cfg, tmp_path):
     torch.testing.assert_close(loaded.encode_text(texts), model.encode_text(texts))
     torch.testing.assert_close(loaded.dense_embeddings(images), model.dense_embeddings(images))
     out = loaded.image_forward(images)
-    assert out.attention.shape == (3, 3, 2, 2) and out.decoder_logits.shape == (3, 1, 64, 64)
+    side = 64 // loaded.cfg.image.output_stride  # the tiny preset: stride 16, a 4 x 4 map at 64 px
+    assert out.attention.shape == (3, 3, side, side) and out.decoder_logits.shape == (3, 1, 64, 64)
     assert not loaded.training
     # the training checkpoint loads too (weights_only)
     ckpt_model = g2d.load_model(tmp_path / "checkpoints" / "last.pt")
