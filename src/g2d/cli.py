@@ -50,7 +50,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--downstream-train", type=int, default=None,
                    help="synthetic images per downstream set (0 skips the downstream protocols)")
-    p.add_argument("--downstream-epochs", type=int, default=None, help="segmentation/detection epochs")
+    p.add_argument("--downstream-epochs", type=int, default=None, help="segmentation epochs (detection: at most 4)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
 
