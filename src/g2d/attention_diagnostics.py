@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from g2d.eval.grounding import dice_per_image, iou_per_image
-from g2d.pseudo_mask import PseudoMaskCfg, build_pseudo_masks
+from g2d.pseudo_mask import PseudoMaskCfg, _dilate, build_pseudo_masks
 
 __all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits",
            "diagnose_attention", "collect_attention", "POINTING_DILATION"]
@@ -57,12 +56,6 @@ def collapse_r(maps: Tensor) -> Tensor:
     return torch.where(denom > 0, r, torch.full_like(r, float("nan"))).float()
 
 
-def _dilate(masks: Tensor, radius: int) -> Tensor:
-    if radius <= 0:
-        return masks.bool()
-    return F.max_pool2d(masks.float()[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
-
-
 def pointing_hits(maps: Tensor, targets: Tensor, dilation: float = POINTING_DILATION) -> Tensor:
     """Pointing game: does the centre of the map's arg-max cell fall inside the (dilated) target?
 
@@ -82,7 +75,8 @@ def pointing_hits(maps: Tensor, targets: Tensor, dilation: float = POINTING_DILA
     y = ((top // w).double() + 0.5) * hh / h
     x = ((top % w).double() + 0.5) * ww / w
     y, x = y.long().clamp_max(hh - 1), x.long().clamp_max(ww - 1)
-    grown = _dilate(targets, round(dilation * (hh + ww) / 2))
+    radius = round(dilation * (hh + ww) / 2)
+    grown = _dilate(targets.float()[:, None], radius)[:, 0] > 0 if radius > 0 else targets.bool()
     return grown[torch.arange(len(top)), y, x].float()
 
 
@@ -170,16 +164,16 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
                          f"{tuple(images.shape)}, targets {tuple(targets.shape)}")
     cfg = cfg or PseudoMaskCfg()
     attention, images, targets = attention.float().cpu(), images.float().cpu(), targets.bool().cpu()
-    prior_attention = attention.mean(0, keepdim=True).expand_as(attention).contiguous()
-    per_head = dataclasses.replace(cfg, aggregate_heads=False)
-    aggregated = dataclasses.replace(cfg, aggregate_heads=True)
-    pseudo_heads = build_pseudo_masks(attention, images, per_head)
-    prior_heads = build_pseudo_masks(prior_attention, images, per_head)
-    heads = [_scores(attention[:, k], pseudo_heads[:, k], prior_heads[:, k], targets)
-             for k in range(attention.shape[1])]
-    mean = _scores(attention.mean(1), build_pseudo_masks(attention, images, aggregated)[:, 0],
-                   build_pseudo_masks(prior_attention, images, aggregated)[:, 0], targets)
-    return AttentionDiagnostics(mean, heads, n, tuple(attention.shape[-2:]))
+    # Every map scored, as channels of one stack: each head, the head mean (Eq. 2 averages before
+    # upsampling, as here), and the same for the set's mean maps (the prior). One pseudo-mask call
+    # builds all their masks with one body mask per image.
+    maps = torch.cat([attention, attention.mean(1, keepdim=True)], dim=1)     # [N, K + 1, h, w]
+    prior = maps.mean(0, keepdim=True).expand_as(maps)
+    k = maps.shape[1]
+    masks = build_pseudo_masks(torch.cat([maps, prior], dim=1), images,
+                               dataclasses.replace(cfg, aggregate_heads=False))
+    scores = [_scores(maps[:, i], masks[:, i], masks[:, k + i], targets) for i in range(k)]
+    return AttentionDiagnostics(scores[-1], scores[:-1], n, tuple(attention.shape[-2:]))
 
 
 @torch.no_grad()
