@@ -159,7 +159,8 @@ def test_siim_segmentation_trains_on_the_balanced_set(tmp_path, monkeypatch, mod
     out = tmp_path / f"out_{mode}"
     spec = f"siim:{tmp_path / 'siim'}?label_size=image"  # the fixture's RLE is in its 64-px images
     assert main(["eval", "segmentation", "--data", spec, "--model", "random", "--arch", "resnet18",
-                 "--epochs", "1", "--batch-size", "4", "--image-size", "64", "--out", str(out), "--no-progress", "--figures", "0", "--num-workers", "0",
+                 "--epochs", "1", "--batch-size", "4", "--image-size", "64", "--out", str(out),
+                 "--no-progress", "--figures", "0", "--num-workers", "0",
                  "--siim-train", mode]) == 0
     m = _strict(out / "metrics.json")
     assert (m["n_train"], m["n_train_pos"], m["n_val"], m["n_test"]) == (n_train, n_pos, 2, 2)
@@ -401,3 +402,20 @@ def test_inference_sees_the_pixels_of_training(tmp_path, augment):
     args = argparse.Namespace(resize=96, image_size=None, square=True, geometry_defaults=(None, None, None))
     assert geometry_from_args(args, tower).resize == 96 and not geometry_from_args(args, tower).keep_aspect
     assert geometry_source(args, tower) == "flags"
+
+
+def test_finetune_checkpoint_is_not_resumed_for_other_images(tmp_path, caplog):
+    import logging
+
+    table = _images_table(tmp_path / "set")
+    argv = ["eval", "finetune", "--data", f"csv:{table}?labels=y", "--model", "random", "--arch", "resnet18",
+            "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--resize", "32",
+            "--out", str(tmp_path / "out"), "--no-progress", "--num-workers", "0"]
+    assert main(argv) == 0
+    caplog.set_level(logging.INFO, logger="g2d.downstream")
+    assert main(argv) == 0
+    assert "resumed" in caplog.text and "other images" not in caplog.text
+    caplog.clear()
+    _replace_image(tmp_path / "set" / "img" / "2.png")
+    assert main(argv) == 0
+    assert "other images or weights: starting anew" in caplog.text and "resumed" not in caplog.text

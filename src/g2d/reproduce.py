@@ -152,7 +152,6 @@ class _LazyFill(dict):
         return self._fill(self[name])
 
 
-_key = digest
 
 
 @dataclass
@@ -202,7 +201,7 @@ class Runner:
         return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {})})
 
     def pretrain_dir(self, row: Row) -> Path:
-        return self.out / "pretrain" / _key(self.pretrain_config(row).to_dict())
+        return self.out / "pretrain" / digest(self.pretrain_config(row).to_dict())
 
     def model_for(self, row: Row) -> str:
         if row.model is not None:
@@ -276,7 +275,7 @@ class Runner:
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
         """Keyed by the task's arguments, less the display-only ``--no-progress``."""
         argv = [a for a in self.cell_args(row, col, model, seed) if a != "--no-progress"]
-        return self.out / "cells" / _key([col.task, argv])
+        return self.out / "cells" / digest([col.task, argv])
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from g2d.checkpoint import atomic_write
 from g2d.data.labelled import DataError, collate_labelled
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.downstream.common import Frozen, ImageTower
-from g2d.fingerprint import file_stamp, model_identity
+from g2d.fingerprint import digest, file_stamp, model_identity
 
 __all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
            "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
@@ -173,8 +172,7 @@ def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_di
     ids = list(ds.ids)
     wanted = _entry_keys(ds)
     id_of = dict(zip(wanted, ids))
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"features_{key.get('split', 'all')}_{digest}.pt"
+    path = Path(cache_dir) / f"features_{key.get('split', 'all')}_{digest(key)}.pt"
     cache: dict[str, Any] = {"ids": [], "features": torch.zeros(0, 0), "key": key}
     if path.is_file():
         cache = torch.load(path, map_location="cpu", weights_only=True)

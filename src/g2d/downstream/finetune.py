@@ -14,8 +14,6 @@ when validation improves, ``OUT/checkpoints/best.pt``, atomically; rerunning the
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 from dataclasses import asdict
@@ -35,6 +33,7 @@ from g2d.downstream.common import load_image_tower, resolve_device, write_result
 from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
                                      is_multiclass, label_tasks, make_loader, masked_bce, progress_bar)
 from g2d.downstream.linear_probe import evaluate_scores
+from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.model.image_encoder import ResNetEncoder
 
 __all__ = ["add_arguments", "run", "Classifier"]
@@ -72,8 +71,7 @@ class Classifier(nn.Module):
 def _signature(args: argparse.Namespace, geom: ImageTransformCfg) -> str:
     """What a checkpoint must share with the run that resumes it (``--epochs`` may grow)."""
     keys = ("data", "model", "arch", "fraction", "seed", "batch_size", "lr", "weight_decay", "augment")
-    d = {k: getattr(args, k) for k in keys} | {"geometry": asdict(geom)}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest({k: getattr(args, k) for k in keys} | {"geometry": asdict(geom)})
 
 
 @torch.no_grad()
@@ -113,12 +111,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     last, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     sig = _signature(args, geom)
+    # the content behind the arguments: a checkpoint of other images or weights is not resumed
+    inputs = digest([model_identity(str(args.model)), *(dataset_identity(d) for d in (train_ds, val_ds, test_ds))])
     state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad": 0, "done": False,
                              "history": []}
-    if last.is_file() and not args.no_resume:
-        ckpt = load_checkpoint(last)
-        if ckpt.get("signature") != sig:
-            raise DataError(f"{last} belongs to a run with other settings; use another --out or --no-resume")
+    ckpt = load_checkpoint(last) if last.is_file() and not args.no_resume else None
+    if ckpt is not None and ckpt.get("signature") != sig:
+        raise DataError(f"{last} belongs to a run with other settings; use another --out or --no-resume")
+    if ckpt is not None and ckpt.get("inputs") != inputs:
+        log.warning("%s was written for other images or weights: starting anew", last)
+        ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state["epoch"] = epoch
         if score > state["best_score"] or state["best_epoch"] == 0:
             state.update(best_score=score, best_epoch=epoch, bad=0)
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "signature": sig}, best_path)
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "signature": sig, "inputs": inputs},
+                            best_path)
         else:
             state["bad"] += 1
             if args.patience and state["bad"] >= args.patience:
@@ -168,10 +172,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, total / max(steps, 1),
                  "acc" if multiclass else "auc", metric)
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                         "state": state, "signature": sig}, last)
+                         "state": state, "signature": sig, "inputs": inputs}, last)
 
-    if best_path.is_file():
-        model.load_state_dict(load_checkpoint(best_path)["model"])
+    best = load_checkpoint(best_path) if best_path.is_file() else None
+    if best is not None and best.get("inputs") == inputs:  # never a best model of other inputs
+        model.load_state_dict(best["model"])
     scores, labels = _predict(model, make_loader(test_ds, args.batch_size, args.num_workers), multiclass,
                               device, progress, "test")
     test = evaluate_scores(scores, labels, tasks, multiclass)
