@@ -20,6 +20,7 @@ from pathlib import Path
 from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
 from g2d.config import apply_overrides, parse_overrides
 from g2d.demo import _held_out, demo_config, evaluate
+from g2d.downstream.common import write_json
 from g2d.factory import load_model
 from g2d.train.loop import pretrain
 
@@ -53,8 +54,7 @@ def main() -> None:
            **{k: v for k, v in diag.as_dict().items() if "/" not in k},
            "top1_findings": retrieval["top1_findings"], "grounding_dice": retrieval["grounding_dice"],
            "overrides": " ".join(args.overrides)}
-    (run / "result.json").write_text(json.dumps({**row, "diagnostics": diag.as_dict(),
-                                                 "probes": result.probes}, indent=2))
+    write_json(run / "result.json", {**row, "diagnostics": diag.as_dict(), "probes": result.probes})
     table = Path(args.out) / "results.csv"
     new = not table.is_file()
     with table.open("a", newline="") as f:

@@ -42,6 +42,17 @@ def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tm
     assert run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
     assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are not recomputed
 
+    # the same model folder with other weights (here: only the file's stamp moves) is another model
+    import os
+
+    weights = tiny_model_dir / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu")
+    g2d_cells = {p for p in written if "/G2D/" in str(p)}
+    assert g2d_cells and all(p.stat().st_mtime_ns != written[p] for p in g2d_cells)
+    assert all(p.stat().st_mtime_ns == written[p] for p in written if p not in g2d_cells)
+
 
 def row_ok(v) -> bool:
     return v is not None and 0.0 <= v <= 1.0
