@@ -10,6 +10,11 @@ Results are stored under ``OUT/cells/<key>/metrics.json`` where ``key`` hashes t
 arguments (and so, through the model path, the exact pre-training config); pre-training runs are
 stored under ``OUT/pretrain/<key>/``. A stopped run continues where it left off, and a finished cell
 is never computed twice.
+
+An experiment with ``pretrain_seeds: true`` pre-trains every variant once per seed (``train.seed``),
+so seed-to-seed spread includes pre-training's; a column with ``task: pretrain`` reads the pre-training
+run itself (``pretrain_metrics.json``: the final contrastive loss against ln B). ``gates`` are checks
+every pre-trained seed must pass for the table to mean anything (``format_gates``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -30,8 +36,9 @@ from g2d.config import get_config
 from g2d.data.sets import open_dataset
 from g2d.fingerprint import dataset_identity, digest, model_identity
 
-__all__ = ["Column", "Row", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
-           "Runner", "CellResult", "format_markdown", "format_csv", "format_fraction_tables", "prepare_jsrt"]
+__all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
+           "Runner", "CellResult", "format_markdown", "format_gates", "format_csv", "format_fraction_tables",
+           "pretrain_metrics", "prepare_jsrt"]
 
 log = logging.getLogger("g2d.reproduce")
 
@@ -50,6 +57,7 @@ class Column:
     fraction: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
     scale: float = 100.0
+    digits: int = 1  # decimals shown in the tables
 
 
 @dataclass
@@ -67,12 +75,42 @@ class Row:
 
 
 @dataclass
+class Gate:
+    """A check on one pre-trained seed: ``column``'s value (unscaled by ``Column.scale`` only if that
+    is 1) must be >= ``min`` / <= ``max``, or >= ``times`` x the ``than`` column's value + ``plus``."""
+
+    name: str
+    column: str
+    min: float | None = None
+    max: float | None = None
+    than: str | None = None
+    times: float = 1.0
+    plus: float = 0.0
+
+    def check(self, values: dict[str, float]) -> bool | None:
+        """``None`` when a value it needs is missing (not run or failed)."""
+        v = values.get(self.column)
+        if v is None or (self.than is not None and values.get(self.than) is None):
+            return None
+        ok = True
+        if self.min is not None:
+            ok &= v >= self.min
+        if self.max is not None:
+            ok &= v <= self.max
+        if self.than is not None:
+            ok &= v >= self.times * values[self.than] + self.plus
+        return bool(ok)
+
+
+@dataclass
 class Experiment:
     name: str
     title: str
     columns: list[Column]
     rows: list[Row]
     seeds: int = 3
+    pretrain_seeds: bool = False
+    gates: list[Gate] = field(default_factory=list)
 
 
 @dataclass
@@ -111,7 +149,14 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
             raise ValueError(f"{p}: row {r.name!r} needs exactly one of 'pretrain' or 'model'")
         if r.paper and len(r.paper) != len(cols):
             raise ValueError(f"{p}: row {r.name!r} has {len(r.paper)} paper values for {len(cols)} columns")
-    return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)))
+    gates = [Gate(**g) for g in d.get("gates", [])]
+    names = {c.name for c in cols}
+    for g in gates:
+        missing = {g.column, g.than} - names - {None}
+        if missing:
+            raise ValueError(f"{p}: gate {g.name!r} names columns {sorted(missing)} the table does not have")
+    return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)),
+                      bool(d.get("pretrain_seeds", False)), gates)
 
 
 def load_scale(name: str, data_root: str | Path | None = None, shared: str | Path | None = None,
@@ -160,6 +205,7 @@ class CellResult:
     column: str
     values: list[float]  # one per finished seed, already scaled
     errors: list[str]
+    seeds: list[int] = field(default_factory=list)  # the seed of each value
 
     @property
     def mean(self) -> float | None:
@@ -197,22 +243,24 @@ class Runner:
 
     # ------------------------------------------------------------------ pre-training variants
 
-    def pretrain_config(self, row: Row):
-        return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {})})
+    def pretrain_config(self, row: Row, seed: int = 0):
+        """The row's pre-training config; with ``pretrain_seeds`` the seed sets ``train.seed``."""
+        seeded = {"train.seed": seed} if self.exp.pretrain_seeds else {}
+        return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {}), **seeded})
 
-    def pretrain_dir(self, row: Row) -> Path:
-        return self.out / "pretrain" / digest(self.pretrain_config(row).to_dict())
+    def pretrain_dir(self, row: Row, seed: int = 0) -> Path:
+        return self.out / "pretrain" / digest(self.pretrain_config(row, seed).to_dict())
 
-    def model_for(self, row: Row) -> str:
+    def model_for(self, row: Row, seed: int = 0) -> str:
         if row.model is not None:
             return row.model
-        run_dir = self.pretrain_dir(row)
+        run_dir = self.pretrain_dir(row, seed)
         export = run_dir / "export"
         if not (export / "model.safetensors").is_file():
-            log.info("pre-training %r in %s", row.name, run_dir)
+            log.info("pre-training %r (seed %d) in %s", row.name, seed, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "variant.txt").write_text(row.name + "\n", encoding="utf-8")
-            export = Path(self.run_pretrain(self.pretrain_config(row), run_dir))
+            (run_dir / "variant.txt").write_text(f"{row.name}\nseed {seed}\n", encoding="utf-8")
+            export = Path(self.run_pretrain(self.pretrain_config(row, seed), run_dir))
         return str(export)
 
     # ------------------------------------------------------------------ cells
@@ -236,27 +284,28 @@ class Runner:
         not whole rows. Each pre-training variant is trained once, before its first cell."""
         results = {(r.name, c.name): CellResult(r.name, c.name, [], []) for r in self.exp.rows
                    for c in self.exp.columns}
-        models: dict[str, str | Exception] = {}
+        models: dict[tuple[str, int], str | Exception] = {}
         for seed in range(self.seeds):
+            pseed = seed if self.exp.pretrain_seeds else 0
             for row in self.exp.rows:
                 for col in self.exp.columns:
                     res = results[row.name, col.name]
                     if _skipped(row, col):
                         continue
                     if self.collect_only or (self.columns and not self.columns.search(col.name)):
-                        model = row.model if row.model is not None else str(self.pretrain_dir(row) / "export")
+                        model = row.model if row.model is not None else str(self.pretrain_dir(row, pseed) / "export")
                         self._run_cell(row, col, model, seed, res, compute=False)
                         continue
-                    if row.name not in models:
+                    if (row.name, pseed) not in models:
                         try:
-                            models[row.name] = self.model_for(row)
+                            models[row.name, pseed] = self.model_for(row, pseed)
                         except Exception as e:  # a failed pre-training fails its row, not the table
                             log.error("pre-training of %r failed: %s", row.name, e)
-                            models[row.name] = e
-                    model = models[row.name]
+                            models[row.name, pseed] = e
+                    model = models[row.name, pseed]
                     if isinstance(model, Exception):
-                        if seed == 0:
-                            res.errors.append(f"pretrain: {model}")
+                        if seed == pseed:
+                            res.errors.append(f"pretrain (seed {pseed}): {model}")
                         continue
                     self._run_cell(row, col, model, seed, res)
         return list(results.values())
@@ -281,6 +330,9 @@ class Runner:
                   compute: bool = True) -> None:
         """Adds the cell's stored result to ``res``, running the task first if it is not stored
         (and ``compute``; otherwise an unfinished cell adds nothing)."""
+        if col.task == "pretrain":  # the pre-training run's own numbers, written when it ended
+            self._add(res, col, seed, Path(model).parent / PRETRAIN_METRICS)
+            return
         argv = self.cell_args(row, col, model, seed)
         cell_dir = self.cell_dir(row, col, model, seed)
         metrics_file = cell_dir / "metrics.json"
@@ -306,6 +358,12 @@ class Runner:
                 res.errors.append(f"seed {seed}: {e}")
                 return
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
+        self._add(res, col, seed, metrics_file)
+
+    @staticmethod
+    def _add(res: CellResult, col: Column, seed: int, metrics_file: Path) -> None:
+        if not metrics_file.is_file():  # not run yet (a pre-training that has not ended)
+            return
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         if col.metric not in metrics:
             res.errors.append(f"seed {seed}: metric {col.metric!r} not in {metrics_file}")
@@ -315,11 +373,15 @@ class Runner:
             res.errors.append(f"seed {seed}: {col.metric} is undefined ({why}) in {metrics_file}")
             return
         res.values.append(float(metrics[col.metric]) * col.scale)
+        res.seeds.append(seed)
 
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
         """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.md`` / ``.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
         md = format_markdown(self.exp, results, info or {})
+        gates = format_gates(self.exp, results)
+        if gates:
+            md += "\n" + gates
         paths = {"markdown": self.out / f"{self.exp.name}.md", "csv": self.out / f"{self.exp.name}.csv"}
         paths["markdown"].write_text(md, encoding="utf-8")
         paths["csv"].write_text(format_csv(self.exp, results), encoding="utf-8")
@@ -337,11 +399,41 @@ def _skipped(row: Row, col: Column) -> bool:
     return col.name in row.skip or col.task in row.skip
 
 
-def _fmt(res: CellResult, skipped: bool) -> str:
+def _fmt(res: CellResult, skipped: bool, digits: int = 1) -> str:
     if not res.values:
         return "error" if res.errors else "/" if skipped else "not run"
     n = len(res.values)
-    return f"{res.mean:.1f} ± {res.std:.1f} (n={n})" if n > 1 else f"{res.mean:.1f} (n=1)"
+    return f"{res.mean:.{digits}f} ± {res.std:.{digits}f} (n={n})" if n > 1 else f"{res.mean:.{digits}f} (n=1)"
+
+
+def format_gates(exp: Experiment, results: list[CellResult]) -> str | None:
+    """The validity gates per pre-trained row and seed: a table of pass / FAIL / missing and a verdict
+    (issue 16: a comparison of pre-training variants means something only where every seed of every
+    variant clearly learned). ``None`` for an experiment without gates."""
+    if not exp.gates:
+        return None
+    by = {(r.row, r.column): r for r in results}
+    lines = ["## Validity gates (every pre-trained seed)", "",
+             "| method | seed | " + " | ".join(g.name for g in exp.gates) + " |",
+             "|---|---|" + "---|" * len(exp.gates)]
+    verdict = True
+    for row in exp.rows:
+        if row.pretrain is None:
+            continue
+        seeds = sorted({s for c in exp.columns for s in by[(row.name, c.name)].seeds})
+        for seed in seeds:
+            values = {c.name: dict(zip(by[(row.name, c.name)].seeds, by[(row.name, c.name)].values)).get(seed)
+                      for c in exp.columns}
+            marks = []
+            for g in exp.gates:
+                ok = g.check(values)
+                verdict &= ok is True
+                marks.append("missing" if ok is None else "pass" if ok else "FAIL")
+            lines.append(f"| {row.name} | {seed} | " + " | ".join(marks) + " |")
+    lines += ["", "Verdict: " + ("every pre-trained seed passes every gate; the comparison is valid." if verdict
+                                 else "NOT every pre-trained seed passes every gate (or some are missing): "
+                                      "read the comparison as not valid where a row fails."), ""]
+    return "\n".join(lines)
 
 
 def _paper(row: Row, j: int) -> str:
@@ -362,7 +454,7 @@ def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, 
     for row in exp.rows:
         cells = [row.name]
         for j, c in enumerate(exp.columns):
-            cells += [_fmt(by[(row.name, c.name)], _skipped(row, c))] + ([_paper(row, j)] if paper else [])
+            cells += [_fmt(by[(row.name, c.name)], _skipped(row, c), c.digits)] + ([_paper(row, j)] if paper else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
@@ -423,7 +515,8 @@ def format_fraction_tables(exp: Experiment, results: list[CellResult]) -> str | 
                 if all(_skipped(row, c) for c in cols):
                     continue
                 at = {c.fraction: c for c in cols}
-                cells = [_fmt(by[(row.name, at[f].name)], _skipped(row, at[f])) if f in at else "" for f in fractions]
+                cells = [_fmt(by[(row.name, at[f].name)], _skipped(row, at[f]), at[f].digits) if f in at else ""
+                         for f in fractions]
                 args = ", ".join(f"{k}={v}" for k, v in sorted(cols[0].args.items()))
                 lines.append("| " + " | ".join([row.name, args, *cells]) + " |")
         lines.append("")
@@ -474,12 +567,31 @@ def _run_task(task: str, argv: list[str]) -> dict[str, Any]:
     return importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
 
 
+PRETRAIN_METRICS = "pretrain_metrics.json"
+
+
+def pretrain_metrics(history: list[dict[str, float]], batch_size: int, tail: float = 0.1) -> dict[str, Any]:
+    """The end of a pre-training run from its logged means (``TrainResult.history``): the contrastive
+    loss (``vla``) averaged over the last ``tail`` of the logged steps (at least one entry), against
+    chance, ln B for batch B (the CLIP loss of uniform similarities)."""
+    if not history:
+        raise ValueError("no logged training step")
+    last = history[-max(1, round(tail * len(history))):]
+    end = statistics.fmean(h["vla"] for h in last)
+    ln_b = math.log(batch_size)
+    return {"contrastive_end": end, "ln_batch": ln_b, "contrastive_over_ln_b": end / ln_b,
+            "steps": int(history[-1]["step"]), "from_step": int(last[0]["step"])}
+
+
 def _pretrain(cfg: Any, run_dir: Path, device: str, progress: bool) -> Path:
+    from g2d.downstream.common import write_json
     from g2d.train.loop import pretrain
 
     result = pretrain(cfg, run_dir, resume="latest", progress=progress, device=device)
     if result.export_dir is None:
         raise RuntimeError(f"pre-training in {run_dir} ended without an export")
+    if result.history:  # a run resumed after its last step logs nothing new
+        write_json(run_dir / PRETRAIN_METRICS, pretrain_metrics(result.history, cfg.train.batch_size))
     return result.export_dir
 
 
