@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from g2d.reproduce import (CellResult, Column, Experiment, Row, Runner, Scale, _LazyFill, format_csv,
-                           format_fraction_tables, format_markdown, list_experiments, load_experiment, load_scale,
-                           plot_fractions, prepare_jsrt)
+from g2d.reproduce import (PRETRAIN_METRICS, CellResult, Column, Experiment, Gate, Row, Runner, Scale, _LazyFill,
+                           format_csv, format_fraction_tables, format_gates, format_markdown, list_experiments,
+                           load_experiment, load_scale, plot_fractions, prepare_jsrt, pretrain_metrics)
 
 DATA = Path(__file__).parent / "data"
 
@@ -40,12 +40,15 @@ def test_every_shipped_experiment_loads_and_fits_its_scales(tmp_path):
     small = load_scale("small")
     shared = load_scale("shared", shared=tmp_path, jsrt_tables=tmp_path)
     paper = load_scale("paper", data_root=tmp_path)
+    validity = load_scale("validity")
     for name in names:
         exp = load_experiment(name)
-        scale = shared if name == "jsrt" else paper
+        scale = {"jsrt": shared, "validity": validity}.get(name, paper)
         for c in exp.columns:
+            if c.task == "pretrain":  # reads the pre-training run, no data set
+                continue
             assert scale.data.spec(c.data)
-            if name != "jsrt":
+            if name not in ("jsrt", "validity"):
                 assert small.data.spec(c.data).startswith("synthetic")
         for r in exp.rows:  # every pre-training variant is a valid config at every scale
             if r.pretrain is not None:
@@ -138,7 +141,7 @@ def test_runner_goes_seed_by_seed_and_reports_a_failed_pretraining(tmp_path):
     assert by["Ours", "Seg 1%"].values == [50.0, 50.0] and by["Random", "Det 1%"].values == [25.0, 25.0]
     assert by["Ours", "Det 1%"].values == [] and not by["Ours", "Det 1%"].errors  # skipped
     for col in ("Seg 1%", "Det 1%"):
-        assert by["Broken", col].errors == ["pretrain: out of memory"]
+        assert by["Broken", col].errors == ["pretrain (seed 0): out of memory"]
 
 
 def test_columns_filter_and_collect_only_run_nothing_else(tmp_path):
@@ -238,3 +241,75 @@ def test_a_cell_whose_model_changed_runs_again(tmp_path):
     assert stale[0].errors and "other images or weights" in stale[0].errors[0]
     third = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
     assert len(calls) == 2 and third[0].values != first[0].values
+
+
+def test_pretrain_metrics_average_the_last_tenth_against_ln_b():
+    history = [{"step": 10 * i, "vla": v} for i, v in enumerate([3.5, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0,
+                                                                  0.8, 1.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])]
+    m = pretrain_metrics(history, batch_size=32)
+    assert m["contrastive_end"] == pytest.approx(1.0)  # the last 2 of 20 entries
+    assert m["ln_batch"] == pytest.approx(3.4657, abs=1e-4)
+    assert m["contrastive_over_ln_b"] == pytest.approx(1.0 / 3.4657, abs=1e-4)
+    assert (m["steps"], m["from_step"]) == (190, 180)
+    with pytest.raises(ValueError):
+        pretrain_metrics([], 32)
+
+
+def test_gate_checks_bounds_and_other_columns():
+    g = Gate("pointing >= prior + 0.2", "pointing", min=0.6, than="prior", plus=0.2)
+    assert g.check({"pointing": 0.7, "prior": 0.4}) is True
+    assert g.check({"pointing": 0.7, "prior": 0.6}) is False  # not 0.2 above the prior
+    assert g.check({"pointing": 0.5, "prior": 0.1}) is False  # below the floor
+    assert g.check({"pointing": 0.7}) is None and g.check({"prior": 0.1}) is None
+    assert Gate("iou", "iou", than="prior", times=2.0).check({"iou": 0.2, "prior": 0.1}) is True
+    assert Gate("loss", "loss", max=0.5).check({"loss": 0.51}) is False
+
+
+def test_pretrain_seeds_train_once_per_seed_and_gates_judge_each_seed(tmp_path):
+    """pretrain_seeds: one pre-training per (variant, seed); the 'pretrain' column reads each run's
+    pretrain_metrics.json; the gates table marks the seed that fails and the verdict says so."""
+    cols = [Column("loss/lnB", "pretrain", "-", "contrastive_over_ln_b", scale=1, digits=3),
+            Column("Seg", "segmentation", "siim", "dice")]
+    rows = [Row("Ours", pretrain={}), Row("Random", model="random", skip=["pretrain"])]
+    exp = Experiment("v", "V", cols, rows, seeds=2, pretrain_seeds=True,
+                     gates=[Gate("loss <= 0.5 ln B", "loss/lnB", max=0.5)])
+    seeds_trained = []
+
+    def pre(cfg, d):
+        seeds_trained.append(cfg.train.seed)
+        (d / "export").mkdir(parents=True)
+        (d / "export" / "model.safetensors").write_bytes(str(cfg.train.seed).encode())
+        ratio = 0.4 if cfg.train.seed == 0 else 0.7  # seed 1 stays near chance
+        (d / PRETRAIN_METRICS).write_text(json.dumps({"contrastive_over_ln_b": ratio}))
+        return d / "export"
+
+    def task(name, argv):
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"dice": 0.5}))
+        return {}
+
+    runner = Runner(exp, load_scale("small"), tmp_path, run_task=task, run_pretrain=pre)
+    results = runner.run()
+    assert seeds_trained == [0, 1] and runner.pretrain_dir(rows[0], 0) != runner.pretrain_dir(rows[0], 1)
+    by = {(r.row, r.column): r for r in results}
+    assert by["Ours", "loss/lnB"].values == [0.4, 0.7] and by["Ours", "loss/lnB"].seeds == [0, 1]
+    assert by["Random", "Seg"].values == [50.0, 50.0]
+    gates = format_gates(exp, results)
+    assert "| Ours | 0 | pass |" in gates and "| Ours | 1 | FAIL |" in gates and "Random" not in gates
+    assert "NOT every pre-trained seed passes" in gates
+    paths = runner.write(results)
+    assert "| Ours | 0.550 ± 0.212 (n=2) |" in paths["markdown"].read_text()
+    assert "## Validity gates" in paths["markdown"].read_text()
+    assert format_gates(_toy(), results) is None
+
+
+def test_gates_must_name_columns_of_their_table(tmp_path):
+    import yaml
+
+    doc = {"columns": [{"name": "a", "task": "segmentation", "data": "siim", "metric": "dice"}],
+           "rows": [{"name": "r", "model": "random"}], "gates": [{"name": "g", "column": "b", "max": 1}]}
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="gate 'g' names columns \\['b'\\]"):
+        load_experiment(path)
