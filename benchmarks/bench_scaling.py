@@ -35,7 +35,8 @@ from g2d.config import config_from_dict, get_config
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
 from g2d.model.text_encoder import build_tiny_text_model
-from g2d.train.loop import compute_losses, wrap_ddp
+from g2d.objective import compute_losses
+from g2d.train.loop import wrap_ddp
 
 
 def _threads(args, world: int) -> int:

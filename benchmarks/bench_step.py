@@ -68,14 +68,13 @@ from g2d.config import get_config
 from g2d.data.pairs import collate_pairs
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
-from g2d.losses import contrastive_loss, pixel_alignment_loss
 from g2d.model.text_encoder import LENGTH_GROUPS, build_tiny_text_model
-from g2d.pseudo_mask import build_pseudo_masks
+from g2d.objective import compute_losses
 from g2d.train.loop import compile_model
 
 COVID_NOTES = Path("/work/shared/data/covid-notes/metadata.csv")
-PHASES = ("data", "image_fwd", "text_fwd", "pseudo_masks", "decoder_fwd", "losses", "backward",
-          "optimizer")
+# "forward" is G2DModel.forward (image, text, decoder); the phases are g2d.objective.compute_losses's
+PHASES = ("data", "forward", "pseudo_masks", "losses", "backward", "optimizer")
 
 
 @dataclass
@@ -279,24 +278,10 @@ class Runner:
         self._last_tokens = tok  # counted after the step's final sync (no extra host sync)
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with amp:
-            # the pieces of G2DModel.forward + compute_losses, timed one by one
-            with timer("image_fwd"):
-                feats = m.image_encoder(images)
-                pooled, attn = m.pool(m._dense_for_pool(feats[-1]))
-                emb = m.image_proj(pooled) if m.image_proj is not None else pooled
-                img = F.normalize(emb, dim=-1)
-            with timer("text_fwd"):
-                txt = m.text_forward(tok)
-            with timer("pseudo_masks"):
-                with torch.no_grad():
-                    size = images.shape[-1]
-                    masks = release_pseudo_masks(attn, size) if self.v.release else \
-                        build_pseudo_masks(attn.float(), images.float(), cfg.model.pseudo_mask)
-            with timer("decoder_fwd"):
-                logits = m.segmentation_head(m.decoder(feats))
-            with timer("losses"):
-                loss = contrastive_loss(img, txt, m.logit_scale.exp(), cfg.loss) + \
-                    cfg.loss.pa_weight * pixel_alignment_loss(logits, masks, cfg.loss)
+            # the trainer's objective (g2d.objective), its phases timed: forward, pseudo_masks, losses
+            release = (lambda attn, imgs: release_pseudo_masks(attn, imgs.shape[-1])) if self.v.release else None
+            loss = compute_losses(m, images, tok, cfg, step=cfg.loss.contrastive_only_steps, phase=timer,
+                                  build_masks=release).total
         with timer("backward"):
             self.scaler.scale(loss).backward()
         with timer("optimizer"):

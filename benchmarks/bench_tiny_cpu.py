@@ -25,7 +25,8 @@ import torch
 from g2d.config import get_config
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
-from g2d.train.loop import _autocast, compile_model, compute_losses, param_groups
+from g2d.objective import compute_losses
+from g2d.train.loop import _autocast, compile_model, param_groups
 
 VARIANTS = {
     "fp32": {},

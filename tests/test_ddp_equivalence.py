@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 from g2d.config import G2DConfig, config_from_dict
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
-from g2d.train.loop import compute_losses, wrap_ddp
+from g2d.objective import compute_losses
+from g2d.train.loop import wrap_ddp
 
 GLOBAL_BATCH, STEPS, WORLD = 8, 2, 2
 

@@ -17,19 +17,39 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
-from g2d.checkpoint import check_image_weights, export_model, load_checkpoint, save_checkpoint
+from g2d.attention_diagnostics import (
+    collect_attention,
+    diagnose_attention,
+    synthetic_probe,
+)
+from g2d.checkpoint import (
+    check_image_weights,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from g2d.config import G2DConfig, config_from_dict, save_config
+from g2d.data.labelled import DataError
+from g2d.data.pairs import collate_pairs
 from g2d.factory import create_model
-from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
 from g2d.model import G2DModel
 from g2d.model.text_encoder import build_tiny_text_model
-from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
-from g2d.data.pairs import collate_pairs
-from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
-from g2d.data.labelled import DataError
-from g2d.train.distributed import (DistInfo, all_ranks_true, barrier, fault_point, init_distributed,
-                                   nan_fault, union_over_ranks)
+from g2d.objective import compute_losses
+from g2d.train.data import (
+    EpochSampler,
+    SeededSamples,
+    build_pretrain_dataset,
+    dataset_texts,
+)
+from g2d.train.distributed import (
+    DistInfo,
+    all_ranks_true,
+    barrier,
+    fault_point,
+    init_distributed,
+    nan_fault,
+    union_over_ranks,
+)
 from g2d.train.scheduler import build_scheduler
 
 log = logging.getLogger("g2d.train")
@@ -40,15 +60,6 @@ LAST = "last.pt"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
-
-
-@dataclass
-class StepLosses:
-    total: torch.Tensor
-    vla: torch.Tensor
-    pa: torch.Tensor
-    acc: torch.Tensor
-    fg: torch.Tensor
 
 
 @dataclass
@@ -104,35 +115,6 @@ def _autocast(cfg: G2DConfig, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
-
-
-def compute_losses(model: G2DModel, images: torch.Tensor, tokens: dict[str, torch.Tensor],
-                   cfg: G2DConfig, step: int, forward=None) -> StepLosses:
-    """One pre-training forward: VLA (Eq. 1) + PA (Eq. 4) on pseudo masks built on the fly.
-
-    :param forward: the callable to run the model (the DDP wrapper when distributed).
-    """
-    out = (forward or model)(images, tokens, decode=cfg.model.decoder.mode != "none")
-    vla = contrastive_loss(out.image.embedding, out.text_embedding, out.logit_scale, cfg.loss)
-    mode = cfg.model.decoder.mode
-    zero = vla.new_zeros(())
-    pa, fg = zero, zero
-    if mode == "reconstruction":
-        pa = reconstruction_loss(out.image.decoder_logits, images)
-    elif mode in ("pseudo", "shuffled"):
-        with torch.no_grad():
-            masks = build_pseudo_masks(out.image.attention.float(), images.float(), cfg.model.pseudo_mask)
-            if mode == "shuffled":
-                masks = shuffle_masks(masks)
-            fg = masks.mean()
-        pa = pixel_alignment_loss(out.image.decoder_logits, masks, cfg.loss)
-    # During the contrastive-only warm-up the decoder still runs with weight 0, so every parameter
-    # takes part in backward and DDP needs no unused-parameter search.
-    pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
-    with torch.no_grad():
-        acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(
-            torch.arange(images.shape[0], device=images.device)).float().mean()
-    return StepLosses(vla + pa_weight * pa, vla.detach(), pa.detach(), acc, fg)
 
 
 def wrap_ddp(model: G2DModel, device: torch.device) -> DistributedDataParallel:

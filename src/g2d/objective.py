@@ -1,0 +1,86 @@
+"""The pre-training objective (paper Sec. 3.1-3.2): vision-language alignment (Eq. 1, CLIP loss) plus
+pixel alignment (Eq. 4: Dice + BCE against pseudo masks built on the fly from the attention map), or
+the decoder ablations of Table 5a / Table 8 (``model.decoder.mode``: none, reconstruction, shuffled).
+
+The trainer (:mod:`g2d.train.loop`) and the step benchmarks call :func:`compute_losses`, so what is
+timed is what is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from g2d.config import G2DConfig
+from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
+from g2d.model import G2DModel
+from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
+
+__all__ = ["StepLosses", "compute_losses", "pseudo_mask_targets"]
+
+# attention [B, heads, h, w], images [B, C, H, W] -> masks [B, 1, H, W] in {0, 1}
+MaskBuilder = Callable[[Tensor, Tensor], Tensor]
+Phase = Callable[[str], AbstractContextManager]
+
+
+@dataclass
+class StepLosses:
+    """One step's losses (scalars): ``total`` carries the graph; the others are detached.
+    ``acc`` is the in-batch image-to-text top-1, ``fg`` the pseudo masks' foreground fraction."""
+
+    total: Tensor
+    vla: Tensor
+    pa: Tensor
+    acc: Tensor
+    fg: Tensor
+
+
+def pseudo_mask_targets(attention: Tensor, images: Tensor, cfg: G2DConfig,
+                        build: MaskBuilder | None = None) -> Tensor:
+    """The decoder's targets [B, 1, H, W] from the attention map (no gradient): the paper's
+    construction (:func:`g2d.pseudo_mask.build_pseudo_masks`) unless ``build`` replaces it, shuffled
+    across the batch for ``model.decoder.mode=shuffled`` (Table 8)."""
+    with torch.no_grad():
+        masks = (build or (lambda a, x: build_pseudo_masks(a, x, cfg.model.pseudo_mask)))(
+            attention.float(), images.float())
+        return shuffle_masks(masks) if cfg.model.decoder.mode == "shuffled" else masks
+
+
+def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], cfg: G2DConfig, step: int,
+                   forward: Callable[..., object] | None = None, phase: Phase | None = None,
+                   build_masks: MaskBuilder | None = None) -> StepLosses:
+    """One pre-training forward and its losses: ``vla + w * pa`` with ``w = loss.pa_weight`` after
+    ``loss.contrastive_only_steps`` (0 before: the decoder still runs, so DDP sees every parameter).
+
+    :param images: [B, C, H, W] model input. ``tokens``: the tokenizer's output for B reports.
+    :param forward: the callable that runs the model (the DDP wrapper when distributed).
+    :param phase: ``phase(name)`` -> context manager around "forward", "pseudo_masks" and "losses"
+        (the step benchmark's timer); nothing by default.
+    :param build_masks: replaces the paper's pseudo-mask construction (the benchmark's release-style
+        masks).
+    """
+    phase = phase or (lambda name: contextlib.nullcontext())
+    mode = cfg.model.decoder.mode
+    with phase("forward"):
+        out = (forward or model)(images, tokens, decode=mode != "none")
+    masks = None
+    if mode in ("pseudo", "shuffled"):
+        with phase("pseudo_masks"):
+            masks = pseudo_mask_targets(out.image.attention, images, cfg, build_masks)
+    with phase("losses"):
+        vla = contrastive_loss(out.image.embedding, out.text_embedding, out.logit_scale, cfg.loss)
+        pa = fg = vla.new_zeros(())
+        if mode == "reconstruction":
+            pa = reconstruction_loss(out.image.decoder_logits, images)
+        elif masks is not None:
+            pa, fg = pixel_alignment_loss(out.image.decoder_logits, masks, cfg.loss), masks.mean()
+        pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
+        with torch.no_grad():
+            acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(
+                torch.arange(images.shape[0], device=images.device)).float().mean()
+    return StepLosses(vla + pa_weight * pa, vla.detach(), pa.detach(), acc, fg)
