@@ -340,7 +340,8 @@ def test_malicious_checkpoint_runs_nothing_anywhere(evil_checkpoint, tiny_text_d
 
 def test_load_image_weights_rejects_malicious_file(evil_checkpoint):
     from g2d.config import ImageEncoderCfg
-    from g2d.model.image_encoder import ResNetEncoder, load_image_weights
+    from g2d.factory import load_image_weights
+    from g2d.model.image_encoder import ResNetEncoder
 
     path, marker = evil_checkpoint
     encoder = ResNetEncoder(ImageEncoderCfg(arch="resnet18", weights="none"))

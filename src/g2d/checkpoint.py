@@ -155,28 +155,3 @@ def export_model(model: nn.Module, cfg_dict: dict[str, Any], out_dir: str | Path
     text.tokenizer.save_pretrained(text_dir)
     text.backbone.config.save_pretrained(text_dir)
     return out_dir
-
-
-def check_image_weights(image_cfg: Any) -> None:
-    """Fail before any data is read if ``model.image.weights`` (an ``ImageEncoderCfg``) names a file
-    that is missing, unsafe or of another architecture: the file is loaded into an encoder built on
-    the meta device (no memory, no compute), so the error comes before the real model is built.
-
-    :raises g2d.config.ConfigError: naming ``model.image.weights``.
-    """
-    if image_cfg.weights == "none":
-        return
-    import dataclasses
-    import warnings
-
-    from g2d.config import ConfigError
-    from g2d.model.image_encoder import ResNetEncoder, load_image_weights
-
-    with torch.device("meta"):
-        encoder = ResNetEncoder(dataclasses.replace(image_cfg, weights="none"))
-    try:
-        with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": intended
-            warnings.simplefilter("ignore", UserWarning)
-            load_image_weights(encoder, image_cfg.weights, image_cfg.arch)
-    except (OSError, ValueError) as err:  # missing file, CheckpointError, mismatched shapes
-        raise ConfigError(f"model.image.weights: {' '.join(str(err).split())}") from None

@@ -8,12 +8,12 @@ masks are built with the model's own pseudo-mask settings.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-__all__ = ["register", "attention_figure"]
+__all__ = ["attention_figure", "register"]
 
 
 def _report(arg: str) -> str:
@@ -32,7 +32,7 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     :return: the written PNG paths, combined figure first.
     """
     from g2d.data.images import read_image
-    from g2d.data.transforms import build_transform, inference_geometry
+    from g2d.data.transforms import build_transform
     from g2d.factory import load_model
     from g2d.figures import attention_panels
     from g2d.pseudo_mask import build_pseudo_masks
@@ -41,9 +41,7 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
         raise ValueError(f"got {len(images)} images but {len(reports)} reports; give one report per "
                          "image or none")
     model = load_model(model_path, device=device)
-    cfg = model.config
-    tf = build_transform(inference_geometry(cfg.data.resize, cfg.model.image_size, cfg.data.augment),
-                         train=False)
+    tf = build_transform(model.preprocess, train=False)
     batch = torch.stack([tf(read_image(p)) for p in images]).to(device)
     texts = [_report(r) for r in reports] if reports else [""] * len(images)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from torch import nn
 
 from g2d.checkpoint import atomic_write
 from g2d.config import ImageEncoderCfg
+from g2d.factory import create_image_encoder, load_model
 from g2d.model import G2DModel
 from g2d.model.image_encoder import ResNetEncoder
 
@@ -74,8 +75,7 @@ def load_image_tower(spec: str, arch: str = "resnet50") -> ImageTower:
         # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
         enc = ImageEncoderCfg(arch=arch, weights="imagenet", input_norm="imagenet") if spec == "imagenet" \
             else ImageEncoderCfg(arch=arch, weights="none")
-        return ImageTower(ResNetEncoder(enc), None, None, spec)
-    from g2d.factory import load_model
+        return ImageTower(create_image_encoder(enc), None, None, spec)
 
     model = load_model(spec)
     return ImageTower(model.image_encoder, model.decoder, model, str(spec))

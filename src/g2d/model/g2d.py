@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from g2d.model.attention_pool import AttentionPool2d
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.model.projector import Projector
-from g2d.model.text_encoder import TextEncoder, load_text_backbone
+from g2d.model.text_encoder import TextEncoder
 
 
 @dataclass
@@ -54,7 +55,7 @@ class G2DModel(nn.Module):
     Build with :func:`g2d.create_model` or load a trained one with :func:`g2d.load_model`.
     """
 
-    def __init__(self, cfg: ModelCfg, text_backbone: nn.Module | None = None, tokenizer=None,
+    def __init__(self, cfg: ModelCfg, text_backbone: nn.Module, tokenizer: Any,
                  temperature: float = 0.07, learnable_temperature: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -74,8 +75,6 @@ class G2DModel(nn.Module):
                                         cfg.pool.token_norm, cfg.pool.key_center)
             self.image_proj = None
 
-        if text_backbone is None:
-            text_backbone, tokenizer = load_text_backbone(cfg.text.model)
         self.text_encoder = TextEncoder(cfg.text, text_backbone, tokenizer)
         self.text_proj = Projector(self.text_encoder.hidden_size, d)
 

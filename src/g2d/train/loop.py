@@ -17,23 +17,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from g2d.attention_diagnostics import (
-    collect_attention,
-    diagnose_attention,
-    synthetic_probe,
-)
-from g2d.checkpoint import (
-    check_image_weights,
-    export_model,
-    load_checkpoint,
-    save_checkpoint,
-)
+from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
+from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
 from g2d.data.labelled import DataError
 from g2d.data.pairs import collate_pairs
-from g2d.factory import create_model
+from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
-from g2d.model.text_encoder import build_tiny_text_model
 from g2d.objective import compute_losses
 from g2d.train.data import (
     EpochSampler,
@@ -167,15 +157,6 @@ class Pretrainer:
 
     # --------------------------------------------------------------------------------- set-up
 
-    def _prepare_text_model(self, dataset) -> None:
-        if self.cfg.model.text.model != "tiny":
-            return
-        path = self.out / "text_model"
-        if self.dist.is_main and not (path / "config.json").is_file():
-            build_tiny_text_model(path, dataset_texts(dataset), seed=self.cfg.train.seed)
-        barrier()
-        self.cfg.model.text.model = str(path)
-
     def setup(self, resume: str | None = None) -> None:
         cfg, d = self.cfg, self.dist
         resume_path = self._resume_path(resume)
@@ -200,7 +181,11 @@ class Pretrainer:
         if len(self.dataset) < cfg.train.batch_size * d.world_size:
             raise DataError(f"dataset has {len(self.dataset)} samples, fewer than one global batch "
                             f"({cfg.train.batch_size} x {d.world_size})")
-        self._prepare_text_model(self.dataset)
+        if self.cfg.model.text.model == "tiny":  # the main rank builds it, the others wait and point there
+            if d.is_main:
+                prepare_text_model(cfg, self.out, dataset_texts(self.dataset))
+            barrier()
+            prepare_text_model(cfg, self.out, [], build=False)
         if d.is_main:
             save_config(cfg, self.out / "config.yaml")
 
