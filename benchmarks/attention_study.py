@@ -17,7 +17,11 @@ import math
 import time
 from pathlib import Path
 
-from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
+from g2d.attention_diagnostics import (
+    collect_attention,
+    diagnose_attention,
+    synthetic_probe,
+)
 from g2d.config import apply_overrides, parse_overrides
 from g2d.demo import _held_out, demo_config, evaluate
 from g2d.downstream.common import write_json

@@ -26,8 +26,8 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from g2d.data.labelled import DataError
 from g2d.data.splits import SPLIT_DIR, fraction_count, write_order, write_split
+from g2d.errors import DataError
 
 MAKERS = {
     "siim": "g2d.data.siim:make_split",

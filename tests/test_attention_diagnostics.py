@@ -9,7 +9,12 @@ import math
 import pytest
 import torch
 
-from g2d.attention_diagnostics import collapse_r, diagnose_attention, pointing_hits, synthetic_probe
+from g2d.attention_diagnostics import (
+    collapse_r,
+    diagnose_attention,
+    pointing_hits,
+    synthetic_probe,
+)
 from g2d.pseudo_mask import PseudoMaskCfg
 
 PLAIN = PseudoMaskCfg(body_mask=False, smoothing=False)  # no image dependence: exact answers

@@ -4,7 +4,12 @@ import pickle
 import pytest
 import torch
 
-from g2d.checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
+from g2d.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    read_state_dict,
+    save_checkpoint,
+)
 
 
 class _Evil:

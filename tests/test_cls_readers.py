@@ -13,10 +13,18 @@ import pytest
 from PIL import Image
 
 from g2d.data import chexpert, covidx, cxr14
-from g2d.data.labelled import DataError, collate_labelled
+from g2d.data.labelled import collate_labelled
 from g2d.data.sets import open_dataset
-from g2d.data.splits import load_order, load_split, order_ranks, split_ids, write_order, write_split
+from g2d.data.splits import (
+    load_order,
+    load_split,
+    order_ranks,
+    split_ids,
+    write_order,
+    write_split,
+)
 from g2d.data.transforms import ImageTransformCfg
+from g2d.errors import DataError
 
 GEOM = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)
 

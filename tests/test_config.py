@@ -2,8 +2,16 @@ import json
 
 import pytest
 
-from g2d.config import (ConfigError, G2DConfig, config_from_dict, get_config, list_presets,
-                        load_config_file, parse_overrides, save_config)
+from g2d.config import (
+    G2DConfig,
+    config_from_dict,
+    get_config,
+    list_presets,
+    load_config_file,
+    parse_overrides,
+    save_config,
+)
+from g2d.errors import ConfigError
 
 
 def test_paper_defaults_pin_the_paper():

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from g2d.data import object_cxr, rsna, siim
-from g2d.data.labelled import DataError, collate_labelled
+from g2d.data.labelled import collate_labelled
 from g2d.data.sets import open_dataset
 from g2d.data.splits import load_split, split_ids, write_split
 from g2d.data.transforms import ImageTransformCfg
+from g2d.errors import DataError
 
 GEOM32 = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)
 
@@ -27,7 +28,11 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2") -
     """A minimal uncompressed 16-bit grayscale DICOM."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

@@ -7,13 +7,13 @@ import json
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from g2d.cli import main
-from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset, parse_spec
+from g2d.errors import DataError
 
 
 def _strict(path):
@@ -376,7 +376,11 @@ def test_inference_sees_the_pixels_of_training(tmp_path, augment):
 
     from g2d.config import get_config
     from g2d.data.images import read_image
-    from g2d.data.transforms import ImageTransformCfg, build_transform, inference_geometry
+    from g2d.data.transforms import (
+        ImageTransformCfg,
+        build_transform,
+        inference_geometry,
+    )
     from g2d.downstream.features import geometry_from_args, geometry_source
 
     rng = np.random.default_rng(0)

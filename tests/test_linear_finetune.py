@@ -9,8 +9,6 @@ from g2d.commands.evaluate import task_parser
 from g2d.downstream import features, finetune, linear_probe
 from g2d.downstream.features import auroc_per_class, is_multiclass, masked_bce
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

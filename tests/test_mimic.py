@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from g2d.data.labelled import DataError
 from g2d.data.mimic import METADATA_FILE, SPLIT_FILE, MimicPrepareCfg, prepare_mimic
 from g2d.data.pairs import collate_pairs
 from g2d.data.text import count_tokens, extract_sections, pretrain_text
+from g2d.errors import DataError
 
 # ------------------------------------------------------------------------------------------------
 # Report text
@@ -336,8 +336,14 @@ def test_cli_prepare_mimic(mimic_raw, tmp_path, capsys) -> None:
 
 
 def test_round_trip_to_training_batch(store, tiny_cfg) -> None:
-    from g2d.config import ConfigError, apply_overrides
-    from g2d.train.data import EpochSampler, SeededSamples, build_pretrain_dataset, dataset_texts
+    from g2d.config import apply_overrides
+    from g2d.errors import ConfigError
+    from g2d.train.data import (
+        EpochSampler,
+        SeededSamples,
+        build_pretrain_dataset,
+        dataset_texts,
+    )
 
     out, _ = store
     apply_overrides(tiny_cfg, {"data.spec": f"mimic:{out}"})

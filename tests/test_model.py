@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from g2d.config import ConfigError, get_config
+from g2d.config import get_config
+from g2d.errors import ConfigError
 from g2d.factory import create_model
 from g2d.model.attention_pool import AttentionPool2d
 

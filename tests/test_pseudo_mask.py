@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from g2d.pseudo_mask import (PseudoMaskCfg, aggregate_attention, bilateral_smooth_binary, body_mask,
-                             build_pseudo_masks, shuffle_masks)
+from g2d.pseudo_mask import (
+    PseudoMaskCfg,
+    aggregate_attention,
+    bilateral_smooth_binary,
+    body_mask,
+    build_pseudo_masks,
+    shuffle_masks,
+)
 
 # The 7 JSRT cases whose source PNGs are washed out (17-43 grey levels, see jsrt/PROVENANCE.md).
 # They are *not* excluded: the body mask must still contain their lungs; they are checked

@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 
 import g2d
 import g2d.train.loop as loop
-from g2d.checkpoint import CheckpointError, load_checkpoint
+from g2d.checkpoint import load_checkpoint
 from g2d.cli import main
+from g2d.errors import CheckpointError
 from g2d.train.loop import NonFiniteLossError, Pretrainer
 
 SRC = str(Path(g2d.__file__).parents[1])
@@ -211,7 +212,8 @@ def test_consecutive_nonfinite_losses_stop_the_run(tiny_cfg, tmp_path, monkeypat
 
 
 def test_max_consecutive_nonfinite_is_validated():
-    from g2d.config import ConfigError, get_config
+    from g2d.config import get_config
+    from g2d.errors import ConfigError
 
     assert get_config("paper").train.max_consecutive_nonfinite == 10
     with pytest.raises(ConfigError, match="train.max_consecutive_nonfinite"):
@@ -426,7 +428,8 @@ def test_invalid_setting_is_one_stderr_line_from_the_command(tiny_text_dir, tmp_
 def test_saved_config_loads_where_its_training_data_is_absent(small_csv):
     """A model trained on csv: data loads on another machine (g2d.load_model rebuilds the saved
     config), while a new run with that data path is still rejected up front."""
-    from g2d.config import ConfigError, config_from_dict, get_config
+    from g2d.config import config_from_dict, get_config
+    from g2d.errors import ConfigError
 
     saved = get_config("tiny", {"data.spec": f"csv:{small_csv}", "data.image_dir": "imgs"}).to_dict()
     small_csv.unlink()
@@ -436,9 +439,9 @@ def test_saved_config_loads_where_its_training_data_is_absent(small_csv):
 
 
 def test_fractions_and_missing_folders_of_labelled_sets_fail_first(tmp_path):
-    from g2d.data.labelled import DataError
     from g2d.data.sets import open_dataset
     from g2d.data.splits import check_fraction
+    from g2d.errors import DataError
 
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):

@@ -3,9 +3,27 @@ from pathlib import Path
 
 import pytest
 
-from g2d.reproduce import (PRETRAIN_METRICS, CellResult, Column, Experiment, Gate, Row, Runner, Scale, _LazyFill,
-                           format_csv, format_fraction_tables, format_gates, format_markdown, list_experiments,
-                           load_experiment, load_scale, plot_fractions, prepare_jsrt, pretrain_metrics)
+from g2d.reproduce import (
+    PRETRAIN_METRICS,
+    CellResult,
+    Column,
+    Experiment,
+    Gate,
+    Row,
+    Runner,
+    Scale,
+    _LazyFill,
+    format_csv,
+    format_fraction_tables,
+    format_gates,
+    format_markdown,
+    list_experiments,
+    load_experiment,
+    load_scale,
+    plot_fractions,
+    prepare_jsrt,
+    pretrain_metrics,
+)
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,11 +12,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from g2d.data.labelled import DataError
 from g2d.data.pairs import collate_pairs
-from g2d.data.shards import (INDEX_DTYPE, ShardedPairs, encode_image, finalize_store, read_sidecar, shard_urls,
-                             webdataset_pairs, write_shard)
+from g2d.data.shards import (
+    INDEX_DTYPE,
+    ShardedPairs,
+    encode_image,
+    finalize_store,
+    read_sidecar,
+    shard_urls,
+    webdataset_pairs,
+    write_shard,
+)
 from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry
+from g2d.errors import DataError
 
 
 def _png(tmp: Path, name: str, arr: np.ndarray, mode: str | None = None) -> Path:

@@ -7,12 +7,18 @@ import torch
 from PIL import Image
 
 from g2d.commands.evaluate import task_parser
-from g2d.config import ConfigError
-from g2d.data.labelled import DataError, LabelledCXR, Record
+from g2d.data.labelled import LabelledCXR, Record
 from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
 from g2d.downstream import grounding, zeroshot
-from g2d.eval.grounding import binarize, dice_per_image, iou_per_image, pointing_game, recall_per_image, to_original
-
+from g2d.errors import ConfigError, DataError
+from g2d.eval.grounding import (
+    binarize,
+    dice_per_image,
+    iou_per_image,
+    pointing_game,
+    recall_per_image,
+    to_original,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,10 +203,10 @@ def test_grounding_on_synthetic_with_the_real_model(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_infer_commands_write_their_outputs(tiny_model, tmp_path, capsys):
-    from g2d.commands.infer import run_ground, run_zero_shot
     import argparse
 
     from g2d.commands import infer
+    from g2d.commands.infer import run_ground, run_zero_shot
 
     parser = argparse.ArgumentParser()
     infer.register(parser.add_subparsers(dest="command"))

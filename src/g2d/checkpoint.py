@@ -14,17 +14,15 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from g2d.errors import CheckpointError, CheckpointWriteError
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_TEXT_DIR = "text"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or weights file cannot be loaded safely (not a tensor-only file, corrupt)."""
 
 
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (full disk, permissions); the previous file is intact."""
 
 
 _saves = 0  # checkpoint writes by this process, for the G2D_FAULT_KILL_IN_SAVE hook

@@ -9,8 +9,8 @@ import logging
 import sys
 from typing import Any
 
-from g2d.config import ConfigError, get_config, list_presets, load_config_file, parse_overrides
-from g2d.data.labelled import DataError
+from g2d.config import get_config, list_presets, load_config_file, parse_overrides
+from g2d.errors import ConfigError, DataError
 
 # Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
 COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.prepare", "g2d.commands.evaluate", "g2d.commands.infer",
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g2d {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from g2d.checkpoint import CheckpointWriteError
+        from g2d.errors import CheckpointWriteError
         from g2d.train.distributed import world_info_from_env
         from g2d.train.loop import NonFiniteLossError
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from g2d.errors import ConfigError
 from g2d.pseudo_mask import PseudoMaskCfg
 
 RESNET_CHANNELS = {
@@ -28,8 +29,6 @@ RESNET_CHANNELS = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass

@@ -36,8 +36,8 @@ from g2d.downstream.common import write_json
 from g2d.eval.grounding import binarize, dice_per_image, similarity_maps
 from g2d.eval.retrieval import embed_pairs, image_to_text_top1
 from g2d.factory import create_model, load_model
-from g2d.fingerprint import model_identity
 from g2d.figures import attention_panels, grounding_panels, loss_curves
+from g2d.fingerprint import model_identity
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 from g2d.train.loop import pretrain, seed_everything

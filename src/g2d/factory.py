@@ -24,8 +24,9 @@ from g2d.checkpoint import (
     load_weights,
     read_state_dict,
 )
-from g2d.config import ConfigError, G2DConfig, ImageEncoderCfg, config_from_dict
+from g2d.config import G2DConfig, ImageEncoderCfg, config_from_dict
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
+from g2d.errors import ConfigError
 from g2d.model import G2DModel
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.model.text_encoder import build_tiny_text_model, load_text_backbone
@@ -93,7 +94,7 @@ def check_image_weights(image_cfg: ImageEncoderCfg) -> None:
     of another architecture: the file is loaded into an encoder built on the meta device (no memory,
     no compute), so the error comes before the real model is built.
 
-    :raises g2d.config.ConfigError: naming ``model.image.weights``.
+    :raises g2d.errors.ConfigError: naming ``model.image.weights``.
     """
     if image_cfg.weights == "none":
         return
@@ -125,7 +126,7 @@ def create_model(cfg: G2DConfig, *, text_weights: bool = True) -> G2DModel:
     tower from ``cfg.model.text.model`` (a hub name or folder; ``text_weights=False`` builds it with
     random weights from its config).
 
-    :raises g2d.config.ConfigError: ``model.text.model='tiny'`` not yet built (:func:`prepare_text_model`).
+    :raises g2d.errors.ConfigError: ``model.text.model='tiny'`` not yet built (:func:`prepare_text_model`).
     """
     if cfg.model.text.model == "tiny":
         raise ConfigError("model.text.model='tiny' must first be built with "

@@ -66,7 +66,12 @@ def _load(args: argparse.Namespace):
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
-    from g2d.downstream.zeroshot import class_prompts, load_prompts, prompt_embeddings, zero_shot_scores
+    from g2d.downstream.zeroshot import (
+        class_prompts,
+        load_prompts,
+        prompt_embeddings,
+        zero_shot_scores,
+    )
 
     findings = [f.strip() for f in args.findings.split(",") if f.strip()]
     if not findings:

@@ -35,7 +35,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from g2d.data.labelled import DataError, Record, SkipLog
+from g2d.data.labelled import Record, SkipLog
+from g2d.errors import DataError
 
 __all__ = ["read_chexpert", "make_split", "carve_by_patient", "SPLIT_TABLE", "SPLIT_SEED", "COMPETITION",
            "OBSERVATIONS", "MGCA_UNCERTAIN", "VAL_IMAGES"]

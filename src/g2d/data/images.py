@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from g2d.data.transforms import to_grayscale_float
+from g2d.errors import ImageReadError
 
 __all__ = ["ImageReadError", "read_image", "image_size"]
 
@@ -24,12 +25,6 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class ImageReadError(RuntimeError):
-    """An image file is missing, empty, truncated or not an image."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
 
 
 def _read_dicom(path: Path) -> np.ndarray:

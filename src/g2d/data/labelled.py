@@ -33,8 +33,9 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from g2d.data.images import ImageReadError, read_image
+from g2d.data.images import read_image
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
+from g2d.errors import DataError, ImageReadError, LabelSpaceError
 
 __all__ = ["MaskSource", "FileMask", "BoxMask", "Record", "SkipLog", "LabelledCXR", "collate_labelled",
            "DataError"]
@@ -42,8 +43,6 @@ __all__ = ["MaskSource", "FileMask", "BoxMask", "Record", "SkipLog", "LabelledCX
 log = logging.getLogger("g2d.data")
 
 
-class DataError(ValueError):
-    """A data set cannot be used (missing folder or file, malformed table, too many bad rows)."""
 
 
 class MaskSource(Protocol):
@@ -113,13 +112,6 @@ class Record:
     label_hw: tuple[int, int] | None = None
 
 
-class LabelSpaceError(ValueError):
-    """A record's boxes or mask cannot be placed on the image read (other aspect ratio, or a box
-    outside the image). :ivar reason: the skip-log reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def parse_label_size(value: str | int | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -53,9 +53,16 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from g2d.data.labelled import DataError
-from g2d.data.shards import IMAGE_FORMATS, STORE_VERSION, encode_image, finalize_store, read_sidecar, write_shard
+from g2d.data.shards import (
+    IMAGE_FORMATS,
+    STORE_VERSION,
+    encode_image,
+    finalize_store,
+    read_sidecar,
+    write_shard,
+)
 from g2d.data.text import count_tokens, extract_sections, pretrain_text
+from g2d.errors import DataError
 from g2d.fingerprint import file_stamp
 
 __all__ = ["MimicPrepareCfg", "prepare_mimic", "ReportSource", "SPLIT_FILE", "METADATA_FILE", "DROP_REASONS"]

@@ -28,10 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from g2d.data.labelled import DataError, LabelledCXR, Record, SkipLog
-from g2d.data.splits import (SPLITS, check_fraction, fraction_count, load_order, load_split, order_ranks, rank_train,
-                             split_ids)
+from g2d.data.labelled import LabelledCXR, Record, SkipLog
+from g2d.data.splits import (
+    SPLITS,
+    check_fraction,
+    fraction_count,
+    load_order,
+    load_split,
+    order_ranks,
+    rank_train,
+    split_ids,
+)
 from g2d.data.transforms import ImageTransformCfg
+from g2d.errors import DataError
 
 __all__ = ["READERS", "open_dataset", "parse_spec", "with_options", "SyntheticLabelled", "assign_random_split"]
 

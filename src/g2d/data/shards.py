@@ -45,8 +45,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from g2d.data.labelled import DataError
 from g2d.data.transforms import ImageTransformCfg, eval_geometry, to_grayscale_float
+from g2d.errors import DataError
 
 __all__ = ["INDEX_DTYPE", "STORE_VERSION", "encode_image", "write_shard", "read_sidecar", "finalize_store",
            "ShardedPairs", "shard_urls", "webdataset_pairs", "IMAGE_FORMATS"]

@@ -19,13 +19,24 @@ from typing import Any
 
 import torch
 
-from g2d.attention_diagnostics import POINTING_DILATION, collect_attention, diagnose_attention
-from g2d.data.labelled import BoxMask, DataError
+from g2d.attention_diagnostics import (
+    POINTING_DILATION,
+    collect_attention,
+    diagnose_attention,
+)
+from g2d.data.labelled import BoxMask
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
-                                     make_loader, progress_bar)
+from g2d.downstream.features import (
+    add_geometry_arguments,
+    check_split,
+    geometry_from_args,
+    geometry_source,
+    make_loader,
+    progress_bar,
+)
 from g2d.downstream.zeroshot import require_g2d
+from g2d.errors import DataError
 from g2d.pseudo_mask import build_pseudo_masks
 
 __all__ = ["add_arguments", "run"]

@@ -75,7 +75,9 @@ class DetectionScores:
 
 def _map(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
          iou_thresholds: Sequence[float]) -> float | None:
-    from torchmetrics.detection import MeanAveragePrecision  # slow import; only when needed
+    from torchmetrics.detection import (
+        MeanAveragePrecision,  # slow import; only when needed
+    )
 
     if not preds or not any(len(t["boxes"]) for t in targets):
         return None  # undefined: no ground-truth box (torchmetrics would say -1)

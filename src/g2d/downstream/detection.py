@@ -23,11 +23,32 @@ import torch
 from torch import Tensor, nn
 
 from g2d.downstream.common import Frozen, write_results
-from g2d.downstream.dense_metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
-from g2d.downstream.segmentation import (DenseFit, batches, dataset_name, finished_metrics, input_identity,
-                                         make_loader, make_optimizer, open_splits, positives, shuffled_loader,
-                                         skip_counts, start_dense_run)
-from g2d.downstream.yolo import YOLOv3Head, decode, postprocess, scaled_anchors, yolo_loss
+from g2d.downstream.dense_metrics import (
+    MAP_IOU_THRESHOLDS,
+    DetectionScores,
+    mean_average_precision,
+)
+from g2d.downstream.segmentation import (
+    DenseFit,
+    batches,
+    dataset_name,
+    finished_metrics,
+    input_identity,
+    make_loader,
+    make_optimizer,
+    open_splits,
+    positives,
+    shuffled_loader,
+    skip_counts,
+    start_dense_run,
+)
+from g2d.downstream.yolo import (
+    YOLOv3Head,
+    decode,
+    postprocess,
+    scaled_anchors,
+    yolo_loss,
+)
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
 

@@ -23,9 +23,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from g2d.checkpoint import atomic_write
-from g2d.data.labelled import DataError, collate_labelled
+from g2d.data.labelled import collate_labelled
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.downstream.common import Frozen, ImageTower
+from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
 
 __all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",

@@ -26,13 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from g2d.checkpoint import load_checkpoint, save_checkpoint
-from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
-                                     is_multiclass, label_tasks, make_loader, masked_bce, progress_bar)
+from g2d.downstream.features import (
+    add_geometry_arguments,
+    check_split,
+    geometry_from_args,
+    geometry_source,
+    is_multiclass,
+    label_tasks,
+    make_loader,
+    masked_bce,
+    progress_bar,
+)
 from g2d.downstream.linear_probe import evaluate_scores
+from g2d.errors import DataError
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.model.image_encoder import ResNetEncoder
 

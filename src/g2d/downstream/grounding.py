@@ -35,15 +35,30 @@ import numpy as np
 import torch
 
 from g2d.data.images import read_image
-from g2d.data.labelled import BoxMask, DataError, LabelledCXR, labels_at
+from g2d.data.labelled import BoxMask, LabelledCXR, labels_at
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, check_split, geometry_from_args, geometry_source,
-                                     make_loader, progress_bar)
+from g2d.downstream.features import (
+    add_geometry_arguments,
+    check_split,
+    geometry_from_args,
+    geometry_source,
+    make_loader,
+    progress_bar,
+)
 from g2d.downstream.zeroshot import require_g2d
-from g2d.eval.grounding import (BINARIZE_RULES, binarize, dense_similarity, dice_per_image, iou_per_image,
-                                pointing_game, recall_per_image, to_original)
+from g2d.errors import DataError
+from g2d.eval.grounding import (
+    BINARIZE_RULES,
+    binarize,
+    dense_similarity,
+    dice_per_image,
+    iou_per_image,
+    pointing_game,
+    recall_per_image,
+    to_original,
+)
 
 __all__ = ["add_arguments", "run", "DEFAULT_PROMPTS", "ground_truth_original"]
 

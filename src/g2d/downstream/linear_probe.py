@@ -30,13 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (POOLINGS, add_geometry_arguments, auroc_per_class, auroc_undefined,
-                                     cached_features, check_split, default_cache_dir, geometry_from_args,
-                                     geometry_source, is_multiclass, label_tasks, masked_bce, model_key,
-                                     nan_mean)
+from g2d.downstream.features import (
+    POOLINGS,
+    add_geometry_arguments,
+    auroc_per_class,
+    auroc_undefined,
+    cached_features,
+    check_split,
+    default_cache_dir,
+    geometry_from_args,
+    geometry_source,
+    is_multiclass,
+    label_tasks,
+    masked_bce,
+    model_key,
+    nan_mean,
+)
+from g2d.errors import DataError
 
 __all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
 

@@ -34,7 +34,13 @@ from g2d.checkpoint import load_checkpoint, save_checkpoint
 from g2d.data.labelled import collate_labelled
 from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg
-from g2d.downstream.common import Frozen, ImageTower, load_image_tower, resolve_device, write_results
+from g2d.downstream.common import (
+    Frozen,
+    ImageTower,
+    load_image_tower,
+    resolve_device,
+    write_results,
+)
 from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.model.decoder import SegmentationHead, UNetDecoder

@@ -34,13 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g2d.config import ConfigError
-from g2d.data.labelled import DataError
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (add_geometry_arguments, auroc_per_class, auroc_undefined, check_split,
-                                     geometry_from_args, geometry_source, label_tasks, make_loader, nan_mean,
-                                     progress_bar)
+from g2d.downstream.features import (
+    add_geometry_arguments,
+    auroc_per_class,
+    auroc_undefined,
+    check_split,
+    geometry_from_args,
+    geometry_source,
+    label_tasks,
+    make_loader,
+    nan_mean,
+    progress_bar,
+)
+from g2d.errors import ConfigError, DataError
 from g2d.model import G2DModel
 
 __all__ = ["add_arguments", "run", "load_prompts", "class_prompts", "prompt_embeddings", "zero_shot_scores",

@@ -17,11 +17,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from g2d.attention_diagnostics import collect_attention, diagnose_attention, synthetic_probe
+from g2d.attention_diagnostics import (
+    collect_attention,
+    diagnose_attention,
+    synthetic_probe,
+)
 from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
-from g2d.data.labelled import DataError
 from g2d.data.pairs import collate_pairs
+from g2d.errors import DataError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
 from g2d.objective import compute_losses
