@@ -10,11 +10,6 @@ import torch
 from g2d.commands.evaluate import task_parser
 from g2d.downstream import detection as det
 from g2d.downstream.common import load_image_tower
-from g2d.downstream.dense_metrics import (
-    MAP_IOU_THRESHOLDS,
-    DetectionScores,
-    mean_average_precision,
-)
 from g2d.downstream.yolo import (
     COCO_ANCHORS,
     STRIDES,
@@ -25,6 +20,7 @@ from g2d.downstream.yolo import (
     scaled_anchors,
     yolo_loss,
 )
+from g2d.metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 
 BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--image-size", "64",
         "--batch-size", "8", "--lr", "1e-3", "--head-width", "64", "--num-workers", "0", "--no-progress",

@@ -87,7 +87,7 @@ def test_write_json_replaces_every_non_finite_value(tmp_path):
 
 @pytest.mark.parametrize("prompts", [None, "biovil"])
 def test_normal_classes_get_a_normal_vs_abnormal_pair(prompts):
-    from g2d.downstream.zeroshot import class_prompts, load_prompts
+    from g2d.inference.zeroshot import class_prompts, load_prompts
 
     pr = class_prompts(["No Finding", "normal", "Support Devices", "Pneumonia"], load_prompts(prompts))
     for cls in ("No Finding", "normal"):
@@ -98,7 +98,7 @@ def test_normal_classes_get_a_normal_vs_abnormal_pair(prompts):
 
 
 def test_prompt_builder_refuses_double_negatives(tmp_path):
-    from g2d.downstream.zeroshot import class_prompts, load_prompts
+    from g2d.inference.zeroshot import class_prompts, load_prompts
 
     generic = {"*": [("{finding}", "no {finding}")]}
     for cls in ("No Finding", "normal", "no_acute_disease"):

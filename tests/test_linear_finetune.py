@@ -7,7 +7,8 @@ import torch
 
 from g2d.commands.evaluate import task_parser
 from g2d.downstream import features, finetune, linear_probe
-from g2d.downstream.features import auroc_per_class, is_multiclass, masked_bce
+from g2d.losses import masked_bce
+from g2d.metrics import auroc_per_class, is_multiclass
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import torch
 from g2d.commands.evaluate import task_parser
 from g2d.downstream import segmentation as seg
 from g2d.downstream.common import load_image_tower
-from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
+from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 
 BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--image-size", "64",
         "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--no-progress", "--figures", "2"]

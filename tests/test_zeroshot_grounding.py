@@ -9,16 +9,12 @@ from PIL import Image
 from g2d.commands.evaluate import task_parser
 from g2d.data.labelled import LabelledCXR, Record
 from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
+from g2d import metrics
 from g2d.downstream import grounding, zeroshot
+from g2d.inference import zeroshot as zs
 from g2d.errors import ConfigError, DataError
-from g2d.eval.grounding import (
-    binarize,
-    dice_per_image,
-    iou_per_image,
-    pointing_game,
-    recall_per_image,
-    to_original,
-)
+from g2d.inference.grounding import binarize, to_original
+from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,45 +38,45 @@ COMMON = ["--num-workers", "0", "--no-progress"]
 def test_threshold_rules_on_hand_made_scores():
     val_s, val_y = np.array([[0.9], [0.6], [0.4], [0.2]]), np.array([[1.0], [1.0], [0.0], [0.0]])
     s, y = np.array([[0.7], [0.5], [0.55], [0.1]]), np.array([[1.0], [1.0], [0.0], [0.0]])
-    v = zeroshot.threshold_metrics(s, y, ["x"], "val", val_s, val_y)
+    v = metrics.threshold_metrics(s, y, ["x"], "val", val_s, val_y)
     assert v["thresholds"]["x"] == pytest.approx(0.6)           # max F1 on validation
     assert v["f1"] == pytest.approx(2 / 3) and v["acc"] == pytest.approx(0.75) and v["auc"] == pytest.approx(0.75)
-    t = zeroshot.threshold_metrics(s, y, ["x"], "test-max-f1")
+    t = metrics.threshold_metrics(s, y, ["x"], "test-max-f1")
     assert t["thresholds"]["x"] == pytest.approx(0.5)           # oracle on the test set
     assert t["f1"] == pytest.approx(0.8) and t["acc"] == pytest.approx(0.5)  # MedKLIP: ACC at score > t
-    f = zeroshot.threshold_metrics(s, y, ["x"], 0.5)
+    f = metrics.threshold_metrics(s, y, ["x"], 0.5)
     assert f["f1"] == pytest.approx(0.8) and f["acc"] == pytest.approx(0.75)
     # unknown labels are left out; a class without validation positives falls back to 0.5
     s2 = np.concatenate([s, s], 1)
     y2 = np.concatenate([y, [[np.nan], [1.0], [0.0], [np.nan]]], 1)
-    m = zeroshot.threshold_metrics(s2, y2, ["x", "z"], "val", np.concatenate([val_s] * 2, 1),
+    m = metrics.threshold_metrics(s2, y2, ["x", "z"], "val", np.concatenate([val_s] * 2, 1),
                                    np.concatenate([val_y, np.zeros_like(val_y)], 1))
     assert m["thresholds"]["z"] == 0.5 and m["threshold_fallback"] == ["z"]
     assert m["acc_per_class"]["z"] == pytest.approx(0.5) and m["auc_per_class"]["z"] == pytest.approx(0.0)
-    assert math.isnan(zeroshot.max_f1_threshold(np.array([0.1, 0.2]), np.array([0.0, 0.0]))[0])
+    assert math.isnan(metrics.max_f1_threshold(np.array([0.1, 0.2]), np.array([0.0, 0.0]))[0])
 
 
 def test_prompt_files(tmp_path):
-    shipped = zeroshot.class_prompts(["Pleural_Effusion", "Effusion", "Nodule"], zeroshot.load_prompts())
+    shipped = zs.class_prompts(["Pleural_Effusion", "Effusion", "Nodule"], zs.load_prompts())
     assert shipped["Pleural_Effusion"] == [("pleural effusion", "no pleural effusion")]
     assert shipped["Effusion"] == [("pleural effusion", "no pleural effusion")]
     assert shipped["Nodule"] == [("nodule", "no nodule")]
-    assert zeroshot.class_prompts(["x"], zeroshot.load_prompts("biovil"))["x"][0][1] == "there is no x"
+    assert zs.class_prompts(["x"], zs.load_prompts("biovil"))["x"][0][1] == "there is no x"
     f = tmp_path / "p.txt"
     f.write_text("# mine\n*\tsigns of {finding}\tno signs of {finding}\nNodule\tnodule\tno nodule\n"
                  "nodule\tlung nodule\tno lung nodule\n")
-    mine = zeroshot.class_prompts(["nodule", "mass"], zeroshot.load_prompts(str(f)))
+    mine = zs.class_prompts(["nodule", "mass"], zs.load_prompts(str(f)))
     assert mine["nodule"] == [("nodule", "no nodule"), ("lung nodule", "no lung nodule")]
     assert mine["mass"] == [("signs of mass", "no signs of mass")]
     f.write_text("nodule only one field\n")
     with pytest.raises(DataError, match="p.txt:1"):
-        zeroshot.load_prompts(str(f))
+        zs.load_prompts(str(f))
 
 
 def test_zero_shot_scores_are_a_two_way_softmax():
     img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     pos, neg = (torch.nn.functional.normalize(torch.randn(2, 8), dim=-1) for _ in range(2))
-    p = zeroshot.zero_shot_scores(img, pos, neg, 10.0)
+    p = zs.zero_shot_scores(img, pos, neg, 10.0)
     torch.testing.assert_close(p, torch.sigmoid(10.0 * (img @ pos.T - img @ neg.T)))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from g2d.eval.grounding import dice_per_image, iou_per_image
+from g2d.metrics import dice_per_image, iou_per_image
 from g2d.pseudo_mask import PseudoMaskCfg, _dilate, build_pseudo_masks
 
 __all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits",

@@ -8,7 +8,7 @@ initialised model on held-out synthetic data:
 - image-to-text retrieval top-1: the nearest report names the same findings at the same places
   (``top1_findings``) and is the image's own report (``top1_exact``);
 - zero-shot grounding Dice: for held-out images with one finding, the similarity between the
-  finding's prompt and every pixel embedding, binarised by :func:`g2d.eval.grounding.binarize`,
+  finding's prompt and every pixel embedding, binarised by :func:`g2d.inference.grounding.binarize`,
   against the finding's mask;
 - the downstream protocols of ``g2d eval`` on the synthetic labelled set (``synthetic:N``):
   frozen-encoder segmentation at 1 % and 10 % (encoder and, for G2D, encoder-decoder transfer),
@@ -33,11 +33,12 @@ from g2d.config import G2DConfig, get_config
 from g2d.data.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
 from g2d.downstream.common import write_json
-from g2d.eval.grounding import binarize, dice_per_image, similarity_maps
-from g2d.eval.retrieval import embed_pairs, image_to_text_top1
 from g2d.factory import create_model, load_model
 from g2d.figures import attention_panels, grounding_panels, loss_curves
 from g2d.fingerprint import model_identity
+from g2d.inference.grounding import binarize, similarity_maps
+from g2d.inference.retrieval import embed_pairs
+from g2d.metrics import dice_per_image, image_to_text_top1
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 from g2d.train.loop import pretrain, seed_everything

@@ -86,3 +86,11 @@ def reconstruction_loss(logits: Tensor, images: Tensor) -> Tensor:
     grayscale input in [0, 1]."""
     target = images.mean(dim=1, keepdim=True) if images.shape[1] != logits.shape[1] else images
     return F.mse_loss(torch.sigmoid(logits.float()), target.float())
+
+
+def masked_bce(logits: Tensor, labels: Tensor) -> Tensor:
+    """BCE-with-logits averaged over the known (non-NaN) labels only."""
+    known = ~torch.isnan(labels)
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[known], labels[known])

@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
-    from g2d.downstream.zeroshot import (
+    from g2d.inference.zeroshot import (
         class_prompts,
         load_prompts,
         prompt_embeddings,
@@ -119,7 +119,7 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np
 def run_ground(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from g2d.eval.grounding import dense_similarity, to_original
+    from g2d.inference.grounding import dense_similarity, to_original
 
     model, geom_cfg, device = _load(args)
     img = read_image(args.image)                                             # [H, W] in [0, 1]

@@ -9,7 +9,7 @@ stopping on validation mAP (patience 10); the best validation epoch is tested. D
 >= 0.5, then NMS at IoU 0.5. Images are resized to a square ``--image-size`` (224, no crop).
 
 Two test numbers: ``map`` over every test image, and ``map_mgca`` over the images MGCA's code keeps
-(those with ground truth and at least one detection); see :mod:`g2d.downstream.dense_metrics`.
+(those with ground truth and at least one detection); see :mod:`g2d.metrics`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from g2d.downstream.common import Frozen, write_results
-from g2d.downstream.dense_metrics import (
-    MAP_IOU_THRESHOLDS,
-    DetectionScores,
-    mean_average_precision,
-)
 from g2d.downstream.segmentation import (
     DenseFit,
     batches,
@@ -49,6 +44,7 @@ from g2d.downstream.yolo import (
     scaled_anchors,
     yolo_loss,
 )
+from g2d.metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 
 __all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -200,54 +198,6 @@ def cached_features(tower: ImageTower, ds: Any, *, key: dict[str, Any], cache_di
 
 
 # ---------------------------------------------------------------------------------------- metrics
-
-
-def is_multiclass(labels: np.ndarray) -> bool:
-    """Single-label one-hot sets (COVIDx): K >= 2 columns, no NaN, exactly one 1 per row."""
-    return (labels.ndim == 2 and labels.shape[1] >= 2 and len(labels) > 0 and not np.isnan(labels).any()
-            and bool(np.all(labels.sum(1) == 1)))
-
-
-def auroc_per_class(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[str]) -> dict[str, float]:
-    """sklearn ROC AUC per class over the rows whose label is known (NaN labels are left out).
-
-    A class whose known labels are all one value has no AUROC: NaN, and it is left out of the mean.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    out: dict[str, float] = {}
-    for k, name in enumerate(tasks):
-        known = ~np.isnan(labels[:, k])
-        y = labels[known, k]
-        out[name] = float(roc_auc_score(y, scores[known, k])) if len(np.unique(y)) == 2 else math.nan
-    return out
-
-
-def auroc_undefined(labels: np.ndarray, tasks: Sequence[str], key: str = "auc_per_class") -> dict[str, str]:
-    """Why each class's AUROC is undefined (for ``metrics.json``'s ``"undefined"``):
-    ``{"auc_per_class/b": "one class in test (all 0)"}``; classes with an AUROC are not listed."""
-    out: dict[str, str] = {}
-    for k, name in enumerate(tasks):
-        y = labels[~np.isnan(labels[:, k]), k]
-        values = np.unique(y)
-        if len(values) == 0:
-            out[f"{key}/{name}"] = "no known label in test"
-        elif len(values) == 1:
-            out[f"{key}/{name}"] = f"one class in test (all {values[0]:g})"
-    return out
-
-
-def nan_mean(values: dict[str, float] | Sequence[float]) -> float:
-    vals = [v for v in (values.values() if isinstance(values, dict) else values) if not math.isnan(v)]
-    return float(np.mean(vals)) if vals else math.nan
-
-
-def masked_bce(logits: Tensor, labels: Tensor) -> Tensor:
-    """BCE-with-logits averaged over the known (non-NaN) labels only."""
-    known = ~torch.isnan(labels)
-    if not known.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[known], labels[known])
 
 
 def label_tasks(ds: Any, spec: str) -> list[str]:

@@ -34,15 +34,15 @@ from g2d.downstream.features import (
     check_split,
     geometry_from_args,
     geometry_source,
-    is_multiclass,
     label_tasks,
     make_loader,
-    masked_bce,
     progress_bar,
 )
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.errors import DataError
 from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.losses import masked_bce
+from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
 
 __all__ = ["add_arguments", "run", "Classifier"]

@@ -4,7 +4,7 @@ For every positive test image (non-empty mask, or at least one box), the cosine 
 the prompt's embedding and every dense pixel embedding (:meth:`G2DModel.dense_embeddings`) is mapped
 back to the ORIGINAL image's pixels (resize and centre crop undone with
 :func:`g2d.data.transforms.eval_geometry`; pixels outside the crop are NaN and never foreground),
-binarised (``--binarize``/``--level``, :func:`g2d.eval.grounding.binarize`), and compared with the
+binarised (``--binarize``/``--level``, :func:`g2d.inference.grounding.binarize`), and compared with the
 ground truth at the original resolution (masks as stored; boxes filled with
 :class:`g2d.data.labelled.BoxMask`).
 
@@ -49,16 +49,13 @@ from g2d.downstream.features import (
 )
 from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
-from g2d.eval.grounding import (
+from g2d.inference.grounding import (
     BINARIZE_RULES,
     binarize,
     dense_similarity,
-    dice_per_image,
-    iou_per_image,
-    pointing_game,
-    recall_per_image,
     to_original,
 )
+from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 
 __all__ = ["add_arguments", "run", "DEFAULT_PROMPTS", "ground_truth_original"]
 

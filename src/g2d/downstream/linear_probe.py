@@ -35,20 +35,17 @@ from g2d.downstream.common import load_image_tower, resolve_device, write_result
 from g2d.downstream.features import (
     POOLINGS,
     add_geometry_arguments,
-    auroc_per_class,
-    auroc_undefined,
     cached_features,
     check_split,
     default_cache_dir,
     geometry_from_args,
     geometry_source,
-    is_multiclass,
     label_tasks,
-    masked_bce,
     model_key,
-    nan_mean,
 )
 from g2d.errors import DataError
+from g2d.losses import masked_bce
+from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean
 
 __all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
 

@@ -41,8 +41,8 @@ from g2d.downstream.common import (
     resolve_device,
     write_results,
 )
-from g2d.downstream.dense_metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 
 __all__ = ["add_arguments", "run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from g2d.model import G2DModel
 
-__all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize", "dice_per_image",
-           "iou_per_image", "recall_per_image", "pointing_game", "BINARIZE_RULES"]
+__all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
+           "BINARIZE_RULES"]
 
 BINARIZE_RULES = ("minmax", "fixed", "quantile")
 
@@ -102,31 +102,3 @@ def binarize(heat: Tensor, level: float = 0.5, rule: str = "minmax") -> Tensor:
     return out[0] if single else out
 
 
-def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:
-    """Dice of binary maps [B, H, W] per image; 1 when both are empty."""
-    pred, target = pred.flatten(1).float(), target.flatten(1).float()
-    inter = (pred * target).sum(1)
-    denom = pred.sum(1) + target.sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-12), torch.ones_like(denom))
-
-
-def iou_per_image(pred: Tensor, target: Tensor) -> Tensor:
-    """IoU ``|P and G| / |P or G|`` of binary maps [B, H, W] per image; 1 when both are empty."""
-    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
-    inter = (pred & target).sum(1).float()
-    union = (pred | target).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-
-
-def recall_per_image(pred: Tensor, target: Tensor) -> Tensor:
-    """Pixel recall ``|P and G| / |G|`` per image [B, H, W]; NaN when G is empty."""
-    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
-    g = target.sum(1).float()
-    return torch.where(g > 0, (pred & target).sum(1).float() / g.clamp_min(1), torch.full_like(g, float("nan")))
-
-
-def pointing_game(heat: Tensor, target: Tensor) -> Tensor:
-    """MedKLIP's point score per image: 1 when any arg-max pixel of ``heat`` [B, H, W] lies in ``target``."""
-    h = torch.nan_to_num(heat.flatten(1).float(), nan=-float("inf"))
-    top = h == h.max(1, keepdim=True).values
-    return (top & target.flatten(1).bool()).any(1).float()

@@ -23,15 +23,3 @@ def embed_pairs(model: G2DModel, images: Tensor, texts: Sequence[str], batch_siz
     return img.cpu(), txt.cpu()
 
 
-def image_to_text_top1(image_emb: Tensor, text_emb: Tensor, keys: Sequence[object] | None = None
-                       ) -> float:
-    """Share of images whose most similar text is their own.
-
-    :param keys: optional per-pair keys (e.g. the set of findings); a retrieved text then counts
-        as correct when its key equals the image's, since several reports can describe the same
-        image content equally well.
-    """
-    best = (image_emb @ text_emb.T).argmax(dim=1)
-    if keys is None:
-        return (best == torch.arange(len(best))).float().mean().item()
-    return sum(keys[int(j)] == keys[i] for i, j in enumerate(best)) / len(best)

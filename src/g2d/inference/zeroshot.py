@@ -1,0 +1,126 @@
+"""Zero-shot classification (paper A.4.3, MedKLIP/KAD-style prompt pairs): each class has one or more
+(positive, negative) prompt pairs; an image's score is the softmax over its similarity with the
+positive and negative prompt embeddings. Prompt tables ship in ``g2d/inference/prompts``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from g2d.errors import DataError
+from g2d.model import G2DModel
+
+__all__ = ["load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores"]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[_\-]", " ", name.strip().lower()))
+
+
+def load_prompts(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Read a prompt file: ``CLASS<TAB>POSITIVE<TAB>NEGATIVE`` per line, ``#`` comments, blank lines.
+
+    ``CLASS`` is ``*`` (every class without lines of its own) or a class name (case, ``_`` and ``-``
+    do not matter); ``{finding}`` in a template becomes the class name. ``None``: the shipped
+    ``prompts/default.txt``; a bare name like ``biovil`` picks a shipped file.
+
+    :return: normalised class name (or ``*``) -> list of (positive, negative) templates.
+    """
+    if path is None or (isinstance(path, str) and re.fullmatch(r"[a-z0-9_]+", path)
+                        and not Path(path).exists()):
+        name = "default" if path is None else path
+        text = resources.files("g2d.inference").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+        where = f"prompts/{name}.txt"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"prompt file not found: {p}")
+        text, where = p.read_text(encoding="utf-8"), str(p)
+    table: dict[str, list[tuple[str, str]]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3 or not all(s.strip() for s in parts):
+            raise DataError(f"{where}:{n}: expected CLASS<TAB>POSITIVE<TAB>NEGATIVE, got {len(parts)} field(s)")
+        cls = "*" if parts[0].strip() == "*" else _norm(parts[0])
+        table.setdefault(cls, []).append((parts[1].strip(), parts[2].strip()))
+    if not table:
+        raise DataError(f"{where}: no prompts")
+    return table
+
+
+# Class names that are themselves a normal or negative statement ("No Finding", "normal"): the
+# generic "{finding}" / "no {finding}" pair makes their negative prompt a double negative that means
+# what the positive means, and the score's direction arbitrary (CheXzero's users saw AUC 0.07).
+_NEGATIVE_CLASS = re.compile(r"^(no|not|without|normal|negative|unremarkable|clear|healthy)\b")
+
+
+_DOUBLE_NEGATIVE = re.compile(r"\b(no|not|without|absence of)\s+(no|not|without|normal|negative|"
+                              r"unremarkable|healthy)\b")
+
+
+def check_prompt_pair(cls: str, positive: str, negative: str) -> None:
+    """Refuse a pair whose two sides cannot be told apart: identical texts or a double negative.
+
+    :raises DataError: naming the class and the pair.
+    """
+    pos, neg = _norm(positive), _norm(negative)
+    why = ("the positive and negative prompts are the same" if pos == neg else
+           "a prompt is a double negative" if _DOUBLE_NEGATIVE.search(neg) or _DOUBLE_NEGATIVE.search(pos)
+           else None)
+    if why:
+        raise DataError(f"zero-shot prompts for class {cls!r}: {why} ({positive!r} / {negative!r}); give "
+                        "the class its own line in the prompt file with a positive/negative pair of "
+                        "opposite meaning (e.g. 'no acute cardiopulmonary process' / 'acute "
+                        "cardiopulmonary abnormality')")
+
+
+def class_prompts(tasks: Sequence[str], table: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
+    """Filled-in (positive, negative) prompt pairs for every class of ``tasks``.
+
+    :raises DataError: a class without prompts; a class whose name is a normal/negative statement
+        ("No Finding", "normal") that only the generic ``*`` template covers; any pair that
+        :func:`check_prompt_pair` refuses.
+    """
+    out: dict[str, list[tuple[str, str]]] = {}
+    for t in tasks:
+        own = table.get(_norm(t))
+        pairs = own or table.get("*")
+        if not pairs:
+            raise DataError(f"no prompt for class {t!r} and no '*' line in the prompt file")
+        if own is None and _NEGATIVE_CLASS.match(_norm(t)):
+            raise DataError(f"zero-shot prompts for class {t!r}: the class names a normal or negative "
+                            "finding, and the generic '{finding}' / 'no {finding}' template would make its "
+                            "negative prompt a double negative; give it its own line in the prompt file "
+                            "(a normal study vs. any abnormality)")
+        out[t] = [(pos.replace("{finding}", _norm(t)), neg.replace("{finding}", _norm(t))) for pos, neg in pairs]
+        for pos, neg in out[t]:
+            check_prompt_pair(t, pos, neg)
+    return out
+
+
+@torch.no_grad()
+def prompt_embeddings(model: G2DModel, prompts: dict[str, list[tuple[str, str]]]) -> tuple[Tensor, Tensor]:
+    """Positive and negative text embeddings ``[K, d]`` (ensembles averaged, then L2-normalised)."""
+    pos, neg = [], []
+    for pairs in prompts.values():
+        e = model.encode_text([p for p, _ in pairs] + [n for _, n in pairs])  # L2-normalised [2P, d]
+        pos.append(F.normalize(e[:len(pairs)].mean(0), dim=-1))
+        neg.append(F.normalize(e[len(pairs):].mean(0), dim=-1))
+    return torch.stack(pos), torch.stack(neg)
+
+
+def zero_shot_scores(image_emb: Tensor, pos: Tensor, neg: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """``p = softmax(scale * [cos+, cos-])[0]`` per class.
+
+    :param image_emb: ``[B, d]`` L2-normalised. :param pos, neg: ``[K, d]``. :return: ``[B, K]`` in (0, 1).
+    """
+    logits = torch.stack([image_emb @ pos.T, image_emb @ neg.T], dim=-1) * logit_scale
+    return logits.softmax(-1)[..., 0]
