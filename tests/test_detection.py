@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from g2d.commands.evaluate import task_parser
+from g2d.downstream import protocol
 from g2d.downstream import detection as det
 from g2d.downstream.common import load_image_tower
 from g2d.downstream.yolo import (
@@ -28,7 +28,7 @@ BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--i
 
 
 def _args(out, *extra: str):
-    return task_parser("detection").parse_args([*BASE, "--out", str(out), *extra])
+    return protocol.parse("detection", [*BASE, "--out", str(out), *extra])
 
 
 # ----------------------------------------------------------------------------------------- mAP
@@ -135,9 +135,9 @@ def test_targets_mark_best_anchor_per_scale_and_ignore_overlapping_anchors():
 
 
 def test_defaults_follow_the_paper():
-    a = task_parser("detection").parse_args(["--data", "synthetic", "--out", "x", "--fraction", "0.01"])
+    a = protocol.parse("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.01"])
     assert det._defaults(a) == (8, 2e-4)
-    a = task_parser("detection").parse_args(["--data", "synthetic", "--out", "x", "--fraction", "0.1"])
+    a = protocol.parse("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.1"])
     assert det._defaults(a) == (16, 5e-4)
     assert (a.weight_decay, a.epochs, a.patience, a.conf_threshold, a.nms_threshold, a.image_size,
             a.head_width) == (1e-6, 50, 10, 0.5, 0.5, 224, 1024)

@@ -397,13 +397,15 @@ def test_inference_sees_the_pixels_of_training(tmp_path, augment):
     torch.testing.assert_close(infer(read_image(tmp_path / "a.png")), expected)
     # g2d eval defaults (linear, zero-shot, grounding, attention)
     tower = SimpleNamespace(model=SimpleNamespace(config=cfg))
-    args = argparse.Namespace(resize=None, image_size=None, square=None, geometry_defaults=(None, None, None))
+    from g2d.downstream.linear_probe import Args
+
+    args = Args(data="synthetic", out="x")
     geom = geometry_from_args(args, tower)
     sample = open_dataset(f"csv:{tmp_path / 't.csv'}", "test", geometry=geom)[0]
     torch.testing.assert_close(sample["image"], expected, atol=1e-6, rtol=0)
     assert geometry_source(args, tower) == "model"
     # an override stays possible and is named as such
-    args = argparse.Namespace(resize=96, image_size=None, square=True, geometry_defaults=(None, None, None))
+    args = Args(data="synthetic", out="x", resize=96, square=True)
     assert geometry_from_args(args, tower).resize == 96 and not geometry_from_args(args, tower).keep_aspect
     assert geometry_source(args, tower) == "flags"
 

@@ -95,7 +95,8 @@ def _mini_scale(tiny_text_dir) -> Scale:
 
 @pytest.mark.slow
 def test_runner_runs_two_cells_and_resumes_a_half_done_table(tiny_text_dir, tmp_path):
-    from g2d.reproduce import _pretrain, _run_task
+    from g2d.downstream import protocol
+    from g2d.reproduce import _pretrain
 
     exp = Experiment("mini", "Mini", [Column("enc", "segmentation", "syn", "dice", 0.5, {"transfer": "encoder"}),
                                       Column("enc-dec", "segmentation", "syn", "dice", 0.5,
@@ -103,9 +104,9 @@ def test_runner_runs_two_cells_and_resumes_a_half_done_table(tiny_text_dir, tmp_
                      [Row("G2D", pretrain={})], seeds=2)
     calls = {"task": 0, "pretrain": 0}
 
-    def task(name, argv):
+    def task(name, args):
         calls["task"] += 1
-        return _run_task(name, argv)
+        return protocol.run(name, args)
 
     def pre(cfg, d):
         calls["pretrain"] += 1
@@ -139,9 +140,9 @@ def test_runner_goes_seed_by_seed_and_reports_a_failed_pretraining(tmp_path):
     exp.rows.append(Row("Broken", pretrain={"model.pool.heads": 2}))
     order = []
 
-    def task(name, argv):
-        order.append((argv[argv.index("--model") + 1], name, int(argv[argv.index("--seed") + 1])))
-        out = Path(argv[argv.index("--out") + 1])
+    def task(name, args):
+        order.append((args.model, name, args.seed))
+        out = Path(args.out)
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"dice": 0.5, "map": 0.25}))
         return {}
@@ -168,9 +169,9 @@ def test_columns_filter_and_collect_only_run_nothing_else(tmp_path):
     exp = _toy()
     ran, pretrained = [], []
 
-    def task(name, argv):
-        ran.append((name, int(argv[argv.index("--seed") + 1])))
-        out = Path(argv[argv.index("--out") + 1])
+    def task(name, args):
+        ran.append((name, args.seed))
+        out = Path(args.out)
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"dice": 0.5, "map": 0.25}))
         return {}
@@ -240,9 +241,9 @@ def test_a_cell_whose_model_changed_runs_again(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"v1")
     calls = []
 
-    def task(name, argv):
-        calls.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
+    def task(name, args):
+        calls.append(args)
+        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({"auc": 0.5 + 0.1 * len(calls)}))
 
@@ -301,8 +302,8 @@ def test_pretrain_seeds_train_once_per_seed_and_gates_judge_each_seed(tmp_path):
         (d / PRETRAIN_METRICS).write_text(json.dumps({"contrastive_over_ln_b": ratio}))
         return d / "export"
 
-    def task(name, argv):
-        out = Path(argv[argv.index("--out") + 1])
+    def task(name, args):
+        out = Path(args.out)
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"dice": 0.5}))
         return {}

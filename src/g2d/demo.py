@@ -32,6 +32,7 @@ from g2d.attention_diagnostics import collect_attention, diagnose_attention
 from g2d.config import G2DConfig, get_config
 from g2d.data.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
+from g2d.downstream import protocol
 from g2d.downstream.common import write_json
 from g2d.factory import create_model, load_model
 from g2d.figures import attention_panels, grounding_panels, loss_curves
@@ -149,64 +150,60 @@ def _markdown(results: dict[str, Any]) -> str:
 _SEG_LR = "2e-3"
 _DET_EPOCHS = 4
 
-# (task, column label, extra flags, metric, which models): the demo's downstream cells.
-_DOWNSTREAM: list[tuple[str, str, list[str], str, tuple[str, ...]]] = [
-    ("segmentation", "seg Dice 1% enc", ["--fraction", "0.01", "--transfer", "encoder"], "dice", ()),
-    ("segmentation", "seg Dice 10% enc", ["--fraction", "0.1", "--transfer", "encoder"], "dice", ()),
-    ("segmentation", "seg Dice 1% enc-dec", ["--fraction", "0.01", "--transfer", "encoder-decoder"], "dice",
-     ("G2D",)),
-    ("segmentation", "seg Dice 10% enc-dec", ["--fraction", "0.1", "--transfer", "encoder-decoder"], "dice",
-     ("G2D",)),
-    ("detection", "det mAP 10%", ["--fraction", "0.1", "--head-width", "256"], "map", ()),
-    ("linear", "linear AUC 10%", ["--fraction", "0.1", "--no-feature-cache"], "auc", ()),
+# (task, column label, protocol fields, metric, which models): the demo's downstream cells.
+_DOWNSTREAM: list[tuple[str, str, dict[str, Any], str, tuple[str, ...]]] = [
+    ("segmentation", "seg Dice 1% enc", {"fraction": 0.01, "transfer": "encoder"}, "dice", ()),
+    ("segmentation", "seg Dice 10% enc", {"fraction": 0.1, "transfer": "encoder"}, "dice", ()),
+    ("segmentation", "seg Dice 1% enc-dec", {"fraction": 0.01, "transfer": "encoder-decoder"}, "dice", ("G2D",)),
+    ("segmentation", "seg Dice 10% enc-dec", {"fraction": 0.1, "transfer": "encoder-decoder"}, "dice", ("G2D",)),
+    ("detection", "det mAP 10%", {"fraction": 0.1, "head_width": 256}, "map", ()),
+    ("linear", "linear AUC 10%", {"fraction": 0.1, "no_feature_cache": True}, "auc", ()),
     # prompts in the synthetic reports' own wording (prompts/synthetic.txt)
-    ("zeroshot", "zero-shot AUC", ["--prompts", "synthetic"], "auc", ("G2D", "decoder none")),
-    ("zeroshot", "zero-shot F1", ["--prompts", "synthetic"], "f1", ("G2D", "decoder none")),
-    ("grounding", "grounding Dice", [], "dice", ("G2D", "decoder none")),
+    ("zeroshot", "zero-shot AUC", {"prompts": "synthetic"}, "auc", ("G2D", "decoder none")),
+    ("zeroshot", "zero-shot F1", {"prompts": "synthetic"}, "f1", ("G2D", "decoder none")),
+    ("grounding", "grounding Dice", {}, "dice", ("G2D", "decoder none")),
 ]
+
+
+def _task_fields(task: str, size: int, epochs: int) -> dict[str, Any]:
+    """The demo's schedule per protocol (image size, epochs, learning rate)."""
+    if task == "segmentation":
+        return {"image_size": size, "epochs": epochs, "patience": epochs, "lr": float(_SEG_LR), "batch_size": 8}
+    if task == "detection":
+        return {"image_size": size, "epochs": min(epochs, _DET_EPOCHS), "batch_size": 8}
+    if task == "linear":
+        return {"image_size": size, "resize": size, "epochs": 30}
+    return {"image_size": size, "resize": size}
 
 
 def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, epochs: int, seed: int,
                    device: str) -> dict[str, dict[str, float | None]]:
-    """Run the demo's downstream cells through ``g2d eval``; finished cells are reused.
+    """Run the demo's downstream cells (:mod:`g2d.downstream.protocol`); finished cells are reused.
 
-    :param models: display name -> ``--model`` value (export folder or ``random``).
+    :param models: display name -> model (export folder or ``random``).
     :return: ``{column label: {model name: metric or None}}``.
     """
-    import importlib
-
-    from g2d.commands.evaluate import TASKS, task_parser
-
     table: dict[str, dict[str, float | None]] = {}
-    for task, label, flags, metric, only in _DOWNSTREAM:
+    for task, label, fields, metric, only in _DOWNSTREAM:
         table[label] = {}
         for name, model in models.items():
             if only and name not in only:
                 table[label][name] = None
                 continue
-            cell = out / "downstream" / task / name.replace(" ", "_") / ("_".join(f.lstrip("-") for f in flags)
-                                                                         or "default")
-            argv = ["--data", f"synthetic:{n_train}", "--model", model, "--arch", "resnet18",
-                    "--seed", str(seed), "--out", str(cell), "--device", device, "--num-workers", "0",
-                    "--no-progress", *flags]
-            if task == "segmentation":
-                argv += ["--image-size", str(size), "--epochs", str(epochs), "--patience", str(epochs),
-                         "--lr", _SEG_LR, "--batch-size", "8"]
-            elif task == "detection":
-                argv += ["--image-size", str(size), "--epochs", str(min(epochs, _DET_EPOCHS)),
-                         "--batch-size", "8"]
-            elif task == "linear":
-                argv += ["--image-size", str(size), "--resize", str(size), "--epochs", "30"]
-            else:
-                argv += ["--image-size", str(size), "--resize", str(size)]
+            cell = out / "downstream" / task / name.replace(" ", "_") / (
+                "_".join(f"{k}_{v}" for k, v in fields.items()) or "default")
+            args = protocol.make(task, data=f"synthetic:{n_train}", model=model, arch="resnet18", seed=seed,
+                                 out=str(cell), device=device, num_workers=0, no_progress=True,
+                                 **_task_fields(task, size, epochs), **fields)
             # not every task reuses its own finished run, so the demo keys each cell by its arguments
             # and the model's weight files (a re-trained model in the same folder is another model)
-            done, key = cell / "demo_argv.json", {"argv": argv, "model_id": model_identity(model)}
+            done = cell / "demo_args.json"
+            key = {"args": protocol.key_fields(args), "model_id": model_identity(model)}
             if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) == key:
                 metrics = json.loads((cell / "metrics.json").read_text())
             else:
                 log.info("downstream: %s | %s", label, name)
-                metrics = importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
+                metrics = protocol.run(task, args)
                 done.write_text(json.dumps(key))
             value = metrics.get(metric)
             table[label][name] = None if value is None else float(value)

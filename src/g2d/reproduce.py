@@ -34,6 +34,8 @@ import yaml
 
 from g2d.config import get_config
 from g2d.data.sets import open_dataset
+from g2d.downstream import protocol
+from g2d.downstream.protocol import ProtocolArgs
 from g2d.fingerprint import dataset_identity, digest, model_identity
 
 __all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
@@ -219,7 +221,8 @@ class CellResult:
 class Runner:
     """Runs (or reuses) every cell of an experiment at a scale, writing under ``out``.
 
-    :param run_task: ``(task, argv) -> metrics`` (default: ``g2d eval`` in-process).
+    :param run_task: ``(task, args) -> metrics`` with the protocol's ``Args`` (default: the protocol's
+        ``run``, in-process).
     :param run_pretrain: ``(config, out_dir) -> model path`` (default: :func:`g2d.train.loop.pretrain`).
     :param columns: run only the columns whose name matches this regular expression (``re.search``);
         the others are collected from the store like ``collect_only`` cells.
@@ -229,7 +232,7 @@ class Runner:
 
     def __init__(self, exp: Experiment, scale: Scale, out: str | Path, seeds: int | None = None,
                  device: str = "auto", progress: bool = True,
-                 run_task: Callable[[str, list[str]], dict[str, Any]] | None = None,
+                 run_task: Callable[[str, ProtocolArgs], dict[str, Any]] | None = None,
                  run_pretrain: Callable[[Any, Path], Path] | None = None,
                  columns: str | None = None, collect_only: bool = False) -> None:
         self.exp, self.scale, self.out = exp, scale, Path(out)
@@ -237,7 +240,7 @@ class Runner:
         self.collect_only = collect_only
         self.seeds = seeds or scale.seeds or exp.seeds
         self.device, self.progress = device, progress
-        self.run_task = run_task or _run_task
+        self.run_task = run_task or protocol.run
         self._data_ids: dict[str, str] = {}
         self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
 
@@ -265,19 +268,14 @@ class Runner:
 
     # ------------------------------------------------------------------ cells
 
-    def cell_args(self, row: Row, col: Column, model: str, seed: int) -> list[str]:
+    def cell_args(self, row: Row, col: Column, model: str, seed: int, out: str | Path = "") -> ProtocolArgs:
+        """The protocol's ``Args`` for one cell: scale flags (``"*"`` then the task's), the column's,
+        then the row's, with dashes or underscores in their names."""
         flags = {**self.scale.eval_args.get("*", {}), **self.scale.eval_args.get(col.task, {}),
                  **col.args, **row.args.get(col.task, {})}
-        argv = ["--data", self.scale.data.spec(col.data), "--model", model,
-                "--fraction", repr(float(col.fraction)), "--seed", str(seed), "--device", self.device]
-        if not self.progress:
-            argv.append("--no-progress")
-        for k, v in sorted(flags.items()):
-            if isinstance(v, bool):
-                argv += [f"--{k}"] if v else []
-            else:
-                argv += [f"--{k}", str(v)]
-        return argv
+        return protocol.make(col.task, data=self.scale.data.spec(col.data), model=model, fraction=float(col.fraction),
+                             seed=seed, device=self.device, no_progress=not self.progress, out=str(out),
+                             **{k.replace("-", "_"): v for k, v in flags.items()})
 
     def run(self) -> list[CellResult]:
         """Every cell, seed by seed: a long run stopped part-way leaves whole seeds of the table,
@@ -322,9 +320,8 @@ class Runner:
         return {"data_id": self._data_ids[spec], "model_id": model_identity(model)}
 
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
-        """Keyed by the task's arguments, less the display-only ``--no-progress``."""
-        argv = [a for a in self.cell_args(row, col, model, seed) if a != "--no-progress"]
-        return self.out / "cells" / digest([col.task, argv])
+        """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``)."""
+        return self.out / "cells" / digest([col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:
@@ -333,11 +330,11 @@ class Runner:
         if col.task == "pretrain":  # the pre-training run's own numbers, written when it ended
             self._add(res, col, seed, Path(model).parent / PRETRAIN_METRICS)
             return
-        argv = self.cell_args(row, col, model, seed)
         cell_dir = self.cell_dir(row, col, model, seed)
+        args = self.cell_args(row, col, model, seed, out=cell_dir)
         metrics_file = cell_dir / "metrics.json"
         inputs_file = cell_dir / "inputs.json"
-        inputs = self.input_identity(argv[argv.index("--data") + 1], model)
+        inputs = self.input_identity(args.data, model)
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
@@ -352,7 +349,7 @@ class Runner:
                 return
             log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
             try:
-                self.run_task(col.task, [*argv, "--out", str(cell_dir)])
+                self.run_task(col.task, args)
             except Exception as e:
                 log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
                 res.errors.append(f"seed {seed}: {e}")
@@ -557,14 +554,6 @@ def plot_fractions(exp: Experiment, results: list[CellResult], path: Path) -> Pa
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def _run_task(task: str, argv: list[str]) -> dict[str, Any]:
-    import importlib
-
-    from g2d.commands.evaluate import TASKS, task_parser
-
-    return importlib.import_module(TASKS[task][0]).run(task_parser(task).parse_args(argv))
 
 
 PRETRAIN_METRICS = "pretrain_metrics.json"

@@ -10,10 +10,9 @@ exactly one finding are scored (their mask is that finding's). Writes ``metrics.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,30 @@ from g2d.data.labelled import BoxMask
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
-    add_geometry_arguments,
     check_split,
     geometry_from_args,
     geometry_source,
     make_loader,
     progress_bar,
 )
+from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
 from g2d.pseudo_mask import build_pseudo_masks
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("g2d.downstream")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-images", type=int, default=512, help="score at most this many positive images")
-    p.add_argument("--figures", type=int, default=6, help="rows of the attention figure")
-    add_geometry_arguments(p, None, None)
+@dataclass(kw_only=True)
+class Args(GeometryArgs):
+    """``g2d eval attention``: its flags are these fields (``--name-with-dashes``)."""
+
+    split: str = arg('test', choices=('train', 'val', 'test'))
+    batch_size: int = arg(32)
+    max_images: int = arg(512, help='score at most this many positive images')
+    figures: int = arg(6, help='rows of the attention figure')
 
 
 def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | None:
@@ -65,7 +66,7 @@ def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | Non
     return None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     if args.max_images < 1:
         raise DataError(f"--max-images must be >= 1, got {args.max_images}")
     tower = load_image_tower(args.model, args.arch)

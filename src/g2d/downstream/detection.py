@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from g2d.downstream.common import Frozen, write_results
+from g2d.downstream.protocol import DenseArgs, arg
 from g2d.downstream.segmentation import (
     DenseFit,
     batches,
@@ -46,26 +48,22 @@ from g2d.downstream.yolo import (
 )
 from g2d.metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 
-__all__ = ["add_arguments", "run", "fit_and_test", "Detector", "detect"]
+__all__ = ["run", "fit_and_test", "Detector", "detect"]
 
 log = logging.getLogger("g2d.downstream")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=50, help="maximum epochs (paper: 50)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation mAP")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16; 8 when --fraction < 0.1")
-    p.add_argument("--lr", type=float, default=None, help="default 5e-4; 2e-4 when --fraction < 0.1")
-    p.add_argument("--weight-decay", type=float, default=1e-6)
-    p.add_argument("--image-size", type=int, default=224, help="square resize, no crop (multiple of 32)")
-    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (not the paper's setting)")
-    p.add_argument("--update-bn", action="store_true",
-                   help="let the frozen encoder's BatchNorm statistics update (MGCA's behaviour)")
-    p.add_argument("--conf-threshold", type=float, default=0.5, help="objectness threshold (MGCA 0.5)")
-    p.add_argument("--nms-threshold", type=float, default=0.5, help="NMS IoU threshold (MGCA 0.5)")
-    p.add_argument("--head-width", type=int, default=1024,
-                   help="YOLOv3 head width at stride 32 (MGCA: 1024; finer scales halve it)")
-    p.add_argument("--figures", type=int, default=4, help="test images drawn to OUT/figures")
+@dataclass(kw_only=True)
+class Args(DenseArgs):
+    """``g2d eval detection``: its flags are these fields (``--name-with-dashes``)."""
+
+    batch_size: int | None = arg(None, help='default 16; 8 when --fraction < 0.1')
+    lr: float | None = arg(None, help='default 5e-4; 2e-4 when --fraction < 0.1')
+    weight_decay: float = arg(1e-06)
+    train_encoder: bool = arg(False, help="train the encoder too (not the paper's setting)")
+    conf_threshold: float = arg(0.5, help='objectness threshold (MGCA 0.5)')
+    nms_threshold: float = arg(0.5, help='NMS IoU threshold (MGCA 0.5)')
+    head_width: int = arg(1024, help='YOLOv3 head width at stride 32 (MGCA: 1024; finer scales halve it)')
 
 
 class Detector(nn.Module):
@@ -143,18 +141,18 @@ def _figures(model: Detector, ds: Any, device: torch.device, out: Path, n: int, 
     return written
 
 
-def _defaults(args: argparse.Namespace) -> tuple[int, float]:
+def _defaults(args: Args) -> tuple[int, float]:
     low = args.fraction < 0.1  # the paper's 1 % runs
     return (args.batch_size or (8 if low else 16)), (args.lr if args.lr is not None else (2e-4 if low else 5e-4))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     """Train and test one detection run; writes ``OUT/metrics.json``, ``results.md``, ``ckpt.pt``,
     ``figures/``. Returns the metrics."""
     return fit_and_test(args)[0]
 
 
-def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | None]:
+def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
     out = Path(args.out)
     batch_size, lr = _defaults(args)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from g2d.downstream.protocol import GeometryArgs
 from g2d.checkpoint import atomic_write
 from g2d.data.labelled import collate_labelled
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
@@ -27,7 +28,7 @@ from g2d.downstream.common import Frozen, ImageTower
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
 
-__all__ = ["add_geometry_arguments", "geometry_from_args", "make_loader", "POOLINGS", "extract_features",
+__all__ = ["geometry_from_args", "make_loader", "POOLINGS", "extract_features",
            "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
            "is_multiclass", "progress_bar", "label_tasks", "geometry_source"]
 
@@ -36,39 +37,23 @@ log = logging.getLogger("g2d.downstream")
 POOLINGS = ("gap", "embedding")
 
 
-def add_geometry_arguments(p: argparse.ArgumentParser, resize: int | None, image_size: int | None,
-                           square: bool | None = None) -> None:
-    """``--resize`` (shorter side, or both sides with ``--square``) and ``--image-size`` (centre crop).
-
-    ``None`` defaults mean: the loaded G2D model's own pre-training geometry (256 / 224 otherwise).
-    """
-    p.add_argument("--resize", type=int, default=resize,
-                   help="resize before the centre crop (shorter side; both sides with --square)")
-    p.add_argument("--image-size", type=int, default=image_size, help="side of the centre crop fed to the model")
-    p.add_argument("--square", action=argparse.BooleanOptionalAction, default=square,
-                   help="resize to resize x resize (aspect ratio not kept) instead of the shorter side "
-                        "(default: the loaded model's own rule, square for the release recipe)")
-    p.set_defaults(geometry_defaults=(resize, image_size, square))
-
-
-def geometry_from_args(args: argparse.Namespace, tower: ImageTower | None = None) -> ImageTransformCfg:
+def geometry_from_args(args: GeometryArgs, tower: ImageTower | None = None) -> ImageTransformCfg:
     """The deterministic evaluation geometry: flags first, then the loaded model's pre-training
     geometry (:func:`g2d.data.transforms.inference_geometry`: its resize, crop and resize rule),
     else 256 / 224 with the shorter side resized. :func:`geometry_source` says which."""
     cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
     resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
-    square = getattr(args, "square", None)
-    keep = None if square is None else not square
+    keep = None if args.square is None else not args.square
     return inference_geometry(resize, size, cfg.data.augment if cfg is not None else "none", keep)
 
 
-def geometry_source(args: argparse.Namespace, tower: ImageTower | None = None) -> str:
+def geometry_source(args: GeometryArgs, tower: ImageTower | None = None) -> str:
     """For ``metrics.json``: ``"flags"`` (a user override, all or in part), ``"protocol"`` (the
     protocol's own geometry, e.g. fine-tuning's 256 x 256), ``"model"`` (the loaded model's
     pre-training geometry) or ``"default"`` (a baseline without a recorded geometry)."""
-    defaults = getattr(args, "geometry_defaults", (None, None, None))
-    if (args.resize, args.image_size, getattr(args, "square", None)) != tuple(defaults):
+    defaults = args.geometry_defaults()
+    if (args.resize, args.image_size, args.square) != defaults:
         return "flags"
     if any(v is not None for v in defaults):
         return "protocol"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
-    add_geometry_arguments,
     check_split,
     geometry_from_args,
     geometry_source,
@@ -39,27 +38,32 @@ from g2d.downstream.features import (
     progress_bar,
 )
 from g2d.downstream.linear_probe import evaluate_scores
+from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.errors import DataError
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.losses import masked_bce
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
 
-__all__ = ["add_arguments", "run", "Classifier"]
+__all__ = ["run", "Classifier"]
 
 log = logging.getLogger("g2d.downstream")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (torch default)")
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--augment", choices=("none", "paper", "release"), default="none",
-                   help="training augmentation on the cropped image (g2d.data.transforms recipes)")
-    p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoints/last.pt and start over")
-    add_geometry_arguments(p, 256, 256, square=True)
+@dataclass(kw_only=True)
+class Args(GeometryArgs):
+    """``g2d eval finetune``: its flags are these fields (``--name-with-dashes``)."""
+
+    epochs: int = arg(50)
+    batch_size: int = arg(64)
+    lr: float = arg(0.0001)
+    weight_decay: float = arg(0.01, help='AdamW weight decay (torch default)')
+    patience: int = arg(10, help='early-stopping patience in epochs (0: off)')
+    augment: str = arg('none', help='training augmentation on the cropped image (g2d.data.transforms recipes)', choices=('none', 'paper', 'release'))
+    no_resume: bool = arg(False, help='ignore OUT/checkpoints/last.pt and start over')
+    resize: int | None = arg(256, help="resize before the centre crop")
+    image_size: int | None = arg(256, help="side of the centre crop fed to the model")
+    square: bool | None = arg(True, help="resize both sides (aspect ratio not kept)")
 
 
 class Classifier(nn.Module):
@@ -77,7 +81,7 @@ class Classifier(nn.Module):
         return self.head(self.encoder(images)[-1].mean(dim=(2, 3)))
 
 
-def _signature(args: argparse.Namespace, geom: ImageTransformCfg) -> str:
+def _signature(args: Args, geom: ImageTransformCfg) -> str:
     """What a checkpoint must share with the run that resumes it (``--epochs`` may grow)."""
     keys = ("data", "model", "arch", "fraction", "seed", "batch_size", "lr", "weight_decay", "augment")
     return digest({k: getattr(args, k) for k in keys} | {"geometry": asdict(geom)})
@@ -99,7 +103,7 @@ def _predict(model: nn.Module, loader, multiclass: bool, device: torch.device, p
             np.concatenate(labels) if labels else np.zeros((0, k)))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     tower = load_image_tower(args.model, args.arch)

@@ -22,12 +22,11 @@ default (``rsna``: "pneumonia", ``siim``: "pneumothorax", or the name of a set's
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import math
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,40 +39,39 @@ from g2d.data.sets import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
-    add_geometry_arguments,
     check_split,
     geometry_from_args,
     geometry_source,
     make_loader,
     progress_bar,
 )
+from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
 from g2d.inference.grounding import (
-    BINARIZE_RULES,
     binarize,
     dense_similarity,
     to_original,
 )
 from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 
-__all__ = ["add_arguments", "run", "DEFAULT_PROMPTS", "ground_truth_original"]
+__all__ = ["run", "DEFAULT_PROMPTS", "ground_truth_original"]
 
 log = logging.getLogger("g2d.downstream")
 
 DEFAULT_PROMPTS = {"rsna": "pneumonia", "siim": "pneumothorax"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=None, help="one prompt for every image (default: per record / per set)")
-    p.add_argument("--binarize", choices=BINARIZE_RULES, default="minmax",
-                   help="minmax: normalise each map to [0, 1] and keep >= level; fixed: raw cosine > level; "
-                        "quantile: keep the top (1 - level) of pixels")
-    p.add_argument("--level", type=float, default=0.5)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--figures", type=int, default=8, help="heat-map panels of the first N positive images")
-    add_geometry_arguments(p, None, None)
+@dataclass(kw_only=True)
+class Args(GeometryArgs):
+    """``g2d eval grounding``: its flags are these fields (``--name-with-dashes``)."""
+
+    prompt: str | None = arg(None, help='one prompt for every image (default: per record / per set)')
+    binarize: str = arg('minmax', help='minmax: normalise each map to [0, 1] and keep >= level; fixed: raw cosine > level; quantile: keep the top (1 - level) of pixels', choices=('minmax', 'fixed', 'quantile'))
+    level: float = arg(0.5)
+    split: str = arg('test', choices=('train', 'val', 'test'))
+    batch_size: int = arg(16)
+    figures: int = arg(8, help='heat-map panels of the first N positive images')
 
 
 def ground_truth_original(ds: Any, sample: dict[str, Any], index: int) -> np.ndarray:
@@ -113,7 +111,7 @@ def _default_prompt(args, ds) -> str | None:
     return tasks[0].replace("_", " ").lower() if len(tasks) == 1 else None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     tower = load_image_tower(args.model, args.arch)
     model = require_g2d(tower.model, "zero-shot grounding")
     device = resolve_device(args.device)

@@ -22,7 +22,7 @@ import argparse
 import copy
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,6 @@ from torch import Tensor, nn
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
-    POOLINGS,
-    add_geometry_arguments,
     cached_features,
     check_split,
     default_cache_dir,
@@ -43,31 +41,30 @@ from g2d.downstream.features import (
     label_tasks,
     model_key,
 )
+from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.errors import DataError
 from g2d.losses import masked_bce
 from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean
 
-__all__ = ["add_arguments", "run", "train_linear_head", "evaluate_scores"]
+__all__ = ["run", "train_linear_head", "evaluate_scores"]
 
 log = logging.getLogger("g2d.downstream")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", choices=POOLINGS, default="gap",
-                   help="gap: global-average-pooled last ResNet stage (MGCA); embedding: G2D's "
-                        "attention-pooled projected embedding")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-6)
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--monitor", choices=("metric", "loss"), default="metric",
-                   help="early stopping on validation AUROC/accuracy (metric) or loss (MGCA)")
-    p.add_argument("--feature-cache", default=None,
-                   help="folder of cached features (default $G2D_CACHE/features or ~/.cache/g2d/features)")
-    p.add_argument("--no-feature-cache", action="store_true", help="extract features in memory only")
-    p.add_argument("--extract-batch-size", type=int, default=64)
-    add_geometry_arguments(p, None, None)
+@dataclass(kw_only=True)
+class Args(GeometryArgs):
+    """``g2d eval linear``: its flags are these fields (``--name-with-dashes``)."""
+
+    pool: str = arg('gap', help="gap: global-average-pooled last ResNet stage (MGCA); embedding: G2D's attention-pooled projected embedding", choices=('gap', 'embedding'))
+    epochs: int = arg(50)
+    batch_size: int = arg(8)
+    lr: float = arg(0.0005)
+    weight_decay: float = arg(1e-06)
+    patience: int = arg(10, help='early-stopping patience in epochs (0: off)')
+    monitor: str = arg('metric', help='early stopping on validation AUROC/accuracy (metric) or loss (MGCA)', choices=('metric', 'loss'))
+    feature_cache: str | None = arg(None, help='folder of cached features (default $G2D_CACHE/features or ~/.cache/g2d/features)')
+    no_feature_cache: bool = arg(False, help='extract features in memory only')
+    extract_batch_size: int = arg(64)
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], multiclass: bool
@@ -141,7 +138,7 @@ def train_linear_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], 
                         "val_loss": best.get("val_loss", math.nan), "val_metric": best.get("val_metric", math.nan)}
 
 
-def _features(args: argparse.Namespace, tower, split: str, geom, device) -> tuple[Tensor, Tensor, Any]:
+def _features(args: Args, tower, split: str, geom, device) -> tuple[Tensor, Tensor, Any]:
     ds = open_dataset(args.data, split, args.fraction if split == "train" else 1.0, geom)
     check_split(ds, f"{args.data} {split}")
     cache = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
@@ -155,7 +152,7 @@ def _features(args: argparse.Namespace, tower, split: str, geom, device) -> tupl
     return feats, torch.from_numpy(np.asarray(labels, np.float32)), ds
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # the random baseline's weights depend on the seed
     tower = load_image_tower(args.model, args.arch)
     device = resolve_device(args.device)

@@ -41,11 +41,12 @@ from g2d.downstream.common import (
     resolve_device,
     write_results,
 )
+from g2d.downstream.protocol import DenseArgs, arg
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 
-__all__ = ["add_arguments", "run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
+__all__ = ["run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
            "DenseFit", "dataset_name", "make_loader", "open_splits", "positives"]
 
 log = logging.getLogger("g2d.downstream")
@@ -55,26 +56,17 @@ SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 SEG_BATCH_SIZE = {"siim": 8, "rsna": 16}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transfer", choices=("encoder", "encoder-decoder"), default="encoder",
-                   help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder")
-    p.add_argument("--epochs", type=int, default=50, help="maximum epochs (paper: 50)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation Dice")
-    p.add_argument("--batch-size", type=int, default=None, help="default 8 for SIIM, 16 for RSNA, 8 otherwise")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--image-size", type=int, default=224, help="square resize, no crop (multiple of 32)")
-    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (MedKLIP's setting)")
-    p.add_argument("--update-bn", action="store_true",
-                   help="let the frozen encoder's BatchNorm statistics update (MGCA's behaviour)")
-    p.add_argument("--loss", choices=("mixed", "dice-bce"), default="mixed",
-                   help="mixed: MGCA's 10*focal - log(soft Dice); dice-bce: BCE + (1 - soft Dice)")
-    p.add_argument("--mgca-batch-size", type=int, default=None,
-                   help="test batch size of the dice_mgca_batch_mean variant (default: --batch-size, as MGCA)")
-    p.add_argument("--figures", type=int, default=4, help="test images drawn to OUT/figures")
-    p.add_argument("--siim-train", choices=("balanced", "all"), default="balanced",
-                   help="SIIM only: train on every positive plus as many negatives (MGCA/GLoRIA, paper "
-                        "A.4.1; the fraction is taken from that set), or on the whole training split")
+@dataclass(kw_only=True)
+class Args(DenseArgs):
+    """``g2d eval segmentation``: its flags are these fields (``--name-with-dashes``)."""
+
+    transfer: str = arg('encoder', help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder", choices=('encoder', 'encoder-decoder'))
+    batch_size: int | None = arg(None, help='default 8 for SIIM, 16 for RSNA, 8 otherwise')
+    lr: float = arg(0.0002)
+    train_encoder: bool = arg(False, help="train the encoder too (MedKLIP's setting)")
+    loss: str = arg('mixed', help="mixed: MGCA's 10*focal - log(soft Dice); dice-bce: BCE + (1 - soft Dice)", choices=('mixed', 'dice-bce'))
+    mgca_batch_size: int | None = arg(None, help='test batch size of the dice_mgca_batch_mean variant (default: --batch-size, as MGCA)')
+    siim_train: str = arg('balanced', help='SIIM only: train on every positive plus as many negatives (MGCA/GLoRIA, paper A.4.1; the fraction is taken from that set), or on the whole training split', choices=('balanced', 'all'))
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -157,7 +149,7 @@ def square_geometry(size: int) -> ImageTransformCfg:
     return ImageTransformCfg(resize=size, crop=size, augment="none", keep_aspect=False)
 
 
-def open_splits(args: argparse.Namespace) -> dict[str, Any]:
+def open_splits(args: DenseArgs) -> dict[str, Any]:
     """train (cut to ``--fraction``), val and test of ``--data`` at the square geometry.
 
     SIIM segmentation trains on MGCA/GLoRIA's balanced set (every positive plus as many negatives,
@@ -323,7 +315,7 @@ class DenseFit:
                 self.best_state, self.bad_epochs = self._mutable_state(), 0
             else:
                 self.bad_epochs += 1
-                self.stopped_early = self.bad_epochs >= self.patience
+                self.stopped_early = 0 < self.patience <= self.bad_epochs
             log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s", self.epoch, train_loss,
                      val_loss, score, " (best)" if better else "")
             self._save()
@@ -360,7 +352,7 @@ def finished_metrics(out: Path, signature: dict[str, Any]) -> dict[str, Any] | N
 INPUT_KEYS = ("data_id", "model_id")
 
 
-def input_identity(args: argparse.Namespace, splits: dict[str, Any]) -> dict[str, str]:
+def input_identity(args: DenseArgs, splits: dict[str, Any]) -> dict[str, str]:
     """What the result depends on beyond the arguments' text: the splits' content (image files,
     labels) and the model's weight files, so a finished run or a checkpoint is never reused for
     replaced images, retrained weights or the same relative path in another folder."""
@@ -368,7 +360,7 @@ def input_identity(args: argparse.Namespace, splits: dict[str, Any]) -> dict[str
             "model_id": model_identity(str(args.model))}
 
 
-def start_dense_run(args: argparse.Namespace) -> tuple[torch.device, bool, ImageTower]:
+def start_dense_run(args: DenseArgs) -> tuple[torch.device, bool, ImageTower]:
     """Checks the flags, seeds, then loads the image tower (right after seeding, so a random
     baseline's weights depend only on ``--seed``): (device, progress, tower)."""
     if args.update_bn and args.train_encoder:
@@ -394,12 +386,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 # ------------------------------------------------------------------------------------------ run
 
 
-def _signature(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+def _signature(args: Args, batch_size: int) -> dict[str, Any]:
     return {"task": "segmentation", "data": args.data, "model": str(args.model), "fraction": args.fraction,
             "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
             "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss,
-            "siim_train": getattr(args, "siim_train", "balanced")}
+            "siim_train": args.siim_train}
 
 
 @torch.no_grad()
@@ -450,13 +442,13 @@ def _figures(model: nn.Module, ds: Any, device: torch.device, out: Path, n: int)
     return written
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     """Train and test one segmentation run; writes ``OUT/metrics.json``, ``results.md``, ``ckpt.pt``,
     ``figures/``. Returns the metrics."""
     return fit_and_test(args)[0]
 
 
-def fit_and_test(args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module | None]:
+def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
     out = Path(args.out)
     batch_size = args.batch_size or SEG_BATCH_SIZE.get(dataset_name(args.data), 8)

@@ -20,9 +20,8 @@ Unknown (NaN) labels are left out per class.
 
 from __future__ import annotations
 
-import argparse
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from torch import Tensor
 from g2d.data.sets import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
-    add_geometry_arguments,
     check_split,
     geometry_from_args,
     geometry_source,
@@ -40,6 +38,7 @@ from g2d.downstream.features import (
     make_loader,
     progress_bar,
 )
+from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.errors import ConfigError, DataError
 from g2d.inference.zeroshot import (
     class_prompts,
@@ -50,7 +49,7 @@ from g2d.inference.zeroshot import (
 from g2d.metrics import threshold_metrics
 from g2d.model import G2DModel
 
-__all__ = ["add_arguments", "run", "require_g2d", "THRESHOLD_RULES"]
+__all__ = ["run", "require_g2d", "THRESHOLD_RULES"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -62,13 +61,13 @@ THRESHOLD_RULES = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=None,
-                   help="prompt file (CLASS<TAB>POSITIVE<TAB>NEGATIVE lines); default: the shipped default.txt")
-    p.add_argument("--threshold", default="val",
-                   help="'val' (max F1 on the validation split), 'test-max-f1' (MedKLIP oracle) or a number")
-    p.add_argument("--batch-size", type=int, default=64)
-    add_geometry_arguments(p, None, None)
+@dataclass(kw_only=True)
+class Args(GeometryArgs):
+    """``g2d eval zeroshot``: its flags are these fields (``--name-with-dashes``)."""
+
+    prompts: str | None = arg(None, help='prompt file (CLASS<TAB>POSITIVE<TAB>NEGATIVE lines); default: the shipped default.txt')
+    threshold: str = arg('val', help="'val' (max F1 on the validation split), 'test-max-f1' (MedKLIP oracle) or a number")
+    batch_size: int = arg(64)
 
 
 def require_g2d(model: G2DModel | None, what: str) -> G2DModel:
@@ -116,7 +115,7 @@ def parse_threshold(value: str) -> str | float:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Args) -> dict[str, Any]:
     rule = parse_threshold(args.threshold)
     tower = load_image_tower(args.model, args.arch)
     model = require_g2d(tower.model, "zero-shot classification")
