@@ -58,7 +58,7 @@ def make_sources(folder: Path, distinct: int, seed: int = 0) -> list[Path]:
 
 def make_dataset(root: Path, sources: list[Path], n: int, fmt: str, shard_size: int = 1000) -> None:
     """``root/table.csv`` + ``root/img/*.jpg`` (hard links) and the store ``root/store``."""
-    from g2d.data.shards import encode_image, finalize_store, write_shard
+    from g2d.data.pretraining.shards import encode_image, finalize_store, write_shard
 
     (root / "img").mkdir(parents=True)
     with open(root / "table.csv", "w", newline="") as f:
@@ -85,8 +85,8 @@ def measure(root: str, mode: str, read: int) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from g2d.data.pairs import ImageTextPairs, PairsCfg, collate_pairs
-    from g2d.data.shards import ShardedPairs
+    from g2d.data.pretraining.pairs import ImageTextPairs, PairsCfg, collate_pairs
+    from g2d.data.pretraining.shards import ShardedPairs
     from g2d.data.transforms import ImageTransformCfg, build_transform
 
     torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def measure(root: str, mode: str, read: int) -> dict[str, float]:
 
 
 def format_costs(sources: list[Path]) -> list[str]:
-    from g2d.data.shards import encode_image
+    from g2d.data.pretraining.shards import encode_image
 
     rows = ["| stored format | KiB / image | prepare ms / image (decode+resize+encode) | decode ms / image |",
             "|---|---:|---:|---:|"]

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from g2d.config import get_config
-from g2d.data.pairs import collate_pairs
+from g2d.data.pretraining.pairs import collate_pairs
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
 from g2d.model.text_encoder import LENGTH_GROUPS, build_tiny_text_model

@@ -26,14 +26,14 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from g2d.data.splits import SPLIT_DIR, fraction_count, write_order, write_split
+from g2d.data.labelled.splits import SPLIT_DIR, fraction_count, write_order, write_split
 from g2d.errors import DataError
 
 MAKERS = {
-    "siim": "g2d.data.siim:make_split",
-    "rsna": "g2d.data.rsna:make_split",
-    "chexpert": "g2d.data.chexpert:make_split",
-    "cxr14": "g2d.data.cxr14:order_ids",  # an ORDER_TABLE module: its maker returns the ids to rank
+    "siim": "g2d.data.labelled.siim:make_split",
+    "rsna": "g2d.data.labelled.rsna:make_split",
+    "chexpert": "g2d.data.labelled.chexpert:make_split",
+    "cxr14": "g2d.data.labelled.cxr14:order_ids",  # an ORDER_TABLE module: its maker returns the ids to rank
 }
 # set -> its label file inside torchxrayvision/data
 LABEL_FILES = {

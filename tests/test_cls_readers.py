@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g2d.data import chexpert, covidx, cxr14
-from g2d.data.labelled import collate_labelled
-from g2d.data.sets import open_dataset
-from g2d.data.splits import (
+from g2d.data.labelled import chexpert, covidx, cxr14
+from g2d.data.labelled.dataset import collate_labelled
+from g2d.data.labelled.specs import open_dataset
+from g2d.data.labelled.splits import (
     load_order,
     load_split,
     order_ranks,

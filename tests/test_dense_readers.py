@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from g2d.data import object_cxr, rsna, siim
-from g2d.data.labelled import collate_labelled
-from g2d.data.sets import open_dataset
-from g2d.data.splits import load_split, split_ids, write_split
+from g2d.data.labelled import object_cxr, rsna, siim
+from g2d.data.labelled.dataset import collate_labelled
+from g2d.data.labelled.specs import open_dataset
+from g2d.data.labelled.splits import load_split, split_ids, write_split
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import DataError
 

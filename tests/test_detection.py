@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from g2d.downstream import protocol
 from g2d.downstream import detection as det
+from g2d.downstream import protocol
 from g2d.downstream.common import load_image_tower
 from g2d.downstream.yolo import (
     COCO_ANCHORS,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from g2d.cli import main
-from g2d.data.sets import open_dataset, parse_spec
+from g2d.data.labelled.specs import open_dataset, parse_spec
 from g2d.errors import DataError
 
 
@@ -116,7 +116,7 @@ def test_prompt_builder_refuses_double_negatives(tmp_path):
 def _tiny_siim(root, n_train=8, n_pos=2):
     """A SIIM folder of ids from the shipped split table: train n_pos positives + the rest negative,
     val and test 2 each (one positive), 64 px PNGs with RLE masks (field case 04)."""
-    from g2d.data.splits import load_split
+    from g2d.data.labelled.splits import load_split
 
     t = load_split("siim")
 
@@ -167,7 +167,7 @@ def test_siim_segmentation_trains_on_the_balanced_set(tmp_path, monkeypatch, mod
 
 
 def test_siim_balanced_fraction_is_taken_from_the_balanced_set(tmp_path):
-    from g2d.data.siim import balance_train
+    from g2d.data.labelled.siim import balance_train
 
     _tiny_siim(tmp_path / "siim", n_train=8, n_pos=4)
     full = open_dataset(f"siim:{tmp_path / 'siim'}?label_size=image", "train", max_skip_fraction=1.0)
@@ -222,7 +222,7 @@ def test_dicom_voi_window_spreads_the_tissue(tmp_path, photometric):
 
 
 def _rsna(root, size, box, pid=None):
-    from g2d.data.splits import load_split
+    from g2d.data.labelled.splits import load_split
 
     t = load_split("rsna")
     pid = pid or sorted(k for k, v in t.items() if v[0] == "test")[0]
@@ -371,7 +371,6 @@ def test_model_identity_follows_the_weight_files(tmp_path):
 def test_inference_sees_the_pixels_of_training(tmp_path, augment):
     """For each augmentation recipe, the eval/inference geometry of a model gives the pixels its
     training transform gives without the random augmentation (the release resizes to a square)."""
-    import argparse
     from types import SimpleNamespace
 
     from g2d.config import get_config

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from g2d.downstream import protocol
-from g2d.downstream import features, finetune, linear_probe
+from g2d.downstream import features, finetune, linear_probe, protocol
 from g2d.losses import masked_bce
 from g2d.metrics import auroc_per_class, is_multiclass
 

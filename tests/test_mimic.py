@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from g2d.data.mimic import METADATA_FILE, SPLIT_FILE, MimicPrepareCfg, prepare_mimic
-from g2d.data.pairs import collate_pairs
-from g2d.data.text import count_tokens, extract_sections, pretrain_text
+from g2d.data.pretraining.mimic import METADATA_FILE, SPLIT_FILE, MimicPrepareCfg, prepare_mimic
+from g2d.data.pretraining.pairs import collate_pairs
+from g2d.data.pretraining.text import count_tokens, extract_sections, pretrain_text
 from g2d.errors import DataError
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_prepare_filters_and_report(store) -> None:
 
 
 def test_store_reads_back_resized(store, mimic_raw) -> None:
-    from g2d.data.shards import ShardedPairs
+    from g2d.data.pretraining.shards import ShardedPairs
 
     out, _ = store
     ds = ShardedPairs(out, "train")
@@ -266,7 +266,7 @@ def test_reports_folder_gives_the_same_store(store, tmp_path) -> None:
 
 
 def test_resume_and_idempotence(mimic_raw, tmp_path, monkeypatch) -> None:
-    import g2d.data.mimic as mimic
+    import g2d.data.pretraining.mimic as mimic
 
     out = tmp_path / "store"
     prepare_mimic(_cfg(mimic_raw, out))
@@ -324,7 +324,7 @@ def test_cli_prepare_mimic(mimic_raw, tmp_path, capsys) -> None:
     assert args.run(args) == 0
     printed = capsys.readouterr().out
     assert '"train": 2' in printed and '"validate": 1' in printed and "mimic:" in printed
-    from g2d.data.shards import ShardedPairs
+    from g2d.data.pretraining.shards import ShardedPairs
 
     im = ShardedPairs(tmp_path / "s", "validate").image(0)
     assert im.format == "PNG" and min(im.size) == 48

@@ -1,4 +1,4 @@
-"""Tests for g2d.data.pairs, g2d.data.transforms and g2d.data.text."""
+"""Tests for g2d.data.pretraining.pairs, g2d.data.transforms and g2d.data.text."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from g2d.data.pairs import ImageTextPairs, PairsCfg, collate_pairs
-from g2d.data.text import clean_report, release_text
+from g2d.data.pretraining.pairs import ImageTextPairs, PairsCfg, collate_pairs
+from g2d.data.pretraining.text import clean_report, release_text
 from g2d.data.transforms import (
     ImageTransformCfg,
     build_transform,

@@ -439,8 +439,8 @@ def test_saved_config_loads_where_its_training_data_is_absent(small_csv):
 
 
 def test_fractions_and_missing_folders_of_labelled_sets_fail_first(tmp_path):
-    from g2d.data.sets import open_dataset
-    from g2d.data.splits import check_fraction
+    from g2d.data.labelled.specs import open_dataset
+    from g2d.data.labelled.splits import check_fraction
     from g2d.errors import DataError
 
     for bad in (0, -0.1, 1.5):

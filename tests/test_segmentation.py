@@ -192,7 +192,7 @@ def test_train_encoder_trains_it():
 
 @pytest.mark.slow
 def test_jsrt_lungs_beat_trivial_predictions(jsrt_dir, tmp_path):
-    pytest.importorskip("g2d.data.labelled_csv")
+    pytest.importorskip("g2d.data.labelled.csv_table")
     cases = sorted(p.name for p in (jsrt_dir / "images").glob("*.png"))[:20]
     assert len(cases) == 20
     # paths relative to the CSV (the reader's convention): link the set's folders next to it
@@ -213,7 +213,7 @@ def test_jsrt_lungs_beat_trivial_predictions(jsrt_dir, tmp_path):
     assert (m["n_train"], m["n_val"], m["n_test"]) == (14, 2, 4)
     # trivial baselines: all background scores 0 on these non-empty masks; all foreground scores
     # 2|T| / (|T| + S^2) per image
-    from g2d.data.sets import open_dataset
+    from g2d.data.labelled.specs import open_dataset
 
     test = open_dataset(f"csv:{table}", "test", 1.0, seg.square_geometry(64))
     masks = torch.stack([test[i]["mask"] for i in range(len(test))])

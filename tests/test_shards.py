@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from g2d.data.pairs import collate_pairs
-from g2d.data.shards import (
+from g2d.data.pretraining.pairs import collate_pairs
+from g2d.data.pretraining.shards import (
     INDEX_DTYPE,
     ShardedPairs,
     encode_image,

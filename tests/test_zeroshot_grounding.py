@@ -6,13 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from g2d.downstream import protocol
-from g2d.data.labelled import LabelledCXR, Record
-from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
 from g2d import metrics
-from g2d.downstream import grounding, zeroshot
-from g2d.inference import zeroshot as zs
+from g2d.data.labelled.dataset import LabelledCXR, Record
+from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
+from g2d.downstream import grounding, protocol, zeroshot
 from g2d.errors import ConfigError, DataError
+from g2d.inference import zeroshot as zs
 from g2d.inference.grounding import binarize, to_original
 from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 

@@ -30,7 +30,7 @@ import torch
 
 from g2d.attention_diagnostics import collect_attention, diagnose_attention
 from g2d.config import G2DConfig, get_config
-from g2d.data.splits import fraction_count
+from g2d.data.labelled.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
 from g2d.downstream import protocol
 from g2d.downstream.common import write_json

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import yaml
 
 from g2d.config import get_config
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.specs import open_dataset
 from g2d.downstream import protocol
 from g2d.downstream.protocol import ProtocolArgs
 from g2d.fingerprint import dataset_identity, digest, model_identity

@@ -41,7 +41,7 @@ def _add_mimic(sub: argparse._SubParsersAction) -> None:
 
 def run_mimic(args: argparse.Namespace) -> int:
     """Run ``g2d prepare mimic``; prints the report's counts. Exit code 0."""
-    from g2d.data.mimic import MimicPrepareCfg, prepare_mimic
+    from g2d.data.pretraining.mimic import MimicPrepareCfg, prepare_mimic
 
     cfg = MimicPrepareCfg(root=args.root, reports=args.reports, out=args.out, splits=args.splits,
                           views=args.views, min_tokens=args.min_tokens, text_recipe=args.text_recipe,

@@ -23,8 +23,8 @@ from g2d.attention_diagnostics import (
     collect_attention,
     diagnose_attention,
 )
-from g2d.data.labelled import BoxMask
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.dataset import BoxMask
+from g2d.data.labelled.specs import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
     check_split,

@@ -14,7 +14,6 @@ Two test numbers: ``map`` over every test image, and ``map_mgca`` over the image
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,17 +19,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from g2d.downstream.protocol import GeometryArgs
 from g2d.checkpoint import atomic_write
-from g2d.data.labelled import collate_labelled
+from g2d.data.labelled.dataset import collate_labelled
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.downstream.common import Frozen, ImageTower
+from g2d.downstream.protocol import GeometryArgs
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
 
-__all__ = ["geometry_from_args", "make_loader", "POOLINGS", "extract_features",
-           "cached_features", "model_key", "default_cache_dir", "auroc_per_class", "auroc_undefined",
-           "is_multiclass", "progress_bar", "label_tasks", "geometry_source"]
+__all__ = ["geometry_from_args", "make_loader", "POOLINGS", "extract_features", "cached_features", "model_key",
+           "default_cache_dir", "progress_bar", "label_tasks", "geometry_source"]
 
 log = logging.getLogger("g2d.downstream")
 

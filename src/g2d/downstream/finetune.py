@@ -13,7 +13,6 @@ when validation improves, ``OUT/checkpoints/best.pt``, atomically; rerunning the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from g2d.checkpoint import load_checkpoint, save_checkpoint
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (

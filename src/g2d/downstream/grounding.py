@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from g2d.data.images import read_image
-from g2d.data.labelled import BoxMask, LabelledCXR, labels_at
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.dataset import BoxMask, LabelledCXR, labels_at
+from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (

@@ -18,7 +18,6 @@ Choices (see docs/eval-recognition.md):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.specs import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
     cached_features,

@@ -66,7 +66,7 @@ class ProtocolArgs:
 
     def __post_init__(self) -> None:
         if self.labels:
-            from g2d.data.sets import with_options
+            from g2d.data.labelled.specs import with_options
 
             self.data, self.labels = with_options(self.data, labels=self.labels), None
 

@@ -15,7 +15,6 @@ shared with :mod:`g2d.downstream.detection`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -31,8 +30,8 @@ import torchvision
 from torch import Tensor, nn
 
 from g2d.checkpoint import load_checkpoint, save_checkpoint
-from g2d.data.labelled import collate_labelled
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.dataset import collate_labelled
+from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.common import (
     Frozen,
@@ -160,7 +159,7 @@ def open_splits(args: DenseArgs) -> dict[str, Any]:
     splits = {s: open_dataset(args.data, s, args.fraction if s == "train" and not balance else 1.0, geom)
               for s in ("train", "val", "test")}
     if balance:
-        from g2d.data.siim import balance_train
+        from g2d.data.labelled.siim import balance_train
 
         splits["train"] = balance_train(splits["train"], args.fraction)
     return splits

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from g2d.data.sets import open_dataset
+from g2d.data.labelled.specs import open_dataset
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
     check_split,

@@ -20,12 +20,12 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
 
         return SyntheticCXR(SyntheticCXRCfg(num_samples=data.synthetic_samples, image_size=size,
                                             seed=data.synthetic_seed))
-    from g2d.data.pairs import ImageTextPairs, PairsCfg
+    from g2d.data.pretraining.pairs import ImageTextPairs, PairsCfg
     from g2d.data.transforms import ImageTransformCfg, build_transform
 
     tf = build_transform(ImageTransformCfg(resize=data.resize, crop=size, augment=data.augment), train)
     if data.spec.startswith("mimic:"):
-        from g2d.data.shards import ShardedPairs
+        from g2d.data.pretraining.shards import ShardedPairs
 
         return ShardedPairs(data.spec[len("mimic:"):], split="train", transform=tf)
     return ImageTextPairs(PairsCfg(path=data.spec[4:], image_col=data.image_col, text_col=data.text_col,

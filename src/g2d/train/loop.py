@@ -24,7 +24,7 @@ from g2d.attention_diagnostics import (
 )
 from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
-from g2d.data.pairs import collate_pairs
+from g2d.data.pretraining.pairs import collate_pairs
 from g2d.errors import DataError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from g2d.data.chexpert import carve_by_patient
-from g2d.data.labelled import Record, SkipLog
+from g2d.data.labelled.chexpert import carve_by_patient
+from g2d.data.labelled.dataset import Record, SkipLog
 from g2d.errors import DataError
 
 __all__ = ["read_covidx", "CLASSES", "SPLIT_TABLE", "SPLIT_SEED", "VAL_SHARE"]

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from g2d.data.labelled import Record, SkipLog
+from g2d.data.labelled.dataset import Record, SkipLog
 from g2d.errors import DataError
 
 __all__ = ["read_chexpert", "make_split", "carve_by_patient", "SPLIT_TABLE", "SPLIT_SEED", "COMPETITION",

@@ -1,123 +1,16 @@
-"""Deterministic synthetic chest radiographs with matching free-text reports.
-
-This is the embedded default data set: it needs no download, so demos, tests and small-scale
-reproductions of every downstream task (retrieval, zero-shot classification, segmentation,
-detection) run anywhere.  Each sample is a frontal (PA) chest radiograph "in spirit"
-(body outline, shoulders, two lungs with ribs and vascular markings, mediastinum, spine,
-trachea, clavicles, heart, diaphragm domes, gastric bubble) with 0..``max_findings`` findings
-that are *visible* in the image and *named* in the report, so an image-text model can learn
-the association from a few hundred pairs.
-
-Conventions and documented choices
-----------------------------------
-* Radiological orientation: the patient's right is on the image's LEFT.  The heart therefore
-  sits right of the image midline; a "right upper zone" finding lies in the image's left half.
-* Lung locations use radiographic *zones* (upper / mid / lower thirds of each lung field by
-  height) rather than lobes, because the left lung has no middle lobe: ``"right mid zone"``
-  and ``"left mid zone"`` are both valid.  Effusions live at a ``"... base"`` (costophrenic
-  angle), pneumothoraces at an ``"... apex"``, cardiomegaly at ``"heart"``.  The canonical
-  location string always appears verbatim in the report sentence of its finding.
-* Sample ``i`` depends only on ``(seed, i)`` via ``numpy.random.default_rng([seed, i])``; the
-  per-sample generator is split into independent streams (findings / anatomy / noise / text),
-  so forcing a different finding list with :func:`render_sample` keeps the same anatomy and
-  noise, which lets tests compare a finding against the identical normal chest.
-* Boxes are tight, in continuous pixel coordinates with pixel ``j`` covering ``[j, j+1)``:
-  ``(x_min, y_min, x_max + 1, y_max + 1)`` of the finding's mask pixels.
-* Images are float32 in ``[0, 1]``, shape ``[1, S, S]``; all masks are float32 0/1 ``[1, S, S]``.
-  Besides the documented keys, items carry ``"heart"`` (heart mask above the diaphragm) and
-  ``"finding_masks"`` (``[N, S, S]``, one mask per finding, same order as ``boxes``).
-* The cardiomegaly mask is the heart region (cardiothoracic ratio > 0.5; normal hearts < 0.5).
-* Report size words follow the rendered size ("small"/"moderate" effusion and pneumothorax,
-  "mild"/"moderate" cardiomegaly); ~30 % of studies are normal and end with a
-  "No acute cardiopulmonary ..." impression.  Sentences that mention an absent finding always
-  contain one of ``NEGATION_CUES``; sentences stating a finding never do.
-* Rendering is vectorised numpy, evaluating small structures only inside windows:
-  roughly 200 images/s at 224 px on one CPU core.
-"""
+"""Rendering a synthetic radiograph: anatomy on a canvas, findings drawn into it, masks and boxes."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = [
-    "FINDINGS",
-    "LOCATIONS",
-    "FINDING_LOCATIONS",
-    "FINDING_TERMS",
-    "NEGATION_CUES",
-    "SyntheticCXRCfg",
-    "SyntheticCXR",
-    "render_sample",
-    "make_report",
-    "prompt_for",
-    "collate_samples",
-]
-
-FINDINGS: tuple[str, ...] = ("opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly")
-
-_ZONES = tuple(f"{side} {level} zone" for side in ("right", "left") for level in ("upper", "mid", "lower"))
-LOCATIONS: tuple[str, ...] = (*_ZONES, "right apex", "left apex", "right base", "left base", "heart")
-
-# Which locations each finding may occur at.
-FINDING_LOCATIONS: dict[str, tuple[str, ...]] = {
-    "opacity": _ZONES,
-    "nodule": _ZONES,
-    "effusion": ("right base", "left base"),
-    "pneumothorax": ("right apex", "left apex"),
-    "cardiomegaly": ("heart",),
-}
-
-# Lower-case substrings by which a report sentence refers to a finding (positively or
-# negatively).  Every report sentence that contains one of them and also a NEGATION_CUE is a
-# negative statement; positive statements never contain a negation cue.
-FINDING_TERMS: dict[str, tuple[str, ...]] = {
-    "opacity": ("opacity", "consolidation"),
-    "nodule": ("nodule", "nodular"),
-    "effusion": ("effusion",),
-    "pneumothorax": ("pneumothorax",),
-    "cardiomegaly": ("cardiomegaly", "enlarged"),
-}
-NEGATION_CUES: tuple[str, ...] = ("no ", "not ", "normal", "without")
-
-# Relative frequency of each finding type among abnormal samples.
-_FINDING_WEIGHTS = np.array([0.30, 0.20, 0.20, 0.15, 0.15])
-
-
-@dataclass(frozen=True)
-class SyntheticCXRCfg:
-    """Configuration of :class:`SyntheticCXR`.
-
-    Attributes:
-        num_samples: data set length.
-        image_size: side ``S`` of the square images, rendered directly at this size.
-        seed: data set seed; sample ``i`` depends only on ``(seed, i)``.
-        normal_fraction: probability that a sample has no finding.
-        max_findings: maximum number of (distinct-type) findings per abnormal sample.
-    """
-
-    num_samples: int = 512
-    image_size: int = 224
-    seed: int = 0
-    normal_fraction: float = 0.3
-    max_findings: int = 2
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 0:
-            raise ValueError("num_samples must be >= 0")
-        if self.image_size < 32:
-            raise ValueError("image_size must be >= 32")
-        if not 0.0 <= self.normal_fraction <= 1.0:
-            raise ValueError("normal_fraction must be in [0, 1]")
-        if not 0 <= self.max_findings <= len(FINDINGS):
-            raise ValueError(f"max_findings must be in [0, {len(FINDINGS)}]")
-
+from g2d.data.synthetic.findings import FINDINGS, SyntheticCXRCfg, choose_findings, validate_findings
+from g2d.data.synthetic.reports import make_report
 
 # --------------------------------------------------------------------------- helpers
 
@@ -396,42 +289,6 @@ def _anatomy_fields(a: dict[str, float], cv: _Canvas, heart_scale: float) -> dic
     }
 
 
-# --------------------------------------------------------------------------- findings
-
-
-def _choose_findings(rng: np.random.Generator, cfg: SyntheticCXRCfg) -> list[tuple[str, str]]:
-    if cfg.max_findings == 0 or rng.random() < cfg.normal_fraction:
-        return []
-    n = 1 if cfg.max_findings == 1 or rng.random() < 0.6 else int(rng.integers(2, cfg.max_findings + 1))
-    # Weighted sampling of n distinct types (rng.choice with p= is needlessly slow here).
-    weights = _FINDING_WEIGHTS.copy()
-    types = []
-    for _ in range(n):
-        t = int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(), side="right"))
-        t = min(t, len(FINDINGS) - 1)
-        types.append(t)
-        weights[t] = 0.0
-    out = []
-    for t in sorted(types):
-        f = FINDINGS[t]
-        locs = FINDING_LOCATIONS[f]
-        out.append((f, locs[int(rng.integers(len(locs)))]))
-    return out
-
-
-def _validate_findings(findings: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    out = []
-    for f, loc in findings:
-        if f not in FINDINGS:
-            raise ValueError(f"unknown finding {f!r}; expected one of {FINDINGS}")
-        if loc not in FINDING_LOCATIONS[f]:
-            raise ValueError(f"location {loc!r} invalid for {f!r}; expected one of {FINDING_LOCATIONS[f]}")
-        out.append((str(f), str(loc)))
-    if len({f for f, _ in out}) != len(out):
-        raise ValueError("findings must have distinct types")
-    return out
-
-
 def _pick_point(
     rng: np.random.Generator, lung_sd: np.ndarray, side: np.ndarray, loc: str, margin: float, avoid: np.ndarray
 ) -> tuple[int, int] | None:
@@ -486,9 +343,9 @@ def render_sample(
     """
     S = cfg.image_size
     r_find, r_anat, r_noise, r_text = _child_rngs(rng, 4)
-    chosen = _choose_findings(r_find, cfg)
+    chosen = choose_findings(r_find, cfg)
     if findings is not None:
-        chosen = _validate_findings(findings)
+        chosen = validate_findings(findings)
     kinds = {fd for fd, _ in chosen}
     heart_scale = float(r_find.uniform(1.4, 1.6)) if "cardiomegaly" in kinds else 1.0
     # Size words in the report follow the rendered size, so they are learnable too.
@@ -689,184 +546,3 @@ def render_sample(
         "heart": t(heart),
         "finding_masks": torch.from_numpy(np.stack(masks).astype(np.float32)) if masks else torch.zeros(0, S, S),
     }
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
-
-
-def _positive_sentence(rng: np.random.Generator, finding: str, loc: str, size: str) -> str:
-    side = loc.split()[0]
-    if finding == "opacity":
-        term = _pick(rng, ("opacity", "airspace opacity", "consolidation", "airspace consolidation"))
-        adj = _pick(rng, ("", "patchy ", "focal ", "hazy "))
-        return _pick(rng, (
-            f"There is {adj}{term} in the {loc}.",
-            f"{_cap(adj + term)} is seen in the {loc}.",
-            f"{_cap(adj + term)} in the {loc}, concerning for pneumonia.",
-            f"The {loc} demonstrates {adj}{term}.",
-        ))
-    if finding == "nodule":
-        term = _pick(rng, ("nodule", "pulmonary nodule", "nodular density"))
-        adj = _pick(rng, ("", "small ", "well-circumscribed ", "rounded "))
-        return _pick(rng, (
-            f"There is a {adj}{term} in the {loc}.",
-            f"A {adj}{term} is noted in the {loc}.",
-            f"{_cap(adj + term)} projecting over the {loc}.",
-        ))
-    if finding == "effusion":
-        return _pick(rng, (
-            f"There is a {size} pleural effusion at the {loc}.",
-            f"{_cap(size)} {side} pleural effusion layering at the {loc}.",
-            f"Blunting of the {side} costophrenic angle at the {loc}, consistent with a {size} pleural effusion.",
-            f"Fluid at the {loc} compatible with a {size} {side} effusion.",
-        ))
-    if finding == "pneumothorax":
-        return _pick(rng, (
-            f"There is a {size} pneumothorax at the {loc}.",
-            f"{_cap(size)} {side} pneumothorax at the {loc}, with a visible pleural line.",
-            f"A visceral pleural line is seen at the {loc}, consistent with a {size} pneumothorax.",
-        ))
-    if finding == "cardiomegaly":
-        sev = size
-        return _pick(rng, (
-            f"The {loc} is {sev}ly enlarged.",
-            f"{_cap(sev)} cardiomegaly; the {loc} is enlarged.",
-            f"Enlarged {loc}, consistent with {sev} cardiomegaly.",
-            f"Cardiomegaly: the {loc} size is enlarged.",
-        ))
-    raise ValueError(f"unknown finding {finding!r}")
-
-
-def make_report(
-    rng: np.random.Generator,
-    findings: Sequence[tuple[str, str]],
-    severity: dict[str, str] | None = None,
-) -> str:
-    """Compose a short report naming each ``(finding, location)`` and some negatives.
-
-    ``severity`` maps a finding to its size word ("small"/"moderate"; "mild"/"moderate" for
-    cardiomegaly).  Positive sentences never contain a NEGATION_CUE; sentences mentioning an absent finding
-    always do.  Normal studies always end with a "No acute cardiopulmonary ..." impression.
-    """
-    severity = severity or {}
-    present = {f for f, _ in findings}
-    pos = [_positive_sentence(rng, f, loc, severity.get(f, "small" if f != "cardiomegaly" else "mild"))
-           for f, loc in findings]
-    neg: list[str] = []
-    if "opacity" not in present:
-        neg.append(_pick(rng, ("No focal consolidation.", "No airspace opacity is seen.", "There is no consolidation.")))
-    if "nodule" not in present:
-        neg.append(_pick(rng, ("No pulmonary nodules.", "No suspicious nodule is identified.", "There is no nodule.")))
-    if "effusion" not in present and "pneumothorax" not in present:
-        neg.append(_pick(rng, ("No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
-                               "No effusion or pneumothorax is seen.")))
-    elif "effusion" not in present:
-        neg.append(_pick(rng, ("No pleural effusion.", "There is no effusion.")))
-    elif "pneumothorax" not in present:
-        neg.append(_pick(rng, ("No pneumothorax.", "There is no pneumothorax.")))
-    if "cardiomegaly" not in present:
-        neg.append(_pick(rng, ("Heart size is normal.", "The heart is not enlarged.", "Normal heart size.",
-                               "The cardiomediastinal silhouette is normal.", "Cardiac silhouette within normal limits.")))
-    rng.shuffle(neg)
-    sentences: list[str] = []
-    if rng.random() < 0.35:
-        sentences.append(_pick(rng, ("PA view of the chest.", "Frontal chest radiograph.", "Single frontal view of the chest.")))
-    if not findings:
-        if rng.random() < 0.7:
-            sentences.append(_pick(rng, ("The lungs are clear.", "Lungs are well expanded and clear.", "Clear lungs.")))
-        sentences += neg[: max(2, len(neg) - int(rng.integers(0, 3)))]
-        sentences.append(_pick(rng, ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
-                                     "No acute cardiopulmonary disease.", "No acute cardiopulmonary findings.")))
-        return " ".join(sentences)
-    order = list(range(len(pos)))
-    rng.shuffle(order)
-    pos = [pos[i] for i in order]
-    keep_neg = [s for s in neg if rng.random() < 0.75]
-    sentences += pos + keep_neg if rng.random() < 0.8 else keep_neg + pos
-    return " ".join(sentences)
-
-
-def prompt_for(finding: str, location: str | None = None) -> str:
-    """Short canonical phrase for a finding (optionally at a location), as a report words it.
-
-    ``prompt_for("opacity", "right lower zone") == "opacity in the right lower zone"``.
-    ``finding="normal"`` gives ``"no acute cardiopulmonary process"`` (for zero-shot use).
-    """
-    if finding == "normal":
-        return "no acute cardiopulmonary process"
-    if finding not in FINDINGS:
-        raise ValueError(f"unknown finding {finding!r}; expected one of {FINDINGS} or 'normal'")
-    if location is not None and location not in FINDING_LOCATIONS[finding]:
-        raise ValueError(f"location {location!r} invalid for {finding!r}")
-    base = {"opacity": "opacity", "nodule": "nodule", "effusion": "pleural effusion",
-            "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly"}[finding]
-    if location is None:
-        return base
-    if finding in ("opacity", "nodule"):
-        return f"{base} in the {location}"
-    if finding == "cardiomegaly":
-        return "cardiomegaly, the heart is enlarged"
-    return f"{base} at the {location}"
-
-
-# --------------------------------------------------------------------------- dataset
-
-
-class SyntheticCXR(torch.utils.data.Dataset):
-    """Deterministic synthetic image-report data set; see the module docstring.
-
-    ``SyntheticCXR(cfg, **overrides)`` replaces fields of ``cfg`` (default
-    :class:`SyntheticCXRCfg`) by ``overrides``, e.g. ``SyntheticCXR(num_samples=64, seed=1)``.
-    Items are the dicts of :func:`render_sample` plus ``"index"``; batch them with
-    :func:`collate_samples`.
-    """
-
-    def __init__(self, cfg: SyntheticCXRCfg | None = None, **overrides: Any) -> None:
-        cfg = cfg if cfg is not None else SyntheticCXRCfg()
-        self.cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-    def __len__(self) -> int:
-        return self.cfg.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        out = render_sample(np.random.default_rng([self.cfg.seed, int(index)]), self.cfg)
-        out["index"] = int(index)
-        return out
-
-
-_LIST_KEYS = ("text", "findings", "boxes", "box_labels", "finding_masks")
-
-
-def collate_samples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of :class:`SyntheticCXR`.
-
-    Stacks tensors (``image``/``mask``/``body``/``lungs``/``heart`` -> ``[B, 1, S, S]``,
-    ``labels`` -> ``[B, len(FINDINGS)]``, ``index`` -> ``[B]`` int64) and keeps per-sample
-    lists for ``text``, ``findings``, ``boxes`` (``[N_i, 4]``), ``box_labels`` (``[N_i]``)
-    and ``finding_masks`` (``[N_i, S, S]``).
-    """
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        vals = [b[key] for b in batch]
-        if key in _LIST_KEYS:
-            out[key] = vals
-        elif key == "index":
-            out[key] = torch.tensor(vals, dtype=torch.int64)
-        elif isinstance(vals[0], torch.Tensor):
-            out[key] = torch.stack(vals)
-        else:
-            out[key] = vals
-    return out

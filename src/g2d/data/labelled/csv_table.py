@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from g2d.data.labelled import FileMask, Record, SkipLog, parse_label_size
+from g2d.data.labelled.dataset import FileMask, Record, SkipLog, parse_label_size
 from g2d.errors import DataError
 
 __all__ = ["read_labelled_csv", "UnionMask", "SPLIT_TABLE", "read_table", "parse_label", "TableRow"]

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from g2d.data.labelled import Record, SkipLog
-from g2d.data.splits import load_order, order_ranks
+from g2d.data.labelled.dataset import Record, SkipLog
+from g2d.data.labelled.splits import load_order, order_ranks
 from g2d.errors import DataError
 
 __all__ = ["read_cxr14", "make_split", "order_ids", "CLASSES", "SPLIT_TABLE", "ORDER_TABLE", "SPLIT_SEED",

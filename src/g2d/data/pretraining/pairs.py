@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from g2d.data.text import clean_report, is_missing_text
+from g2d.data.pretraining.text import clean_report, is_missing_text
 
 __all__ = ["PairsCfg", "ImageTextPairs", "collate_pairs"]
 

@@ -13,7 +13,7 @@ Specs (``PATH`` is the set's downloaded folder, laid out as published):
 ``synthetic[:N]``  the embedded synthetic set (N training images, default 256)
 =================  ==========================================================================
 
-Public sets use the split tables shipped in :mod:`g2d.data.splits`; ``csv:`` tables use their
+Public sets use the split tables shipped in :mod:`g2d.data.labelled.splits`; ``csv:`` tables use their
 ``split`` column, or else a seeded 70/15/15 split by patient (or image) id.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from g2d.data.labelled import LabelledCXR, Record, SkipLog
-from g2d.data.splits import (
+from g2d.data.labelled.dataset import LabelledCXR, Record, SkipLog
+from g2d.data.labelled.splits import (
     SPLITS,
     check_fraction,
     fraction_count,
@@ -50,13 +50,13 @@ log = logging.getLogger("g2d.data")
 # and each module names its shipped split table in ``SPLIT_TABLE`` (None: the records carry splits) and,
 # optionally, an order table in ``ORDER_TABLE`` that ranks the training ids for the label fractions.
 READERS: dict[str, str] = {
-    "siim": "g2d.data.siim:read_siim",
-    "rsna": "g2d.data.rsna:read_rsna",
-    "object-cxr": "g2d.data.object_cxr:read_object_cxr",
-    "chexpert": "g2d.data.chexpert:read_chexpert",
-    "cxr14": "g2d.data.cxr14:read_cxr14",
-    "covidx": "g2d.data.covidx:read_covidx",
-    "csv": "g2d.data.labelled_csv:read_labelled_csv",
+    "siim": "g2d.data.labelled.siim:read_siim",
+    "rsna": "g2d.data.labelled.rsna:read_rsna",
+    "object-cxr": "g2d.data.labelled.object_cxr:read_object_cxr",
+    "chexpert": "g2d.data.labelled.chexpert:read_chexpert",
+    "cxr14": "g2d.data.labelled.cxr14:read_cxr14",
+    "covidx": "g2d.data.labelled.covidx:read_covidx",
+    "csv": "g2d.data.labelled.csv_table:read_labelled_csv",
 }
 
 

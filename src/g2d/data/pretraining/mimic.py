@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from g2d.data.shards import (
+from g2d.data.pretraining.shards import (
     IMAGE_FORMATS,
     STORE_VERSION,
     encode_image,
@@ -61,7 +61,7 @@ from g2d.data.shards import (
     read_sidecar,
     write_shard,
 )
-from g2d.data.text import count_tokens, extract_sections, pretrain_text
+from g2d.data.pretraining.text import count_tokens, extract_sections, pretrain_text
 from g2d.errors import DataError
 from g2d.fingerprint import file_stamp
 
