@@ -3,10 +3,11 @@
 A small G2D model (the ``tiny`` preset: ResNet-18, a small random BERT, ``--size`` px) trains for
 ``--steps`` optimizer steps on the same global batch sequence, once in 1 process (``--threads``
 torch threads) and once in 2 gloo processes (``--mode split``, default: ``--threads`` / 2 threads
-each, so both runs use the same cores; ``--mode scale``: ``--threads`` each, twice the cores), each rank taking half of every global batch, through the trainer's own pieces
-(``compute_losses`` with gathered negatives, ``wrap_ddp``, the trainer's AdamW or SGD). Prints
-samples/s of each, the 2-process overhead, and the largest difference of loss and of any parameter
-between the two runs after the last step.
+each, so both runs use the same cores; ``--mode scale``: ``--threads`` each, twice the cores), each
+rank taking half of every global batch, through the trainer's own pieces (``compute_losses`` with
+gathered negatives, ``wrap_ddp``, the trainer's AdamW or SGD). Prints samples/s of each, the
+2-process overhead, and the largest difference of loss and of any parameter between the two runs
+after the last step.
 
 BatchNorm runs with its running statistics (eval mode) by default (``--bn eval``): with per-rank
 batch statistics (``--bn train``, as in real training, no SyncBatchNorm) the two runs legitimately

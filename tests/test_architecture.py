@@ -58,7 +58,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in _graph() if m != "g2d" and _layer(m) is None)
-    assert not unplaced, f"add these modules to a layer in tests/test_architecture.py and docs/architecture.md: {unplaced}"
+    assert not unplaced, f"place these modules in a layer (here and in docs/architecture.md): {unplaced}"
 
 
 def _upward(graph: dict[str, set[str]]) -> list[str]:

@@ -434,5 +434,5 @@ def test_runs_on_meta_tensors_so_no_host_reads(threshold, body, smooth, aggregat
     attn = torch.rand(4, 3, 7, 7, device="meta")
     masks = build_pseudo_masks(attn, torch.rand(4, 1, 224, 224, device="meta"), cfg)
     assert masks.device.type == "meta" and masks.shape == (4, 1 if aggregate else 3, 224, 224)
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, NotImplementedError)):
         attn.sum().item()  # the premise: reading a value back fails on meta

@@ -123,7 +123,8 @@ def test_pretrain_on_real_covid_notes(tiny_cfg, tmp_path, covid_notes_dir):
 
 def test_cli_pretrain_resume_and_overrides(tiny_text_dir, tmp_path):
     args = ["pretrain", "--preset", "tiny", "--out", str(tmp_path), "--max-steps", "2", "--no-progress",
-            "--batch-size", "4", f"model.text.model={tiny_text_dir}", "model.text.freeze_layers=1", "model.image_size=64",
+            "--batch-size", "4", f"model.text.model={tiny_text_dir}", "model.text.freeze_layers=1",
+            "model.image_size=64",
             "model.pool.width=48", "data.resize=64", "data.synthetic_samples=16", "train.warmup_steps=1"]
     assert main(args) == 0
     saved = (tmp_path / "config.yaml").read_text()

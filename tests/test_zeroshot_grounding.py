@@ -25,7 +25,8 @@ def tiny_model(tiny_text_dir, tmp_path_factory):
     from g2d.config import get_config
     from g2d.factory import create_model
 
-    cfg = get_config("tiny", {"model.text.model": str(tiny_text_dir), "model.text.freeze_layers": 1, "model.image_size": 64,
+    cfg = get_config("tiny", {"model.text.model": str(tiny_text_dir), "model.text.freeze_layers": 1,
+                              "model.image_size": 64,
                               "model.pool.width": 48, "data.resize": 64})
     torch.manual_seed(0)
     return export_model(create_model(cfg).eval(), cfg.to_dict(), tmp_path_factory.mktemp("tiny_g2d"))
@@ -90,7 +91,7 @@ def test_zeroshot_run_with_tiny_model(tiny_model, tmp_path):
         assert 0.0 <= saved[key] <= 1.0
         assert set(saved[f"{key}_per_class"]) == {"opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly"}
     assert saved["prompts"]["effusion"] == [["pleural effusion", "no pleural effusion"]]
-    oracle = zeroshot.run(protocol.parse("zeroshot", 
+    oracle = zeroshot.run(protocol.parse("zeroshot",
         ["--data", "synthetic:16", "--model", str(tiny_model), "--out", str(tmp_path / "oracle"),
          "--threshold", "test-max-f1", *COMMON]))
     assert "MedKLIP" in oracle["threshold_rule_description"] and oracle["auc"] == pytest.approx(m["auc"])
@@ -178,7 +179,7 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
     assert (tmp_path / "g" / "per_image.csv").read_text().startswith("id,prompt,recall")
 
     # --prompt overrides the record's prompt; random models are refused
-    grounding.run(protocol.parse("grounding", 
+    grounding.run(protocol.parse("grounding",
         ["--data", "csv:boxes.csv", "--model", str(tiny_model), "--out", str(tmp_path / "g2"),
          "--prompt", "consolidation", "--resize", "32", "--image-size", "32", *COMMON]))
     assert seen["prompts"] == ["consolidation"]
@@ -189,7 +190,7 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_grounding_on_synthetic_with_the_real_model(tiny_model, tmp_path):
-    m = grounding.run(protocol.parse("grounding", 
+    m = grounding.run(protocol.parse("grounding",
         ["--data", "synthetic:16", "--model", str(tiny_model), "--out", str(tmp_path), "--figures", "2", *COMMON]))
     assert m["images"] > 0 and all(0.0 <= m[k] <= 1.0 for k in ("recall", "iou", "dice", "pointing"))
     assert m["skipped"].get("negative_image", 0) > 0

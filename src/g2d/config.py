@@ -190,7 +190,7 @@ class G2DConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def validate(self, check_paths: bool = True) -> "G2DConfig":
+    def validate(self, check_paths: bool = True) -> G2DConfig:
         validate(self, check_paths)
         return self
 
@@ -469,7 +469,8 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     if not (data.spec == "synthetic" or data.spec.startswith(("csv:", "mimic:"))):
         raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic', 'csv:FILE' or 'mimic:DIR'")
     if check_paths and data.spec.startswith("mimic:") and not (Path(data.spec[6:]) / "manifest.csv.gz").is_file():
-        raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {data.spec[6:]}; run g2d prepare mimic")
+        raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {data.spec[6:]}; "
+                          "run g2d prepare mimic")
     if check_paths and data.spec.startswith("csv:") and not Path(data.spec[4:]).is_file():
         raise ConfigError(f"data.spec: CSV file not found: {data.spec[4:]}")
     if check_paths and data.spec.startswith("csv:") and data.image_dir is not None:

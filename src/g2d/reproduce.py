@@ -26,9 +26,10 @@ import logging
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -123,7 +124,7 @@ class Scale:
     name: str
     preset: str
     pretrain: dict[str, Any]
-    data: "_LazyFill"
+    data: _LazyFill
     eval_args: dict[str, dict[str, Any]]
     seeds: int | None = None
 

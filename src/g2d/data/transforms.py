@@ -35,8 +35,9 @@ back to the original image.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,8 +310,8 @@ def _resize_and_crop(x: Tensor, cfg: ImageTransformCfg) -> Tensor:
         # Bilinear with anti-aliasing: a triangle filter, so no overshoot beyond [0, 1].
         x = TF.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
     s = g["crop_hw"][0]
-    t, l = g["crop_top"], g["crop_left"]
-    return x[..., t:t + s, l:l + s]
+    top, left = g["crop_top"], g["crop_left"]
+    return x[..., top:top + s, left:left + s]
 
 
 # --------------------------------------------------------------------------------------------------

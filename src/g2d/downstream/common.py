@@ -39,7 +39,7 @@ class Frozen(nn.Module):
             p.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "Frozen":
+    def train(self, mode: bool = True) -> Frozen:
         super().train(mode)
         self.module.train(mode and self.update_bn)
         return self
@@ -145,6 +145,7 @@ def write_results(out_dir: str | Path, metrics: dict[str, Any], row: dict[str, A
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    md = "| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(fmt(v) for v in row.values()) + " |\n"
+    md = ("| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| "
+          + " | ".join(fmt(v) for v in row.values()) + " |\n")
     atomic_write(out / "results.md", lambda p: Path(p).write_text(md))
     return out / "metrics.json"

@@ -15,9 +15,10 @@ Two test numbers: ``map`` over every test image, and ``map_mgca`` over the image
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -194,7 +195,8 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
         "map_rule": "map: all test images; map_mgca: images without ground truth or without any detection "
                     "skipped, as MGCA's shared_step",
         "iou_thresholds": list(MAP_IOU_THRESHOLDS), "test_loss": test_loss,
-        "n_train": len(splits["train"]), "n_train_pos": positives(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "n_train": len(splits["train"]), "n_train_pos": positives(splits["train"]), "n_val": len(splits["val"]),
+        "n_test": len(splits["test"]),
         "epochs_run": fit.epoch, "best_epoch": fit.best_epoch, "best_val_map": fit.best_score,
         "stopped_early": fit.stopped_early, "resumed_from_epoch": fit.resumed_from,
         "batch_size": batch_size, "lr": lr, "history": fit.history, "figures": figures,

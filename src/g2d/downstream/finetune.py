@@ -58,7 +58,8 @@ class Args(GeometryArgs):
     lr: float = arg(0.0001)
     weight_decay: float = arg(0.01, help='AdamW weight decay (torch default)')
     patience: int = arg(10, help='early-stopping patience in epochs (0: off)')
-    augment: str = arg('none', help='training augmentation on the cropped image (g2d.data.transforms recipes)', choices=('none', 'paper', 'release'))
+    augment: str = arg('none', choices=('none', 'paper', 'release'),
+                       help='training augmentation on the cropped image (g2d.data.transforms recipes)')
     no_resume: bool = arg(False, help='ignore OUT/checkpoints/last.pt and start over')
     resize: int | None = arg(256, help="resize before the centre crop")
     image_size: int | None = arg(256, help="side of the centre crop fed to the model")

@@ -67,7 +67,9 @@ class Args(GeometryArgs):
     """``g2d eval grounding``: its flags are these fields (``--name-with-dashes``)."""
 
     prompt: str | None = arg(None, help='one prompt for every image (default: per record / per set)')
-    binarize: str = arg('minmax', help='minmax: normalise each map to [0, 1] and keep >= level; fixed: raw cosine > level; quantile: keep the top (1 - level) of pixels', choices=('minmax', 'fixed', 'quantile'))
+    binarize: str = arg('minmax', choices=('minmax', 'fixed', 'quantile'),
+                        help='minmax: normalise each map to [0, 1] and keep >= level; fixed: raw cosine > level; '
+                             'quantile: keep the top (1 - level) of pixels')
     level: float = arg(0.5)
     split: str = arg('test', choices=('train', 'val', 'test'))
     batch_size: int = arg(16)

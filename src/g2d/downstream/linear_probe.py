@@ -54,14 +54,19 @@ log = logging.getLogger("g2d.downstream")
 class Args(GeometryArgs):
     """``g2d eval linear``: its flags are these fields (``--name-with-dashes``)."""
 
-    pool: str = arg('gap', help="gap: global-average-pooled last ResNet stage (MGCA); embedding: G2D's attention-pooled projected embedding", choices=('gap', 'embedding'))
+    pool: str = arg('gap', choices=('gap', 'embedding'),
+                    help="gap: global-average-pooled last ResNet stage (MGCA); embedding: G2D's attention-pooled "
+                         'projected embedding')
     epochs: int = arg(50)
     batch_size: int = arg(8)
     lr: float = arg(0.0005)
     weight_decay: float = arg(1e-06)
     patience: int = arg(10, help='early-stopping patience in epochs (0: off)')
-    monitor: str = arg('metric', help='early stopping on validation AUROC/accuracy (metric) or loss (MGCA)', choices=('metric', 'loss'))
-    feature_cache: str | None = arg(None, help='folder of cached features (default $G2D_CACHE/features or ~/.cache/g2d/features)')
+    monitor: str = arg('metric', choices=('metric', 'loss'),
+                       help='early stopping on validation AUROC/accuracy (metric) or loss (MGCA)')
+    feature_cache: str | None = arg(None,
+                                    help='folder of cached features (default $G2D_CACHE/features or '
+                                         '~/.cache/g2d/features)')
     no_feature_cache: bool = arg(False, help='extract features in memory only')
     extract_batch_size: int = arg(64)
 

@@ -21,8 +21,8 @@ from dataclasses import MISSING, dataclass, field
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "DenseArgs", "arg", "add_flags", "parse", "make", "run", "module",
-           "key_fields"]
+__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "DenseArgs", "arg", "add_flags", "parse", "make", "run",
+           "module", "key_fields"]
 
 # name -> (module, one-line description): the protocols ``g2d eval`` runs
 PROTOCOLS: dict[str, tuple[str, str]] = {

@@ -19,9 +19,10 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,13 +60,18 @@ SEG_BATCH_SIZE = {"siim": 8, "rsna": 16}
 class Args(DenseArgs):
     """``g2d eval segmentation``: its flags are these fields (``--name-with-dashes``)."""
 
-    transfer: str = arg('encoder', help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder", choices=('encoder', 'encoder-decoder'))
+    transfer: str = arg('encoder', choices=('encoder', 'encoder-decoder'),
+                        help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder")
     batch_size: int | None = arg(None, help='default 8 for SIIM, 16 for RSNA, 8 otherwise')
     lr: float = arg(0.0002)
     train_encoder: bool = arg(False, help="train the encoder too (MedKLIP's setting)")
-    loss: str = arg('mixed', help="mixed: MGCA's 10*focal - log(soft Dice); dice-bce: BCE + (1 - soft Dice)", choices=('mixed', 'dice-bce'))
-    mgca_batch_size: int | None = arg(None, help='test batch size of the dice_mgca_batch_mean variant (default: --batch-size, as MGCA)')
-    siim_train: str = arg('balanced', help='SIIM only: train on every positive plus as many negatives (MGCA/GLoRIA, paper A.4.1; the fraction is taken from that set), or on the whole training split', choices=('balanced', 'all'))
+    loss: str = arg('mixed', choices=('mixed', 'dice-bce'),
+                    help="mixed: MGCA's 10*focal - log(soft Dice); dice-bce: BCE + (1 - soft Dice)")
+    mgca_batch_size: int | None = arg(None, help='test batch size of the dice_mgca_batch_mean variant '
+                                                 '(default: --batch-size, as MGCA)')
+    siim_train: str = arg('balanced', choices=('balanced', 'all'),
+                          help='SIIM only: train on every positive plus as many negatives (MGCA/GLoRIA, paper A.4.1; '
+                               'the fraction is taken from that set), or on the whole training split')
 
 
 # ------------------------------------------------------------------------------------------- model

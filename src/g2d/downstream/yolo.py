@@ -181,7 +181,9 @@ def yolo_loss(outputs: list[Tensor], boxes: list[Tensor], anchors: Tensor, image
         n = t.mask.numel()
         # BCE-with-logits weighted by the masks equals the reference's BCE(sigmoid(x) * mask, t * mask)
         # (masked-out cells contribute 0 either way) without its log(0) clamping.
-        bce = lambda x, y, m: F.binary_cross_entropy_with_logits(x, y, weight=m, reduction="sum") / n  # noqa: E731
+        def bce(x: Tensor, y: Tensor, m: Tensor, n: int = n) -> Tensor:
+            return F.binary_cross_entropy_with_logits(x, y, weight=m, reduction="sum") / n
+
         loss_xy = bce(p[..., 0], t.tx, t.mask) + bce(p[..., 1], t.ty, t.mask)
         loss_wh = (((p[..., 2] - t.tw) * t.mask) ** 2).sum() / n + (((p[..., 3] - t.th) * t.mask) ** 2).sum() / n
         loss_conf = bce(p[..., 4], t.mask, t.mask) + 0.5 * bce(p[..., 4], torch.zeros_like(t.mask), t.noobj)

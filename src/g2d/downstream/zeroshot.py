@@ -4,7 +4,8 @@ For each class ``k`` the image embedding is compared with the embeddings of a po
 (default ``"{finding}"``) and a negative prompt (``"no {finding}"``), both in the joint space (paper
 A.4.2); the probability of the class is the softmax over the two cosine similarities times the
 model's logit scale, ``p_k = softmax(s * [cos(v, l+), cos(v, l-)])[0]``. Prompt files are plain text
-(``src/g2d/inference/prompts/*.txt``; format in :func:`g2d.inference.zeroshot.load_prompts`); ``--prompts FILE`` uses yours.
+(``src/g2d/inference/prompts/*.txt``; format in :func:`g2d.inference.zeroshot.load_prompts`);
+``--prompts FILE`` uses yours.
 
 Metrics on the test split, per class and their mean: AUROC (threshold-free), F1 and accuracy at a
 per-class threshold chosen by ``--threshold``:
@@ -65,8 +66,11 @@ THRESHOLD_RULES = {
 class Args(GeometryArgs):
     """``g2d eval zeroshot``: its flags are these fields (``--name-with-dashes``)."""
 
-    prompts: str | None = arg(None, help='prompt file (CLASS<TAB>POSITIVE<TAB>NEGATIVE lines); default: the shipped default.txt')
-    threshold: str = arg('val', help="'val' (max F1 on the validation split), 'test-max-f1' (MedKLIP oracle) or a number")
+    prompts: str | None = arg(None,
+                              help='prompt file (CLASS<TAB>POSITIVE<TAB>NEGATIVE lines); default: the shipped '
+                                   'default.txt')
+    threshold: str = arg('val',
+                         help="'val' (max F1 on the validation split), 'test-max-f1' (MedKLIP oracle) or a number")
     batch_size: int = arg(64)
 
 

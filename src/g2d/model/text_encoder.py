@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ class TextEncoder(nn.Module):
     def _restore_grad(self, module: nn.Module, args):
         torch.set_grad_enabled(self._grad_mode)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         for module in self.frozen:  # frozen means frozen: no dropout, no statistics updates
             module.eval()

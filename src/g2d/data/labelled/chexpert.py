@@ -30,8 +30,9 @@ import gzip
 import logging
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -266,7 +267,7 @@ def make_split(label_file: Path) -> dict[str, str]:
     out = {i: ("val" if i in val else "train") for ids in groups.values() for i in ids}
     valid = label_file.with_name("valid.csv")
     if valid.is_file():
-        for rid, row, where in _rows(valid, skipped, frontal_only=True):
+        for rid, _row, where in _rows(valid, skipped, frontal_only=True):
             if rid in out:
                 raise DataError(f"chexpert: {where} is also in {label_file.name}")
             out[rid] = "test"

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -282,7 +283,7 @@ class LabelledCXR(torch.utils.data.Dataset):
         return np.stack([r.labels if r.labels is not None else np.full(k, np.nan, np.float32)
                          for r in self.records]) if self.records else np.zeros((0, k), np.float32)
 
-    def subset(self, ids: Sequence[str], name: str | None = None) -> "LabelledCXR":
+    def subset(self, ids: Sequence[str], name: str | None = None) -> LabelledCXR:
         """The records with these ids, in the given order; unknown ids are an error (no silent subsetting)."""
         by_id = {r.id: r for r in self.records}
         missing = [i for i in ids if i not in by_id]

@@ -46,10 +46,11 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import Image
 
@@ -128,8 +129,7 @@ def _read_gz_table(path: Path, needed: tuple[str, ...]) -> Iterator[tuple[int, d
             missing = [c for c in needed if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path.name}: missing columns {missing}; found {reader.fieldnames}")
-            for n, row in enumerate(reader, 1):
-                yield n, row
+            yield from enumerate(reader, 1)
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{path.name}: cannot read ({type(e).__name__}: {e})") from None
 

@@ -65,8 +65,8 @@ def clean_report(text: str | None) -> str:
     ``"FINDINGS"``; each becomes a sentence break so sections do not run together); drop MIMIC
     ``"___"`` blanks; collapse whitespace, which joins wrapped lines; split into sentences on periods
     (not the decimal point in ``"2.5"``); drop list markers and pieces that are only a number
-    (numbered lists ``"1." "2."``; ``"1) a 2) b"`` is split into items) or have no letter or digit; join with ``". "`` and end with a
-    period (a sentence already ending in ``?`` or ``!`` keeps its mark). Case is kept.
+    (numbered lists ``"1." "2."``; ``"1) a 2) b"`` is split into items) or have no letter or digit; join
+    with ``". "`` and end with a period (a sentence already ending in ``?`` or ``!`` keeps its mark). Case is kept.
 
     Args:
         text: the report; ``None``/NaN give ``""``.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,7 +226,8 @@ def _anatomy_fields(a: dict[str, float], cv: _Canvas, heart_scale: float) -> dic
     S = cv.size
     u, v, lat, side = cv.u, cv.v, cv.lat, cv.side
     # Body: neck + sloping shoulders + torso.
-    shoulder_v = 0.02 + a["shoulder"] * _smoothstep((lat - 0.06) * (1 / 0.16)) + 2.5 * np.square(np.maximum(lat - 0.28, 0.0))
+    shoulder_v = (0.02 + a["shoulder"] * _smoothstep((lat - 0.06) * (1 / 0.16))
+                  + 2.5 * np.square(np.maximum(lat - 0.28, 0.0)))
     torso_half = (a["torso_w"] + 0.04) - 0.04 * _lin((v - 0.1) * (1 / 0.35)) - 0.03 * _lin((v - 0.7) * (1 / 0.3))
     body_sd = np.maximum(shoulder_v - v, lat - torso_half)
 
@@ -426,7 +428,8 @@ def render_sample(
             # window relative to wl (wl contains every lung pixel and its ramp)
             rs = slice(max(wf[0].start, wl[0].start), min(wf[0].stop, wl[0].stop))
             cs = slice(max(wf[1].start, wl[1].start), min(wf[1].stop, wl[1].stop))
-            loc_w = (slice(rs.start - wl[0].start, rs.stop - wl[0].start), slice(cs.start - wl[1].start, cs.stop - wl[1].start))
+            loc_w = (slice(rs.start - wl[0].start, rs.stop - wl[0].start),
+                     slice(cs.start - wl[1].start, cs.stop - wl[1].start))
             du, dv = u[rs, cs] - cu, v[rs, cs] - cvv
             # no lung tissue in a pneumothorax gap / under fluid: keep the blob out of them
             ls_w = lung_s[loc_w] * (1.0 - np.maximum(ptx_soft[loc_w], fluid_soft[loc_w]))
@@ -435,7 +438,8 @@ def render_sample(
                 ang_o = np.arctan2(dv, du)
                 wob = 1.0
                 for k in (2, 3, 4):
-                    wob = wob + float(r_find.uniform(0.03, 0.09)) * np.cos(k * ang_o + float(r_find.uniform(0, 2 * np.pi)))
+                    amp = float(r_find.uniform(0.03, 0.09))
+                    wob = wob + amp * np.cos(k * ang_o + float(r_find.uniform(0, 2 * np.pi)))
                 rn = np.sqrt(du * du + dv * dv) / (radius * wob)
                 prof = _smoothstep((1.0 - rn) * 2.0) * (0.85 + 0.15 * np.clip(n1[loc_w], -1.5, 1.5))
                 amp = float(r_find.uniform(0.26, 0.34))
@@ -457,7 +461,8 @@ def render_sample(
             sd_side = np.where(sel, top - vl, np.float32(1.0))
             fluid = _ramp(sd_side, 3 * px) * lung_s
             fluid_soft = np.maximum(fluid_soft, fluid)
-            extra += fluid * (A["air"] * float(r_find.uniform(0.8, 0.95))) * (0.8 + 0.2 * _smoothstep((vl - top) * (1 / 0.06)))
+            extra += (fluid * (A["air"] * float(r_find.uniform(0.8, 0.95)))
+                      * (0.8 + 0.2 * _smoothstep((vl - top) * (1 / 0.06))))
             m[wl] = (sd_side < 0) & lungl
         elif fd == "pneumothorax":
             sel = sidel if loc.startswith("left") else ~sidel
@@ -500,7 +505,8 @@ def render_sample(
     D[ws] += (0.07 * _ramp(lat[ws] - 0.032, 1.5 * px)) * vert * body_s[ws]
     wt = cv.win(0.46, 0.54, -0.1, 0.36)
     vt = v[wt]
-    trachea = _ramp(lat[wt] - (0.013 + 0.01 * _smoothstep((vt - 0.26) * (1 / 0.08))), 1.5 * px) * _ramp(vt - 0.32, 4 * px)
+    trachea = (_ramp(lat[wt] - (0.013 + 0.01 * _smoothstep((vt - 0.26) * (1 / 0.08))), 1.5 * px)
+               * _ramp(vt - 0.32, 4 * px))
     D[wt] -= 0.12 * trachea * body_s[wt]
     # Clavicles: from the sternal end beside the trachea up and out to the shoulder.
     wc = cv.win(0.06, 0.94, A["clav_v"] - 0.14, A["clav_v"] + 0.03)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -79,7 +79,8 @@ def make_report(
            for f, loc in findings]
     neg: list[str] = []
     if "opacity" not in present:
-        neg.append(_pick(rng, ("No focal consolidation.", "No airspace opacity is seen.", "There is no consolidation.")))
+        neg.append(_pick(rng, ("No focal consolidation.", "No airspace opacity is seen.",
+                               "There is no consolidation.")))
     if "nodule" not in present:
         neg.append(_pick(rng, ("No pulmonary nodules.", "No suspicious nodule is identified.", "There is no nodule.")))
     if "effusion" not in present and "pneumothorax" not in present:
@@ -91,11 +92,13 @@ def make_report(
         neg.append(_pick(rng, ("No pneumothorax.", "There is no pneumothorax.")))
     if "cardiomegaly" not in present:
         neg.append(_pick(rng, ("Heart size is normal.", "The heart is not enlarged.", "Normal heart size.",
-                               "The cardiomediastinal silhouette is normal.", "Cardiac silhouette within normal limits.")))
+                               "The cardiomediastinal silhouette is normal.",
+                               "Cardiac silhouette within normal limits.")))
     rng.shuffle(neg)
     sentences: list[str] = []
     if rng.random() < 0.35:
-        sentences.append(_pick(rng, ("PA view of the chest.", "Frontal chest radiograph.", "Single frontal view of the chest.")))
+        sentences.append(_pick(rng, ("PA view of the chest.", "Frontal chest radiograph.",
+                                     "Single frontal view of the chest.")))
     if not findings:
         if rng.random() < 0.7:
             sentences.append(_pick(rng, ("The lungs are clear.", "Lungs are well expanded and clear.", "Clear lungs.")))
