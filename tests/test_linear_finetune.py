@@ -114,11 +114,10 @@ def test_finetune_resumes_deterministically(tmp_path):
     saved = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert saved["task"] == "finetune" and set(saved["auc_per_class"]) and 0.0 <= saved["auc"] <= 1.0
     assert saved["epochs_run"] == 2 and len(saved["history"]) == 2
-    assert (tmp_path / "full" / "checkpoints" / "last.pt").is_file()
-    assert (tmp_path / "full" / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "full" / "ckpt.pt").is_file()  # the harness's checkpoint (best state inside)
 
     finetune.run(_ft_args(tmp_path / "split", 1))                    # "interrupted" after one epoch
-    resumed = finetune.run(_ft_args(tmp_path / "split", 2))          # picks up last.pt, trains epoch 2
+    resumed = finetune.run(_ft_args(tmp_path / "split", 2))          # picks up ckpt.pt, trains epoch 2
     assert resumed["history"] == full["history"]
     assert resumed["auc"] == full["auc"] and resumed["auc_per_class"] == full["auc_per_class"]
 

@@ -42,7 +42,8 @@ from g2d.inference.retrieval import embed_pairs
 from g2d.metrics import dice_per_image, image_to_text_top1
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
-from g2d.train.loop import pretrain, seed_everything
+from g2d.seeding import seed_everything
+from g2d.train.loop import pretrain
 
 log = logging.getLogger("g2d.demo")
 

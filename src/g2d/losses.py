@@ -94,3 +94,9 @@ def masked_bce(logits: Tensor, labels: Tensor) -> Tensor:
     if not known.any():
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def classification_loss(logits: Tensor, y: Tensor, multiclass: bool) -> Tensor:
+    """Downstream classification: cross-entropy on one-hot rows (``multiclass``, e.g. COVIDx) or
+    BCE over the known labels (multi-label sets with NaN for unknown)."""
+    return F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)

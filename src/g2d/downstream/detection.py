@@ -24,18 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from g2d.downstream.common import Frozen, write_results
+from g2d.downstream.harness import Fit, batches, finished_metrics, make_loader, shuffled_loader
 from g2d.downstream.protocol import DenseArgs, arg
 from g2d.downstream.segmentation import (
-    DenseFit,
-    batches,
     dataset_name,
-    finished_metrics,
     input_identity,
-    make_loader,
     make_optimizer,
     open_splits,
     positives,
-    shuffled_loader,
     skip_counts,
     start_dense_run,
 )
@@ -174,7 +170,7 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     model = Detector(tower.encoder, tower.encoder.channels, args.image_size, args.train_encoder,
                      args.update_bn, head_width=args.head_width).to(device)
     optimizer = make_optimizer(model, lr, args.weight_decay)
-    fit = DenseFit(model, optimizer, out, signature, args.epochs, args.patience, progress)
+    fit = Fit(model, optimizer, out, signature, args.epochs, args.patience, progress)
     fit.resume()
     val_loader = make_loader(splits["val"], batch_size, args.num_workers)
 

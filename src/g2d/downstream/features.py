@@ -14,21 +14,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from g2d.checkpoint import atomic_write
-from g2d.data.labelled.dataset import collate_labelled
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.downstream.common import Frozen, ImageTower
+from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
 
-__all__ = ["geometry_from_args", "make_loader", "POOLINGS", "extract_features", "cached_features", "model_key",
-           "default_cache_dir", "progress_bar", "label_tasks", "geometry_source"]
+__all__ = ["geometry_from_args", "POOLINGS", "extract_features", "cached_features", "model_key",
+           "default_cache_dir", "label_tasks", "geometry_source"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -56,26 +55,6 @@ def geometry_source(args: GeometryArgs, tower: ImageTower | None = None) -> str:
     if any(v is not None for v in defaults):
         return "protocol"
     return "model" if tower is not None and tower.model is not None else "default"
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-
-
-def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A loader with :func:`collate_labelled` (drops unreadable images) and a seeded order."""
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=collate_labelled, generator=gen, worker_init_fn=_seed_worker,
-                      drop_last=drop_last, persistent_workers=False)
-
-
-def progress_bar(it: Any, total: int | None, desc: str, disable: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------- features

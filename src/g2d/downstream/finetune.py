@@ -6,8 +6,8 @@ trained. Defaults from the paper: images resized to 256 x 256 (``--square``, no 
 BCE on known labels only (NaN labels are ignored per class in the loss and the AUROC); single-label
 one-hot sets use cross-entropy and also report accuracy. Test uses the best validation epoch.
 
-Every epoch writes ``OUT/checkpoints/last.pt`` (model, optimizer, RNG, early-stopping state) and,
-when validation improves, ``OUT/checkpoints/best.pt``, atomically; rerunning the same command resumes
+Every epoch writes ``OUT/ckpt.pt`` (model, optimizer, RNG, early-stopping state, best state) atomically
+through the protocols' harness (:class:`g2d.downstream.harness.Fit`); rerunning the same command resumes
 (``--no-resume`` starts over). With a seed, CPU runs are deterministic, resumed or not.
 """
 
@@ -21,26 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.checkpoint import load_checkpoint, save_checkpoint
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.common import load_image_tower, resolve_device, write_results
-from g2d.downstream.features import (
-    check_split,
-    geometry_from_args,
-    geometry_source,
-    label_tasks,
-    make_loader,
-    progress_bar,
-)
+from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
+from g2d.downstream.harness import Fit, make_loader, progress_bar
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
-from g2d.errors import DataError
 from g2d.fingerprint import dataset_identity, digest, model_identity
-from g2d.losses import masked_bce
+from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
 
@@ -60,7 +51,7 @@ class Args(GeometryArgs):
     patience: int = arg(10, help='early-stopping patience in epochs (0: off)')
     augment: str = arg('none', choices=('none', 'paper', 'release'),
                        help='training augmentation on the cropped image (g2d.data.transforms recipes)')
-    no_resume: bool = arg(False, help='ignore OUT/checkpoints/last.pt and start over')
+    no_resume: bool = arg(False, help='ignore OUT/ckpt.pt and start over')
     resize: int | None = arg(256, help="resize before the centre crop")
     image_size: int | None = arg(256, help="side of the centre crop fed to the model")
     square: bool | None = arg(True, help="resize both sides (aspect ratio not kept)")
@@ -121,82 +112,45 @@ def run(args: Args) -> dict[str, Any]:
         augment = build_transform(ImageTransformCfg(resize=geom.crop, crop=geom.crop, augment=args.augment),
                                   train=True).augment
 
-    out = Path(args.out)
-    last, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    sig = _signature(args, geom)
-    # the content behind the arguments: a checkpoint of other images or weights is not resumed
-    inputs = digest([model_identity(str(args.model)), *(dataset_identity(d) for d in (train_ds, val_ds, test_ds))])
-    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad": 0, "done": False,
-                             "history": []}
-    ckpt = load_checkpoint(last) if last.is_file() and not args.no_resume else None
-    if ckpt is not None and ckpt.get("signature") != sig:
-        raise DataError(f"{last} belongs to a run with other settings; use another --out or --no-resume")
-    if ckpt is not None and ckpt.get("inputs") != inputs:
-        log.warning("%s was written for other images or weights: starting anew", last)
-        ckpt = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        log.info("resumed %s after epoch %d", last, state["epoch"])
-
+    # settings a checkpoint must share, plus the content behind them (Fit starts anew, with a warning,
+    # when only the images or weights changed)
+    signature = {"settings": _signature(args, geom), "model_id": model_identity(str(args.model)),
+                 "data_id": digest([dataset_identity(d) for d in (train_ds, val_ds, test_ds)])}
+    progress = not args.no_progress
+    fit = Fit(model, opt, Path(args.out), signature, args.epochs, args.patience, progress)
+    if not args.no_resume:
+        fit.resume()
     # BatchNorm in train mode cannot take a batch of one image
     drop_last = len(train_ds) > args.batch_size
-    progress = not args.no_progress
-    while not state["done"] and state["epoch"] < args.epochs:
-        epoch = state["epoch"] + 1
-        model.train()
-        # the order depends on (seed, epoch) only, so a resumed run sees the same batches
-        loader = make_loader(train_ds, args.batch_size, args.num_workers, shuffle=True,
-                             seed=args.seed * 100_003 + epoch, drop_last=drop_last)
-        total, steps = 0.0, 0
-        bar = progress_bar(loader, len(loader), f"finetune {epoch}/{args.epochs}", not progress)
-        for batch in bar:
-            if batch is None:
-                continue
-            x, y = batch["image"].to(device), batch["labels"].to(device)
-            if augment is not None:
-                x = torch.stack([augment(xi) for xi in x])
-            logits = model(x)
-            loss = F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-            if progress:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def train_loader(epoch: int) -> Any:  # the order depends on (seed, epoch) only
+        return make_loader(train_ds, args.batch_size, args.num_workers, shuffle=True,
+                           seed=args.seed * 100_003 + epoch + 1, drop_last=drop_last)
+
+    def batch_loss(batch: dict[str, Any]) -> Tensor:
+        x, y = batch["image"].to(device), batch["labels"].to(device)
+        if augment is not None:
+            x = torch.stack([augment(xi) for xi in x])
+        return classification_loss(model(x), y, multiclass)
+
+    def validate() -> tuple[float, float]:
         scores, labels = _predict(model, make_loader(val_ds, args.batch_size, args.num_workers), multiclass,
                                   device, progress, "val")
         m = evaluate_scores(scores, labels, tasks, multiclass)
         metric = m["acc"] if multiclass else m["auc"]
-        score = -math.inf if math.isnan(metric) else metric
-        state["history"].append({"epoch": epoch, "train_loss": total / max(steps, 1), "val": metric})
-        state["epoch"] = epoch
-        if score > state["best_score"] or state["best_epoch"] == 0:
-            state.update(best_score=score, best_epoch=epoch, bad=0)
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "signature": sig, "inputs": inputs},
-                            best_path)
-        else:
-            state["bad"] += 1
-            if args.patience and state["bad"] >= args.patience:
-                state["done"] = True
-                log.info("early stop after epoch %d (best %d)", epoch, state["best_epoch"])
-        log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, total / max(steps, 1),
-                 "acc" if multiclass else "auc", metric)
-        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                         "state": state, "signature": sig, "inputs": inputs}, last)
+        return (-math.inf if math.isnan(metric) else metric), 0.0
 
-    best = load_checkpoint(best_path) if best_path.is_file() else None
-    if best is not None and best.get("inputs") == inputs:  # never a best model of other inputs
-        model.load_state_dict(best["model"])
+    fit.fit(train_loader, batch_loss, validate, "finetune")
+    fit.load_best()
+    history = [{"epoch": h["epoch"], "train_loss": h["train_loss"],
+                "val": h["val_score"] if math.isfinite(h["val_score"]) else math.nan} for h in fit.history]
     scores, labels = _predict(model, make_loader(test_ds, args.batch_size, args.num_workers), multiclass,
                               device, progress, "test")
     test = evaluate_scores(scores, labels, tasks, multiclass)
     metrics: dict[str, Any] = {
         "task": "finetune", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
         "type": "multiclass" if multiclass else "multilabel", **test,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "history": state["history"],
+        "best_epoch": fit.best_epoch, "epochs_run": fit.epoch, "history": history,
         "n_train": len(train_ds), "n_val": len(val_ds), "n_test": int(len(labels)),
         "skipped": {"train": train_ds.skipped.total, "val": val_ds.skipped.total, "test": test_ds.skipped.total},
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),

@@ -18,15 +18,14 @@ Choices (see docs/eval-recognition.md):
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from g2d.data.labelled.specs import open_dataset
@@ -40,9 +39,10 @@ from g2d.downstream.features import (
     label_tasks,
     model_key,
 )
+from g2d.downstream.harness import Fit
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.errors import DataError
-from g2d.losses import masked_bce
+from g2d.losses import classification_loss
 from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean
 
 __all__ = ["run", "train_linear_head", "evaluate_scores"]
@@ -89,10 +89,6 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], mu
     return out
 
 
-def _loss(logits: Tensor, y: Tensor, multiclass: bool) -> Tensor:
-    return F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)
-
-
 def _probs(logits: Tensor, multiclass: bool) -> Tensor:
     return logits.softmax(1) if multiclass else logits.sigmoid()
 
@@ -101,45 +97,40 @@ def train_linear_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], 
                       multiclass: bool, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
                       patience: int, monitor: str, seed: int, device: torch.device
                       ) -> tuple[nn.Linear, dict[str, Any]]:
-    """Train ``Linear(D, K)`` on features ``[N, D]`` / labels ``[N, K]``; keep the best validation epoch.
+    """Train ``Linear(D, K)`` on features ``[N, D]`` / labels ``[N, K]`` with the protocols' harness
+    (:class:`g2d.downstream.harness.Fit`, in memory: the features are cached, so no checkpoint); keep
+    the best validation epoch.
 
-    :return: the best head (CPU) and a summary (best epoch, epochs run, best validation score).
+    :return: the best head (CPU) and a summary (best epoch, epochs run, its validation loss and metric).
     """
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xs, ys = train[0].to(device), train[1].to(device)
     xv, yv = val[0].to(device), val[1]
     head = nn.Linear(xs.shape[1], ys.shape[1]).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
-    bad, epoch = 0, 0
-    for epoch in range(1, epochs + 1):
-        head.train()
-        for idx in torch.randperm(len(xs), generator=g).split(batch_size):
-            loss = _loss(head(xs[idx]), ys[idx], multiclass)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        head.eval()
+    fit = Fit(head, opt, None, {}, epochs, patience, progress=False)
+    seen: dict[int, tuple[float, float]] = {}  # epoch -> (validation loss, metric)
+
+    def train_batches(epoch: int) -> Iterable[dict[str, Tensor]]:  # the order depends on (seed, epoch) only
+        order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return ({"image": xs[idx], "labels": ys[idx]} for idx in order.split(batch_size))
+
+    def validate() -> tuple[float, float]:
         with torch.no_grad():
             logits = head(xv)
-            val_loss = _loss(logits, yv.to(device), multiclass).item()
+            val_loss = classification_loss(logits, yv.to(device), multiclass).item()
         m = evaluate_scores(_probs(logits, multiclass).cpu().numpy(), yv.numpy(), tasks, multiclass)
         metric = m["acc"] if multiclass else m["auc"]
+        seen[fit.epoch + 1] = (val_loss, metric)
         # a validation split with one label value has no AUROC: fall back to the loss
-        score = -val_loss if monitor == "loss" or math.isnan(metric) else metric
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(head.state_dict()),
-                    "val_loss": val_loss, "val_metric": metric}
-            bad = 0
-        else:
-            bad += 1
-            if patience and bad >= patience:
-                log.info("early stop after epoch %d (best %d)", epoch, best["epoch"])
-                break
-    head.load_state_dict(best["state"])
-    return head.cpu(), {"best_epoch": best["epoch"], "epochs_run": epoch,
-                        "val_loss": best.get("val_loss", math.nan), "val_metric": best.get("val_metric", math.nan)}
+        return (-val_loss if monitor == "loss" or math.isnan(metric) else metric), val_loss
+
+    fit.fit(train_batches, lambda b: classification_loss(head(b["image"]), b["labels"], multiclass), validate,
+            "linear")
+    fit.load_best()
+    val_loss, val_metric = seen.get(fit.best_epoch, (math.nan, math.nan))
+    return head.cpu(), {"best_epoch": fit.best_epoch, "epochs_run": fit.epoch, "val_loss": val_loss,
+                        "val_metric": val_metric}
 
 
 def _features(args: Args, tower, split: str, geom, device) -> tuple[Tensor, Tensor, Any]:

@@ -29,6 +29,7 @@ from g2d.errors import DataError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
 from g2d.objective import compute_losses
+from g2d.seeding import seed_everything
 from g2d.train.data import (
     EpochSampler,
     SeededSamples,
@@ -94,12 +95,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _autocast(cfg: G2DConfig, device: torch.device):
