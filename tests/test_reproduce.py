@@ -332,3 +332,35 @@ def test_gates_must_name_columns_of_their_table(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match="gate 'g' names columns \\['b'\\]"):
         load_experiment(path)
+
+
+def test_a_cell_reruns_when_its_prompt_file_changes(tmp_path):
+    """The prompt file's text is part of a zero-shot cell's inputs, like its data and model files."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("*\tthere is {finding}\tno {finding}\n")
+    exp = Experiment("zs", "ZS", [Column("auc", "zeroshot", "syn", "auc", 1.0, {"prompts": str(prompts)})],
+                     [Row("mine", model="random")], seeds=1)
+    calls = []
+
+    def task(name, args):
+        calls.append(args.prompts)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"auc": 0.5 + 0.1 * len(calls)}))
+
+    scale = Scale("s", "tiny", {}, _LazyFill({"syn": "synthetic:16"}, lambda v: v), {}, 1)
+    Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    assert len(calls) == 1
+    prompts.write_text("*\tthere is a {finding}\tthere is no {finding}\n")
+    again = Runner(exp, scale, tmp_path / "out", progress=False, run_task=task).run()
+    assert len(calls) == 2 and again[0].values == [70.0]
+
+
+def test_shipped_synthetic_prompts_name_every_location_the_reports_use():
+    from g2d.data.synthetic import FINDING_LOCATIONS, FINDINGS
+    from g2d.inference.zeroshot import class_prompts, load_prompts
+
+    table = class_prompts(list(FINDINGS), load_prompts("synthetic"))  # also checks every pair's polarity
+    for finding in ("opacity", "nodule", "effusion", "pneumothorax"):
+        named = {loc for loc in FINDING_LOCATIONS[finding] for pos, _ in table[finding] if loc in pos}
+        assert named == set(FINDING_LOCATIONS[finding]), finding

@@ -335,7 +335,7 @@ class Runner:
         args = self.cell_args(row, col, model, seed, out=cell_dir)
         metrics_file = cell_dir / "metrics.json"
         inputs_file = cell_dir / "inputs.json"
-        inputs = self.input_identity(args.data, model)
+        inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")

@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "DenseArgs", "arg", "add_flags", "parse", "make", "run",
-           "module", "key_fields"]
+           "module", "key_fields", "content_inputs"]
 
 # name -> (module, one-line description): the protocols ``g2d eval`` runs
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -155,3 +155,16 @@ def run(name: str, args: ProtocolArgs) -> dict[str, Any]:
 def key_fields(args: ProtocolArgs) -> dict[str, Any]:
     """The fields that decide a result (display-only ones left out): what result stores key on."""
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in DISPLAY_ONLY}
+
+
+def content_inputs(args: ProtocolArgs) -> dict[str, str]:
+    """Content a result depends on beyond its fields, other than the data and the model (which
+    callers identify with :mod:`g2d.fingerprint`): the text of the prompt file a ``prompts`` field
+    names, so a result is not reused after the file (shipped or the user's) was edited."""
+    prompts = getattr(args, "prompts", MISSING)
+    if prompts is MISSING:
+        return {}
+    from g2d.fingerprint import digest
+    from g2d.inference.zeroshot import prompt_text
+
+    return {"prompts_id": digest(prompt_text(prompts)[0])}

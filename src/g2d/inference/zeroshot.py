@@ -16,11 +16,28 @@ from torch import Tensor
 from g2d.errors import DataError
 from g2d.model import G2DModel
 
-__all__ = ["load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores"]
+__all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores"]
 
 
 def _norm(name: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[_\-]", " ", name.strip().lower()))
+
+
+def prompt_text(path: str | Path | None = None) -> tuple[str, str]:
+    """The text of a prompt file and where it came from: ``None`` -> the shipped ``default.txt``; a bare
+    name like ``synthetic`` -> that shipped file; else a path. Result stores key on this text, so an
+    edited prompt file is never mistaken for the one a stored result used.
+
+    :raises FileNotFoundError: a path that is not a file.
+    """
+    if path is None or (isinstance(path, str) and re.fullmatch(r"[a-z0-9_]+", path) and not Path(path).exists()):
+        name = "default" if path is None else path
+        text = resources.files("g2d.inference").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+        return text, f"prompts/{name}.txt"
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    return p.read_text(encoding="utf-8"), str(p)
 
 
 def load_prompts(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
@@ -32,16 +49,7 @@ def load_prompts(path: str | Path | None = None) -> dict[str, list[tuple[str, st
 
     :return: normalised class name (or ``*``) -> list of (positive, negative) templates.
     """
-    if path is None or (isinstance(path, str) and re.fullmatch(r"[a-z0-9_]+", path)
-                        and not Path(path).exists()):
-        name = "default" if path is None else path
-        text = resources.files("g2d.inference").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
-        where = f"prompts/{name}.txt"
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"prompt file not found: {p}")
-        text, where = p.read_text(encoding="utf-8"), str(p)
+    text, where = prompt_text(path)
     table: dict[str, list[tuple[str, str]]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
