@@ -173,7 +173,7 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
     masks = build_pseudo_masks(torch.cat([maps, prior], dim=1), images,
                                dataclasses.replace(cfg, aggregate_heads=False))
     scores = [_scores(maps[:, i], masks[:, i], masks[:, k + i], targets) for i in range(k)]
-    return AttentionDiagnostics(scores[-1], scores[:-1], n, tuple(attention.shape[-2:]))
+    return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]))
 
 
 @torch.no_grad()

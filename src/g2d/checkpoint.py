@@ -149,7 +149,7 @@ def export_model(model: nn.Module, cfg_dict: dict[str, Any], out_dir: str | Path
     text_dir = out_dir / EXPORT_TEXT_DIR
     if text_dir.exists():
         shutil.rmtree(text_dir)
-    text = model.text_encoder
+    text: Any = model.text_encoder
     text.tokenizer.save_pretrained(text_dir)
     text.backbone.config.save_pretrained(text_dir)
     return out_dir

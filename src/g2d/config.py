@@ -376,7 +376,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping")
-        obj = hint()
+        obj: Any = hint()  # type: ignore[operator]  # a dataclass type: every field has a default
         apply_overrides(obj, nested_to_dotted(value))
         return obj
     if origin is tuple:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -65,7 +65,7 @@ def grounding_panels(images: Tensor, heat: Tensor, targets: Tensor, prompts: Seq
     return _save(fig, path)
 
 
-def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "logged step"
+def loss_curves(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel: str = "logged step"
                 ) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():

@@ -75,7 +75,8 @@ def dataset_identity(ds: Any) -> str:
         source = getattr(ds, "source", None)
         cfg = getattr(source, "cfg", None)
         return digest([type(ds).__name__, getattr(ds, "name", ""), len(ds),
-                       dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)])
+                       dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+                       else repr(cfg)])
     rows = []
     for r in records:
         rows.append([r.id, file_stamp(r.image),

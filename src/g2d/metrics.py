@@ -245,6 +245,7 @@ def threshold_metrics(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[st
             accs[t] = _f1_acc(s, y, thr[t], strict=True)[1] if not math.isnan(thr[t]) else math.nan
             continue
         if rule == "val":
+            assert val_scores is not None and val_labels is not None, "rule 'val' needs validation scores"
             vk = ~np.isnan(val_labels[:, k])
             thr[t] = max_f1_threshold(val_scores[vk, k], val_labels[vk, k])[0]
             if math.isnan(thr[t]):

@@ -19,6 +19,7 @@ from torch import Tensor
 from g2d.config import G2DConfig
 from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
 from g2d.model import G2DModel
+from g2d.model.g2d import G2DOutput
 from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
 
 __all__ = ["StepLosses", "compute_losses", "pseudo_mask_targets"]
@@ -52,7 +53,7 @@ def pseudo_mask_targets(attention: Tensor, images: Tensor, cfg: G2DConfig,
 
 
 def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], cfg: G2DConfig, step: int,
-                   forward: Callable[..., object] | None = None, phase: Phase | None = None,
+                   forward: Callable[..., G2DOutput] | None = None, phase: Phase | None = None,
                    build_masks: MaskBuilder | None = None) -> StepLosses:
     """One pre-training forward and its losses: ``vla + w * pa`` with ``w = loss.pa_weight`` after
     ``loss.contrastive_only_steps`` (0 before: the decoder still runs, so DDP sees every parameter).
@@ -75,10 +76,12 @@ def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], c
     with phase("losses"):
         vla = contrastive_loss(out.image.embedding, out.text_embedding, out.logit_scale, cfg.loss)
         pa = fg = vla.new_zeros(())
+        logits = out.image.decoder_logits
         if mode == "reconstruction":
-            pa = reconstruction_loss(out.image.decoder_logits, images)
-        elif masks is not None:
-            pa, fg = pixel_alignment_loss(out.image.decoder_logits, masks, cfg.loss), masks.mean()
+            assert logits is not None
+            pa = reconstruction_loss(logits, images)
+        elif masks is not None and logits is not None:
+            pa, fg = pixel_alignment_loss(logits, masks, cfg.loss), masks.mean()
         pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
         with torch.no_grad():
             acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(

@@ -90,7 +90,7 @@ class Gate:
     times: float = 1.0
     plus: float = 0.0
 
-    def check(self, values: dict[str, float]) -> bool | None:
+    def check(self, values: dict[str, float | None]) -> bool | None:
         """``None`` when a value it needs is missing (not run or failed)."""
         v = values.get(self.column)
         if v is None or (self.than is not None and values.get(self.than) is None):
@@ -101,7 +101,7 @@ class Gate:
         if self.max is not None:
             ok &= v <= self.max
         if self.than is not None:
-            ok &= v >= self.times * values[self.than] + self.plus
+            ok &= v >= self.times * float(values[self.than] or 0.0) + self.plus
         return bool(ok)
 
 
@@ -155,7 +155,7 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     gates = [Gate(**g) for g in d.get("gates", [])]
     names = {c.name for c in cols}
     for g in gates:
-        missing = {g.column, g.than} - names - {None}
+        missing = {c for c in (g.column, g.than) if c is not None} - names
         if missing:
             raise ValueError(f"{p}: gate {g.name!r} names columns {sorted(missing)} the table does not have")
     return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)),
@@ -301,12 +301,12 @@ class Runner:
                         except Exception as e:  # a failed pre-training fails its row, not the table
                             log.error("pre-training of %r failed: %s", row.name, e)
                             models[row.name, pseed] = e
-                    model = models[row.name, pseed]
-                    if isinstance(model, Exception):
+                    built = models[row.name, pseed]
+                    if isinstance(built, Exception):
                         if seed == pseed:
-                            res.errors.append(f"pretrain (seed {pseed}): {model}")
+                            res.errors.append(f"pretrain (seed {pseed}): {built}")
                         continue
-                    self._run_cell(row, col, model, seed, res)
+                    self._run_cell(row, col, built, seed, res)
         return list(results.values())
 
     def input_identity(self, spec: str, model: str) -> dict[str, str]:

@@ -35,7 +35,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # type: ignore[no-redef]
     ds = pydicom.dcmread(str(path))
     arr = ds.pixel_array
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):

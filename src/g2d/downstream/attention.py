@@ -57,7 +57,8 @@ def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | Non
         return sample["mask"][0] > 0.5
     boxes = sample.get("boxes")
     if boxes is not None and len(boxes):
-        return torch.from_numpy(BoxMask(tuple(tuple(map(float, b)) for b in boxes.reshape(-1, 4)))(size))
+        rects = tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes.reshape(-1, 4))
+        return torch.from_numpy(BoxMask(rects)(size))
     return None
 
 

@@ -18,6 +18,7 @@ from g2d.checkpoint import atomic_write
 from g2d.config import ImageEncoderCfg
 from g2d.factory import create_image_encoder, load_model
 from g2d.model import G2DModel
+from g2d.model.decoder import UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
 
 __all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device", "write_results", "write_json", "strict_json",
@@ -61,7 +62,7 @@ class ImageTower:
     """
 
     encoder: ResNetEncoder
-    decoder: nn.Module | None
+    decoder: UNetDecoder | None
     model: G2DModel | None
     name: str
 

@@ -69,9 +69,10 @@ class Detector(nn.Module):
                  update_bn: bool = False, num_classes: int = 1, head_width: int = 1024) -> None:
         super().__init__()
         self.encoder = encoder if train_encoder else Frozen(encoder, update_bn)
-        self.head = YOLOv3Head(tuple(channels[2:5]), num_classes, width=head_width)
+        self.head = YOLOv3Head((channels[2], channels[3], channels[4]), num_classes, width=head_width)
         self.image_size, self.num_classes = image_size, num_classes
         self.encoder_changes = train_encoder or update_bn
+        self.anchors: Tensor  # a buffer: the anchors in pixels of this image size
         self.register_buffer("anchors", scaled_anchors(image_size), persistent=False)
 
     def forward(self, images: Tensor) -> list[Tensor]:

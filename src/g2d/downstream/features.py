@@ -76,7 +76,7 @@ def extract_features(tower: ImageTower, ds: Dataset, pooling: str, device: torch
     if pooling == "embedding" and tower.model is None:
         raise ValueError("--pool embedding needs a G2D model (--model PATH); 'random'/'imagenet' have none")
     encoder = Frozen(tower.encoder).to(device)  # eval mode: BatchNorm statistics are not touched
-    model = tower.model.to(device).eval() if pooling == "embedding" else None
+    model = tower.model.to(device).eval() if pooling == "embedding" and tower.model is not None else None
     ids: list[str] = []
     feats: list[Tensor] = []
     loader = make_loader(ds, batch_size, num_workers)

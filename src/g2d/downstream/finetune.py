@@ -79,7 +79,7 @@ def _signature(args: Args, geom: ImageTransformCfg) -> str:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, loader, multiclass: bool, device: torch.device, progress: bool,
+def _predict(model: Classifier, loader, multiclass: bool, device: torch.device, progress: bool,
              desc: str) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     scores, labels = [], []
@@ -109,7 +109,8 @@ def run(args: Args) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     augment = None
     if args.augment != "none":
-        augment = build_transform(ImageTransformCfg(resize=geom.crop, crop=geom.crop, augment=args.augment),
+        augment = build_transform(ImageTransformCfg(resize=geom.output_size, crop=geom.output_size,
+                                                    augment=args.augment),
                                   train=True).augment
 
     # settings a checkpoint must share, plus the content behind them (Fit starts anew, with a warning,

@@ -79,7 +79,7 @@ def ground_truth_original(ds: Any, sample: dict[str, Any], index: int) -> np.nda
         if mask is not None:
             return mask
         if boxes is not None and len(boxes):
-            return BoxMask(tuple(tuple(map(float, b)) for b in boxes))(hw)
+            return BoxMask(tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes))(hw)
         return np.zeros(hw, bool)
     # sets generated at the output size (synthetic): the sample's own mask is the original
     return sample["mask"][0].numpy() > 0.5
@@ -121,7 +121,7 @@ def run(args: Args) -> dict[str, Any]:
     default = _default_prompt(args, ds)
     # a set rendered at the output size has no resize/crop to undo
     out_geom = geom_cfg if isinstance(ds, LabelledCXR) else ImageTransformCfg(
-        resize=geom_cfg.crop, crop=geom_cfg.crop, augment="none")
+        resize=geom_cfg.output_size, crop=geom_cfg.output_size, augment="none")
     out = Path(args.out)
     skipped: Counter[str] = Counter()
     per_image: list[dict[str, Any]] = []
@@ -150,12 +150,12 @@ def run(args: Args) -> dict[str, Any]:
         for k, j in enumerate(keep):
             geom = eval_geometry(batch["orig_hw"][j], out_geom)
             heat = to_original(dense[k], geom)                                  # [H, W], NaN outside crop
-            truth = torch.from_numpy(truths[k])[None]
+            target = torch.from_numpy(truths[k])[None]
             pred = binarize(heat[None], args.level, args.binarize)
             rec = {"id": batch["id"][j], "prompt": prompts[k],
-                   "recall": float(recall_per_image(pred, truth)[0]), "iou": float(iou_per_image(pred, truth)[0]),
-                   "dice": float(dice_per_image(pred, truth)[0]),
-                   "pointing": float(pointing_game(heat[None], truth)[0])}
+                   "recall": float(recall_per_image(pred, target)[0]), "iou": float(iou_per_image(pred, target)[0]),
+                   "dice": float(dice_per_image(pred, target)[0]),
+                   "pointing": float(pointing_game(heat[None], target)[0])}
             per_image.append(rec)
             if panels < args.figures:
                 from g2d.figures import grounding_panels
@@ -163,7 +163,7 @@ def run(args: Args) -> dict[str, Any]:
                 index = batch["index"][j]
                 img = (torch.from_numpy(read_image(ds.records[index].image)) if isinstance(ds, LabelledCXR)
                        else batch["image"][j, 0])
-                grounding_panels(img[None, None], heat[None], truth.float(), [prompts[k]],
+                grounding_panels(img[None, None], heat[None], target.float(), [prompts[k]],
                                  out / "figures" / f"grounding_{panels:02d}.png")
                 panels += 1
     if not per_image:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from g2d.data.labelled import LabelledCXR
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.common import (
@@ -108,7 +109,7 @@ def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = Fals
         decoder = copy.deepcopy(tower.decoder)
     else:
         raise ValueError(f"--transfer must be 'encoder' or 'encoder-decoder', got {transfer!r}")
-    width = decoder.blocks[-1].conv2[0].out_channels
+    width = decoder.channels[-1]
     return UNet(encoder, decoder, SegmentationHead(width, 1), train_encoder, update_bn)
 
 
@@ -165,7 +166,9 @@ def open_splits(args: DenseArgs) -> dict[str, Any]:
     if balance:
         from g2d.data.labelled.siim import balance_train
 
-        splits["train"] = balance_train(splits["train"], args.fraction)
+        train = splits["train"]
+        assert isinstance(train, LabelledCXR)  # SIIM is read from files, never generated
+        splits["train"] = balance_train(train, args.fraction)
     return splits
 
 

@@ -44,7 +44,8 @@ class AttentionPool2d(nn.Module):
         self.k = nn.Linear(in_dim, width)
         self.v = nn.Linear(in_dim, width)
         self.out = nn.Linear(width, out_dim)
-        self.norm = nn.LayerNorm(in_dim) if token_norm else None
+        self.norm: nn.LayerNorm | None = nn.LayerNorm(in_dim) if token_norm else None
+        self.position_mean: Tensor  # a buffer, with key_center
         self.key_center = key_center
         if key_center:
             self.register_buffer("position_mean", torch.zeros(spatial * spatial, in_dim))

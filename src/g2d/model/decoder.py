@@ -52,6 +52,7 @@ class UNetDecoder(nn.Module):
         skips = list(reversed(encoder_channels[:-1])) + [0]
         ins = [encoder_channels[-1], *channels[:-1]]
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, channels))
+        self.channels = tuple(channels)
         for m in self.modules():  # smp's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -71,5 +72,6 @@ class SegmentationHead(nn.Sequential):
     def __init__(self, cin: int, classes: int):
         conv = nn.Conv2d(cin, classes, 3, padding=1)
         nn.init.xavier_uniform_(conv.weight)
+        assert conv.bias is not None  # Conv2d's default
         nn.init.zeros_(conv.bias)
         super().__init__(conv)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.config import ModelCfg
+from g2d.config import G2DConfig, ModelCfg
 from g2d.model.attention_pool import AttentionPool2d
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.model.projector import Projector
 from g2d.model.text_encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from g2d.data.transforms import ImageTransformCfg
 
 
 @dataclass
@@ -54,6 +57,14 @@ class G2DModel(nn.Module):
 
     Build with :func:`g2d.create_model` or load a trained one with :func:`g2d.load_model`.
     """
+
+    # set by g2d.load_model: the full training config and its deterministic image geometry
+    config: G2DConfig
+    preprocess: ImageTransformCfg
+    pixel_proj: Projector | None
+    image_proj: Projector | None
+    decoder: UNetDecoder | None
+    segmentation_head: SegmentationHead | None
 
     def __init__(self, cfg: ModelCfg, text_backbone: nn.Module, tokenizer: Any,
                  temperature: float = 0.07, learnable_temperature: bool = False):
@@ -100,7 +111,7 @@ class G2DModel(nn.Module):
         pooled, attention = self.pool(self._dense_for_pool(features[-1]))
         emb = self.image_proj(pooled) if self.image_proj is not None else pooled
         logits = None
-        if decode and self.decoder is not None:
+        if decode and self.decoder is not None and self.segmentation_head is not None:
             logits = self.segmentation_head(self.decoder(features))
         return ImageOutput(F.normalize(emb, dim=-1) if normalize else emb, attention,
                            features[-1], features, logits)

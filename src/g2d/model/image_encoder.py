@@ -21,6 +21,9 @@ class ResNetEncoder(nn.Module):
     ``cfg.weights``.
     """
 
+    mean: Tensor  # buffers
+    std: Tensor
+
     def __init__(self, cfg: ImageEncoderCfg):
         super().__init__()
         net = getattr(torchvision.models, cfg.arch)(weights=None)

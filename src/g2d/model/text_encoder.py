@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +65,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
-def _find_layers(model: nn.Module) -> nn.ModuleList:
+def _find_layers(model: Any) -> nn.ModuleList:
     """The transformer's list of layers (BERT: ``encoder.layer``; DistilBERT: ``transformer.layer``)."""
     n = getattr(model.config, "num_hidden_layers", None)
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
-        mod = model
+        mod: Any = model
         for part in path.split("."):
             mod = getattr(mod, part, None)
             if mod is None:
@@ -91,11 +92,11 @@ class TextEncoder(nn.Module):
     pre-hook on the first trainable layer, which works for any model that calls its layers in order.
     """
 
-    def __init__(self, cfg: TextEncoderCfg, backbone: nn.Module, tokenizer):
+    def __init__(self, cfg: TextEncoderCfg, backbone: Any, tokenizer: Any):
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone
-        self.tokenizer = tokenizer
+        self.backbone: Any = backbone  # a Hugging Face model: its attributes are dynamic
+        self.tokenizer: Any = tokenizer
         self.hidden_size: int = backbone.config.hidden_size
         layers = _find_layers(backbone)
         if cfg.freeze_layers > len(layers):
@@ -170,7 +171,7 @@ class TextEncoder(nn.Module):
             return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
         return hidden[:, 0]
 
-    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+    def forward(self, tokens: dict[str, Any]) -> Tensor:
         """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...), optionally with
         the length-grouping plan of :meth:`tokenize`; each group runs padded to its own longest
         report (right padding, absolute positions: the same result as one padded batch).
@@ -194,7 +195,7 @@ def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_s
     Writes a regular Hugging Face directory (``config.json``, weights, tokenizer files).
     """
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -12,9 +12,13 @@ from torch.utils.data import Dataset, Sampler
 from g2d.config import G2DConfig
 
 
-def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
+def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Any:
     """The image-text dataset named by ``cfg.data.spec``: "synthetic", "csv:FILE" (an image-text
-    table) or "mimic:DIR" (a store written by ``g2d prepare mimic``; its ``train`` split)."""
+    table) or "mimic:DIR" (a store written by ``g2d prepare mimic``; its ``train`` split).
+
+    :return: a sized map-style dataset of ``{"image", "text"}`` samples (``SyntheticCXR``,
+        ``ImageTextPairs`` or ``ShardedPairs``; the latter two also report bad images).
+    """
     data, size = cfg.data, cfg.model.image_size
     if data.spec == "synthetic":
         from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
@@ -33,7 +37,7 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Dataset:
                                    image_dir=data.image_dir, max_skip_fraction=data.max_skip_fraction), tf)
 
 
-def dataset_texts(dataset: Dataset) -> list[str]:
+def dataset_texts(dataset: Any) -> list[str]:
     """All report texts of a pre-training dataset (to build the tiny preset's vocabulary)."""
     if callable(getattr(dataset, "text", None)):  # ImageTextPairs, ShardedPairs: no image decoding
         return [dataset.text(i) for i in range(len(dataset))]
@@ -74,7 +78,7 @@ class SeededSamples(Dataset):
     """Wrap a dataset so sample ``i`` of epoch ``e`` draws its random augmentation from a generator
     seeded by (seed, e, i): identical across worker counts, ranks and resumes."""
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Any, seed: int):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:

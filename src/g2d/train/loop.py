@@ -69,7 +69,7 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -123,7 +123,7 @@ def compile_model(model: G2DModel) -> None:
     """``train.compile``: compile the image encoder and decoder in place. The text tower stays
     eager (its frozen prefix switches grad mode inside the forward, which would break graphs)."""
     model.image_encoder.compile()
-    if model.decoder is not None:
+    if model.decoder is not None and model.segmentation_head is not None:
         model.decoder.compile()
         model.segmentation_head.compile()
 
@@ -174,7 +174,7 @@ class Pretrainer:
             torch.use_deterministic_algorithms(True)
 
         try:
-            self.dataset = build_pretrain_dataset(cfg, train=True)
+            self.dataset: Any = build_pretrain_dataset(cfg, train=True)
         except (ValueError, RuntimeError) as err:  # unreadable table, too many unusable rows
             raise DataError(f"data.spec: {' '.join(str(err).split())}") from None
         if len(self.dataset) < cfg.train.batch_size * d.world_size:
@@ -198,7 +198,7 @@ class Pretrainer:
         self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             compile_model(self.model)
-        self.forward = wrap_ddp(self.model, d.device) if d.distributed else self.model
+        self.forward: Any = wrap_ddp(self.model, d.device) if d.distributed else self.model
         # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
@@ -217,7 +217,7 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda"
                                            and cfg.train.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
-        self.probe = None
+        self.probe: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         if d.is_main and cfg.train.probe_every and cfg.data.spec == "synthetic":
             # held out: the generator's samples depend on (seed, index), so another seed is other images
             self.probe = synthetic_probe(cfg.train.probe_images, cfg.model.image_size,
@@ -230,6 +230,7 @@ class Pretrainer:
     def _run_probe(self) -> dict[str, float]:
         """Attention diagnostics of the head-mean map on the probe batch (main rank only; no
         collectives, eval mode, the model's mode restored)."""
+        assert self.probe is not None
         images, masks, _ = self.probe
         attention = collect_attention(self.model, images)
         diag = diagnose_attention(attention, images, masks, self.cfg.model.pseudo_mask)

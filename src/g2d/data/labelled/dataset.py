@@ -155,7 +155,7 @@ def labels_at(rec: Record, hw: tuple[int, int]) -> tuple[np.ndarray | None, np.n
         padded conversion, which cannot be undone), or a box lies wholly outside the image.
     """
     h, w = hw
-    space = tuple(rec.label_hw) if rec.label_hw else (h, w)
+    space: tuple[int, int] = (int(rec.label_hw[0]), int(rec.label_hw[1])) if rec.label_hw else (h, w)
     sy, sx = h / space[0], w / space[1]
     if abs(sy / sx - 1) > ASPECT_TOLERANCE:
         raise LabelSpaceError("label_space_mismatch",
@@ -163,7 +163,7 @@ def labels_at(rec: Record, hw: tuple[int, int]) -> tuple[np.ndarray | None, np.n
                               "another aspect ratio, so they cannot be rescaled")
     boxes = None
     if rec.boxes is not None:
-        boxes = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.float32([sx, sy, sx, sy])
+        boxes = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
         outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
         if outside.any():
             b = rec.boxes[int(np.flatnonzero(outside)[0])]
@@ -172,7 +172,7 @@ def labels_at(rec: Record, hw: tuple[int, int]) -> tuple[np.ndarray | None, np.n
                                                        if rec.label_hw else ""))
     mask = None
     if rec.mask is not None:
-        mask = np.asarray(rec.mask(space), bool)
+        mask = np.asarray(rec.mask(space)).astype(bool)
         if space != (h, w):
             t = torch.from_numpy(mask.astype(np.uint8))[None]
             mask = TF.resize(t, [h, w], interpolation=InterpolationMode.NEAREST_EXACT,
@@ -225,7 +225,7 @@ def _resize_mask(mask: np.ndarray, geom: dict[str, Any]) -> Tensor:
     return t[:, top:top + s, left:left + s].float()
 
 
-def boxes_to_output(boxes: np.ndarray, geom: dict[str, Any], min_side: float = 1.0) -> Tensor:
+def boxes_to_output(boxes: np.ndarray | None, geom: dict[str, Any], min_side: float = 1.0) -> Tensor:
     """Boxes in file pixels -> output pixels (scaled, shifted by the crop, clipped to the crop).
 
     Boxes left with a side shorter than ``min_side`` output pixels (cropped away) are dropped.

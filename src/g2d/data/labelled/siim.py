@@ -184,9 +184,9 @@ def read_siim(path: Path, label_file: str | None = None, label_size: str | int |
         if img is None:
             skipped.skip("missing_image", first_row[iid], f"no {iid}.dcm or .png under {path}")
             continue
-        runs = tuple(rles[iid])
-        records.append(Record(id=iid, image=str(img), labels=np.asarray([float(bool(runs))], np.float32),
-                              mask=RLEMask(runs, first_row[iid]), source=first_row[iid], label_hw=label_hw))
+        found: tuple[tuple[int, ...], ...] = tuple(rles[iid])
+        records.append(Record(id=iid, image=str(img), labels=np.asarray([float(bool(found))], np.float32),
+                              mask=RLEMask(found, first_row[iid]), source=first_row[iid], label_hw=label_hw))
     if not records:
         raise DataError(f"siim:{path}: no usable image ({skipped.summary()})")
     return records, list(TASKS), skipped

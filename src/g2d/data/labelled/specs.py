@@ -144,7 +144,7 @@ def with_options(spec: str, **opts: str | None) -> str:
 
 def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
                  geometry: ImageTransformCfg | None = None, *, split_seed: int = 0,
-                 max_skip_fraction: float = 0.1, **reader_opts: Any) -> LabelledCXR:
+                 max_skip_fraction: float = 0.1, **reader_opts: Any) -> LabelledCXR | SyntheticLabelled:
     """The ``split`` part of the set named by ``spec``, training ids cut to ``fraction``.
 
     ``spec`` may carry reader options after ``?`` (:func:`parse_spec`); ``reader_opts`` add to them.

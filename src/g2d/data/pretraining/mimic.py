@@ -355,7 +355,7 @@ def prepare_mimic(cfg: MimicPrepareCfg) -> dict[str, Any]:
     counts["corrupt_image"] = len(corrupt)
     _write_manifest(out, kept, stored)
 
-    report = {"rows": counts["rows"], "kept": kept_counts,
+    report: dict[str, Any] = {"rows": counts["rows"], "kept": kept_counts,
               "dropped": {r: counts[r] for r in DROP_REASONS}, "corrupt_images": sorted(corrupt),
               "settings": asdict(cfg)}
     (out / "report.json").write_text(json.dumps(report, indent=1))

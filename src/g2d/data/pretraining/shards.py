@@ -95,6 +95,7 @@ def encode_image(path: str | os.PathLike, image_size: int = 256, fmt: str = "png
         if im.format == "JPEG" and (h, w) != (h0, w0):
             im.draft("L" if im.mode == "L" else im.mode, (w, h))
         im.load()
+        gray: Image.Image
         if im.mode == "L":
             gray = im
         else:  # same conversion as the training transform (alpha, 16-bit, palette, RGB luma)

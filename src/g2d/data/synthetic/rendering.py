@@ -436,7 +436,7 @@ def render_sample(
             free_w = lungl[loc_w] & ~taken[rs, cs]
             if fd == "opacity":
                 ang_o = np.arctan2(dv, du)
-                wob = 1.0
+                wob: Any = 1.0  # becomes a map
                 for k in (2, 3, 4):
                     amp = float(r_find.uniform(0.03, 0.09))
                     wob = wob + amp * np.cos(k * ang_o + float(r_find.uniform(0, 2 * np.pi)))
