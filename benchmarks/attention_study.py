@@ -24,7 +24,7 @@ from g2d.attention_diagnostics import (
 )
 from g2d.config import apply_overrides, parse_overrides
 from g2d.demo import _held_out, demo_config, evaluate
-from g2d.downstream.common import write_json
+from g2d.downstream.results import write_json
 from g2d.factory import load_model
 from g2d.train.loop import pretrain
 

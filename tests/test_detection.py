@@ -9,7 +9,7 @@ import torch
 
 from g2d.downstream import detection as det
 from g2d.downstream import protocol
-from g2d.downstream.common import load_image_tower
+from g2d.downstream.towers import load_image_tower
 from g2d.downstream.yolo import (
     COCO_ANCHORS,
     STRIDES,

@@ -75,7 +75,7 @@ def test_spec_options_are_checked(one_class_table):
 
 
 def test_write_json_replaces_every_non_finite_value(tmp_path):
-    from g2d.downstream.common import write_json
+    from g2d.downstream.results import write_json
 
     write_json(tmp_path / "m.json", {"a": math.nan, "b": [1.0, math.inf], "c": {"d": math.nan},
                                      "undefined": {"c/d": "no positive image"}})
@@ -315,8 +315,8 @@ def _replace_image(path):
 
 def test_feature_cache_sees_an_image_replaced_in_place(tmp_path):
     from g2d.data.transforms import ImageTransformCfg
-    from g2d.downstream.common import load_image_tower
     from g2d.downstream.features import cached_features, extract_features
+    from g2d.downstream.towers import load_image_tower
 
     table = _images_table(tmp_path / "set")
     geom = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)

@@ -11,7 +11,7 @@ import torch
 
 from g2d.downstream import protocol
 from g2d.downstream import segmentation as seg
-from g2d.downstream.common import load_image_tower
+from g2d.downstream.towers import load_image_tower
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 
 BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--image-size", "64",

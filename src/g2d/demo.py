@@ -33,7 +33,7 @@ from g2d.config import G2DConfig, get_config
 from g2d.data.labelled.splits import fraction_count
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg, prompt_for
 from g2d.downstream import protocol
-from g2d.downstream.common import write_json
+from g2d.downstream.results import write_json
 from g2d.factory import create_model, load_model
 from g2d.figures import attention_panels, grounding_panels, loss_curves
 from g2d.fingerprint import model_identity

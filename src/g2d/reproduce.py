@@ -574,7 +574,7 @@ def pretrain_metrics(history: list[dict[str, float]], batch_size: int, tail: flo
 
 
 def _pretrain(cfg: Any, run_dir: Path, device: str, progress: bool) -> Path:
-    from g2d.downstream.common import write_json
+    from g2d.downstream.results import write_json
     from g2d.train.loop import pretrain
 
     result = pretrain(cfg, run_dir, resume="latest", progress=progress, device=device)

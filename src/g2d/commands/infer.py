@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from g2d.downstream.common import resolve_device
+    from g2d.downstream.towers import resolve_device
     from g2d.factory import load_model
 
     device = resolve_device(args.device)

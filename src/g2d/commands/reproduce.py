@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import platform
 
-    from g2d.downstream.common import run_info
+    from g2d.downstream.results import run_info
     from g2d.reproduce import Runner, load_experiment, load_scale, prepare_jsrt
 
     exp = load_experiment(args.table)

@@ -25,10 +25,11 @@ from g2d.attention_diagnostics import (
 )
 from g2d.data.labelled.dataset import BoxMask
 from g2d.data.labelled.specs import open_dataset
-from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
 from g2d.pseudo_mask import build_pseudo_masks

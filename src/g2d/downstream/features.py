@@ -20,9 +20,9 @@ from torch.utils.data import Dataset, Subset
 
 from g2d.checkpoint import atomic_write
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
-from g2d.downstream.common import Frozen, ImageTower
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
+from g2d.downstream.towers import Frozen, ImageTower
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
 

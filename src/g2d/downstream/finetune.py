@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
-from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
 from g2d.downstream.harness import Fit, make_loader, progress_bar
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass

@@ -37,10 +37,11 @@ from g2d.data.images import read_image
 from g2d.data.labelled.dataset import BoxMask, LabelledCXR, labels_at
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
-from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
 from g2d.inference.grounding import (

@@ -1,6 +1,6 @@
 """``g2d eval linear``: a linear classifier on frozen, pooled image features (paper A.4.3, MGCA protocol).
 
-The encoder is frozen in eval mode (:class:`g2d.downstream.common.Frozen`: no gradients, BatchNorm
+The encoder is frozen in eval mode (:class:`g2d.downstream.towers.Frozen`: no gradients, BatchNorm
 statistics untouched). Features are extracted once per image and cached (see
 :func:`g2d.downstream.features.cached_features`), so the head trains on a feature matrix.
 
@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from g2d.data.labelled.specs import open_dataset
-from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import (
     cached_features,
     check_split,
@@ -41,6 +40,8 @@ from g2d.downstream.features import (
 )
 from g2d.downstream.harness import Fit
 from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.errors import DataError
 from g2d.losses import classification_loss
 from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean

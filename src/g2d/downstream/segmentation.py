@@ -1,6 +1,6 @@
 """``g2d eval segmentation``: U-Net on the pre-trained encoder, scored by Dice (G2D A.4.1, MGCA protocol).
 
-The encoder is frozen - BatchNorm running statistics included (:class:`g2d.downstream.common.Frozen`);
+The encoder is frozen - BatchNorm running statistics included (:class:`g2d.downstream.towers.Frozen`);
 MGCA's "frozen" encoder still updates them, which ``--update-bn`` reproduces. ``--train-encoder`` is
 MedKLIP's setting (encoder trained too). ``--transfer encoder`` puts a new smp-style U-Net decoder
 (256, 128, 64, 32, 16) on the encoder; ``--transfer encoder-decoder`` starts from G2D's pre-trained
@@ -31,15 +31,10 @@ from torch import Tensor, nn
 from g2d.data.labelled import LabelledCXR
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg
-from g2d.downstream.common import (
-    Frozen,
-    ImageTower,
-    load_image_tower,
-    resolve_device,
-    write_results,
-)
 from g2d.downstream.harness import Fit, batches, finished_metrics, make_loader, shuffled_loader
 from g2d.downstream.protocol import DenseArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import Frozen, ImageTower, load_image_tower, resolve_device
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SegmentationHead, UNetDecoder
@@ -93,7 +88,7 @@ class UNet(nn.Module):
 
 def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = False,
                update_bn: bool = False) -> UNet:
-    """A U-Net on ``tower.encoder`` (a :class:`g2d.downstream.common.ImageTower`).
+    """A U-Net on ``tower.encoder`` (a :class:`g2d.downstream.towers.ImageTower`).
 
     ``transfer="encoder-decoder"`` copies ``tower.decoder`` (G2D's pre-trained decoder); the
     1-channel segmentation head is always new (the pre-trained head predicts pseudo masks).

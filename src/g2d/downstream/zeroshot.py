@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from g2d.data.labelled.specs import open_dataset
-from g2d.downstream.common import load_image_tower, resolve_device, write_results
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.results import write_results
+from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.errors import ConfigError, DataError
 from g2d.inference.zeroshot import (
     class_prompts,

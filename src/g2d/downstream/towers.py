@@ -1,0 +1,86 @@
+"""The model under test as the protocols see it: the image tower (encoder, decoder, whole model),
+frozen modules, devices."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from g2d.config import ImageEncoderCfg
+from g2d.factory import create_image_encoder, load_model
+from g2d.model import G2DModel
+from g2d.model.decoder import UNetDecoder
+from g2d.model.image_encoder import ResNetEncoder
+
+__all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device"]
+
+log = logging.getLogger("g2d.downstream")
+
+
+class Frozen(nn.Module):
+    """A module that stays frozen: no gradients, and eval mode (BatchNorm statistics included)
+    whatever ``.train()`` is called on a parent. Peers set ``requires_grad=False`` only, so their
+    "frozen" encoders still update BatchNorm running statistics; ``update_bn=True`` reproduces that.
+    """
+
+    def __init__(self, module: nn.Module, update_bn: bool = False) -> None:
+        super().__init__()
+        self.module, self.update_bn = module, update_bn
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Frozen:
+        super().train(mode)
+        self.module.train(mode and self.update_bn)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+@dataclass
+class ImageTower:
+    """The image side of a model under test.
+
+    :ivar encoder: ResNet returning five stage maps ``[/2, /4, /8, /16, /32]``.
+    :ivar decoder: G2D's pre-trained U-Net decoder (``None`` for random/ImageNet baselines and
+        decoder-free pre-training).
+    :ivar model: the whole G2D model when one was loaded (zero-shot tasks need its text side).
+    :ivar name: ``random``, ``imagenet`` or the model path, for result tables.
+    """
+
+    encoder: ResNetEncoder
+    decoder: UNetDecoder | None
+    model: G2DModel | None
+    name: str
+
+
+def load_image_tower(spec: str, arch: str = "resnet50") -> ImageTower:
+    """``random`` | ``imagenet`` | a G2D export / run folder / checkpoint (see :func:`g2d.load_model`).
+
+    ``arch`` applies to the two baselines only; a loaded model brings its own architecture.
+    """
+    if spec in ("random", "imagenet"):
+        # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
+        enc = ImageEncoderCfg(arch=arch, weights="imagenet", input_norm="imagenet") if spec == "imagenet" \
+            else ImageEncoderCfg(arch=arch, weights="none")
+        return ImageTower(create_image_encoder(enc), None, None, spec)
+
+    model = load_model(spec)
+    return ImageTower(model.image_encoder, model.decoder, model, str(spec))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
