@@ -373,3 +373,21 @@ def test_release_text_quirks() -> None:
     assert release_text(float("nan"), "z") == "z"
     # No period at all: replacements only, no rejoin.
     assert release_text("COMPARISON:  ___ none", "") == " none"
+
+
+def test_pairs_read_images_through_the_one_reader_dicom_included(tmp_path: Path) -> None:
+    """Pre-training pairs and labelled sets share g2d.data.images.read_image: a DICOM pair reads as its
+    labelled twin does (MONOCHROME1 inverted), and a PNG pair exactly as before."""
+    from test_dense_readers import write_dicom
+
+    from g2d.data.images import read_image
+
+    arr = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    write_dicom(tmp_path / "a.dcm", arr, photometric="MONOCHROME1")
+    Image.fromarray(_noise(64, 64, 0)).save(tmp_path / "b.png")
+    _write_csv(tmp_path / "t.csv", ["image", "text"], [["a.dcm", "no effusion"], ["b.png", "small nodule"]])
+    ds = ImageTextPairs(PairsCfg(path=str(tmp_path / "t.csv")), _eval_tf(64))
+    tf = _eval_tf(64)
+    torch.testing.assert_close(ds[0]["image"], tf(read_image(tmp_path / "a.dcm")))
+    assert ds[0]["image"][0, 0, 0] > ds[0]["image"][0, -1, -1]  # inverted: the first pixel (0) is brightest
+    torch.testing.assert_close(ds[1]["image"], tf(Image.open(tmp_path / "b.png")))

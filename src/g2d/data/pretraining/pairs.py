@@ -19,8 +19,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import struct
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,21 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from g2d.data.images import read_image
 from g2d.data.pretraining.text import clean_report, is_missing_text
+from g2d.errors import ImageReadError
 
 __all__ = ["PairsCfg", "ImageTextPairs", "collate_pairs"]
 
 logger = logging.getLogger("g2d.data")
-
-# Errors a corrupt, truncated or non-image file raises from PIL's open/load. Only the decode step is
-# guarded; errors in the transform are bugs and propagate.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
-)
-
 
 @dataclass(frozen=True)
 class PairsCfg:
@@ -166,7 +158,7 @@ class ImageTextPairs(torch.utils.data.Dataset):
         rows: int64 ``[n]``, 1-based CSV data row of each kept sample.
     """
 
-    def __init__(self, cfg: PairsCfg, transform: Callable[[Image.Image], Tensor]) -> None:
+    def __init__(self, cfg: PairsCfg, transform: Callable[[np.ndarray], Tensor]) -> None:
         self.cfg = cfg
         self.transform = transform
         self.skipped: Counter[str] = Counter()
@@ -249,22 +241,19 @@ class ImageTextPairs(torch.utils.data.Dataset):
         """Text of sample ``i`` (cleaned unless ``clean_text=False``)."""
         return self._texts[i]
 
-    def _load(self, i: int) -> Image.Image | None:
-        """Open and fully decode image ``i``; ``None`` (logged, counted) if it cannot be decoded."""
+    def _load(self, i: int) -> np.ndarray | None:
+        """Image ``i`` through the package's one reader (:func:`g2d.data.images.read_image`: PNG, JPEG,
+        TIFF, DICOM); ``None`` (logged, counted) if it cannot be read."""
         path = self._paths[i]
-        im = None
         try:
-            im = Image.open(path)
-            im.load()  # decode now: Image.open only reads the header
-            return im
-        except _DECODE_ERRORS as e:
-            if im is not None:
-                im.close()
+            return read_image(path)
+        except ImageReadError as e:
             self._bad.add(i)
             self.skipped["decode_error"] += 1
-            # not the error's message: PIL puts the full path (patient folders) in it
+            # not the error's message: it holds the full path (patient folders)
+            cause = type(e.__cause__).__name__ if e.__cause__ is not None else "ImageReadError"
             logger.warning("%s: data row %d: image failed to decode (%s): %s", self._name,
-                           int(self.rows[i]), type(e).__name__, os.path.basename(path))
+                           int(self.rows[i]), cause, os.path.basename(path))
             return None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -279,11 +268,7 @@ class ImageTextPairs(torch.utils.data.Dataset):
             img = self._load(j)
             if img is None:
                 continue
-            try:
-                image = self.transform(img)
-            finally:
-                img.close()
-            return {"image": image, "text": self._texts[j], "index": j, "requested": i}
+            return {"image": self.transform(img), "text": self._texts[j], "index": j, "requested": i}
         raise RuntimeError(
             f"{self.cfg.path}: images of data rows {int(self.rows[i])} and the following "
             f"{min(self.cfg.max_decode_retries, n - 1)} samples all failed to decode")
