@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ def model_identity(spec: str) -> str:
     another model, while results written into the folder are not."""
     if spec in ("random", "imagenet"):
         return spec
+    kind = re.fullmatch(r"([a-z][a-z0-9-]+):(.+)", spec)  # a peer's KIND:PATH (g2d.peers)
+    if kind is not None:
+        return digest([kind.group(1), model_identity(kind.group(2))])
     p = Path(spec).expanduser().resolve()
     files = [p]
     if p.is_dir():

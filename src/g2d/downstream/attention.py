@@ -66,8 +66,8 @@ def _target(sample: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | Non
 def run(args: Args) -> dict[str, Any]:
     if args.max_images < 1:
         raise DataError(f"--max-images must be >= 1, got {args.max_images}")
-    tower = load_image_tower(args.model, args.arch)
-    model = require_g2d(tower.model, "attention diagnostics")
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
+    model = require_g2d(tower, "attention diagnostics")
     model.to(resolve_device(args.device)).eval()
     geom = geometry_from_args(args, tower)
     ds = open_dataset(args.data, args.split, 1.0, geom)

@@ -39,6 +39,10 @@ def geometry_from_args(args: GeometryArgs, tower: ImageTower | None = None) -> I
     geometry (:func:`g2d.data.transforms.inference_geometry`: its resize, crop and resize rule),
     else 256 / 224 with the shorter side resized. :func:`geometry_source` says which."""
     cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
+    if cfg is None and tower is not None and tower.preprocess is not None:  # a peer's own pipeline
+        p = tower.preprocess
+        return inference_geometry(args.resize or p.resize, args.image_size or p.output_size, "none",
+                                  p.keep_aspect if args.square is None else not args.square)
     resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
     keep = None if args.square is None else not args.square
@@ -54,7 +58,7 @@ def geometry_source(args: GeometryArgs, tower: ImageTower | None = None) -> str:
         return "flags"
     if any(v is not None for v in defaults):
         return "protocol"
-    return "model" if tower is not None and tower.model is not None else "default"
+    return "model" if tower is not None and (tower.model is not None or tower.preprocess is not None) else "default"
 
 
 # --------------------------------------------------------------------------------------- features

@@ -98,7 +98,7 @@ def _predict(model: Classifier, loader, multiclass: bool, device: torch.device, 
 def run(args: Args) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    tower = load_image_tower(args.model, args.arch)
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
     geom = geometry_from_args(args, tower)
     train_ds = open_dataset(args.data, "train", args.fraction, geom)
     val_ds, test_ds = (open_dataset(args.data, s, 1.0, geom) for s in ("val", "test"))

@@ -110,8 +110,8 @@ def _default_prompt(args, ds) -> str | None:
 
 
 def run(args: Args) -> dict[str, Any]:
-    tower = load_image_tower(args.model, args.arch)
-    model = require_g2d(tower.model, "zero-shot grounding")
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
+    model = require_g2d(tower, "zero-shot grounding")
     device = resolve_device(args.device)
     model.to(device).eval()
     geom_cfg = geometry_from_args(args, tower)

@@ -150,7 +150,7 @@ def _features(args: Args, tower, split: str, geom, device) -> tuple[Tensor, Tens
 
 def run(args: Args) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # the random baseline's weights depend on the seed
-    tower = load_image_tower(args.model, args.arch)
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
     device = resolve_device(args.device)
     geom = geometry_from_args(args, tower)
     (xs, ys, train_ds), (xv, yv, _), (xt, yt, _) = (_features(args, tower, s, geom, device)

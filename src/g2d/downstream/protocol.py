@@ -56,7 +56,11 @@ class ProtocolArgs:
                          "(see docs/data.md)")
     out: str = arg(help="folder for metrics.json, results.md and figures")
     labels: str | None = arg(None, help="label columns of a csv: set, a,b,c (the same as csv:FILE?labels=a,b,c)")
-    model: str = arg("random", help="G2D export/run folder/checkpoint, 'random' or 'imagenet'")
+    model: str = arg("random", help="G2D export/run folder/checkpoint, 'random', 'imagenet', or a peer's checkpoint "
+                                    "as KIND:PATH (mgca, gloria, convirt, medklip, kad, biovil, prior, medclip, "
+                                    "xrv, torchvision, g2d-release; docs/peers.md)")
+    trust_pickle: bool = arg(False, help="let a peer's checkpoint that needs pickled classes load (GLoRIA); "
+                                         "only for files whose source you trust")
     arch: str = arg("resnet50", help="ResNet of the random/imagenet baselines (a loaded model brings its own)")
     fraction: float = arg(1.0, help="share of the training split (0, 1]")
     seed: int = arg(0)

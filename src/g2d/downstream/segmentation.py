@@ -37,7 +37,7 @@ from g2d.downstream.results import write_results
 from g2d.downstream.towers import Frozen, ImageTower, load_image_tower, resolve_device
 from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
-from g2d.model.decoder import SegmentationHead, UNetDecoder
+from g2d.model.decoder import SMP_DECODER_CHANNELS, SegmentationHead, UNetDecoder
 from g2d.seeding import seed_everything
 
 __all__ = ["run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
@@ -45,7 +45,6 @@ __all__ = ["run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_
 
 log = logging.getLogger("g2d.downstream")
 
-SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # MGCA/G2D batch sizes by data set; other sets (csv:, synthetic) get SIIM's 8
 SEG_BATCH_SIZE = {"siim": 8, "rsna": 16}
 
@@ -208,7 +207,7 @@ def start_dense_run(args: DenseArgs) -> tuple[torch.device, bool, ImageTower]:
         raise ValueError("--update-bn applies to a frozen encoder; --train-encoder already updates BatchNorm")
     device = resolve_device(args.device)
     seed_everything(args.seed, deterministic=True)
-    tower = load_image_tower(args.model, arch=args.arch)
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
     return device, not args.no_progress, tower
 
 

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from g2d.config import ImageEncoderCfg
+from g2d.data.transforms import ImageTransformCfg
 from g2d.factory import create_image_encoder, load_model
 from g2d.model import G2DModel
 from g2d.model.decoder import UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
+from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, split_model_spec
 
 __all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device"]
 
@@ -59,13 +61,24 @@ class ImageTower:
     decoder: UNetDecoder | None
     model: G2DModel | None
     name: str
+    preprocess: ImageTransformCfg | None = None  # a peer's evaluation geometry (g2d models: model.preprocess)
+    peer: dict[str, Any] | None = None  # what load_peer_encoder loaded (kind, arch, absent stages, ...)
 
 
-def load_image_tower(spec: str, arch: str = "resnet50") -> ImageTower:
-    """``random`` | ``imagenet`` | a G2D export / run folder / checkpoint (see :func:`g2d.load_model`).
+def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = False) -> ImageTower:
+    """``random`` | ``imagenet`` | a G2D export / run folder / checkpoint (see :func:`g2d.load_model`) |
+    ``KIND:PATH``, a peer's released checkpoint (:mod:`g2d.peers`; ``g2d:PATH`` is ours).
 
     ``arch`` applies to the two baselines only; a loaded model brings its own architecture.
+    ``trust_pickle`` lets a peer file that needs pickled classes load (``--trust-pickle``).
     """
+    kind, path = split_model_spec(spec)
+    if kind in PEER_KINDS:
+        encoder, report = load_peer_encoder(kind, path, trust_pickle)
+        decoder = load_release_decoder(path, encoder) if kind == "g2d-release" else None
+        return ImageTower(encoder, decoder, None, spec, PEER_KINDS[kind].preprocess,
+                          {**report, "decoder": decoder is not None})
+    spec = path
     if spec in ("random", "imagenet"):
         # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
         enc = ImageEncoderCfg(arch=arch, weights="imagenet", input_norm="imagenet") if spec == "imagenet" \

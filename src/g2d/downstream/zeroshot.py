@@ -34,7 +34,7 @@ from g2d.downstream.features import check_split, geometry_from_args, geometry_so
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_image_tower, resolve_device
+from g2d.downstream.towers import ImageTower, load_image_tower, resolve_device
 from g2d.errors import ConfigError, DataError
 from g2d.inference.zeroshot import (
     class_prompts,
@@ -69,11 +69,16 @@ class Args(GeometryArgs):
     batch_size: int = arg(64)
 
 
-def require_g2d(model: G2DModel | None, what: str) -> G2DModel:
-    if model is None:
-        raise ConfigError(f"{what} needs a pre-trained G2D model with its text tower (--model PATH to an "
-                          "export, run folder or checkpoint); 'random' and 'imagenet' are image-only baselines")
-    return model
+def require_g2d(tower: ImageTower, what: str) -> G2DModel:
+    """The tower's whole G2D model, or a clear error for image-only towers (baselines, peers' encoders)."""
+    if tower.model is not None:
+        return tower.model
+    if tower.peer is not None:
+        why = ("" if tower.peer["zero_shot"] == "cosine" else f" ({tower.peer['zero_shot']})")
+        raise ConfigError(f"{what} with a peer's model ({tower.name}) is not supported: g2d loads only its image "
+                          f"encoder, not its text tower or projection heads{why}; see docs/peers.md")
+    raise ConfigError(f"{what} needs a pre-trained G2D model with its text tower (--model PATH to an "
+                      "export, run folder or checkpoint); 'random' and 'imagenet' are image-only baselines")
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -116,8 +121,8 @@ def parse_threshold(value: str) -> str | float:
 
 def run(args: Args) -> dict[str, Any]:
     rule = parse_threshold(args.threshold)
-    tower = load_image_tower(args.model, args.arch)
-    model = require_g2d(tower.model, "zero-shot classification")
+    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
+    model = require_g2d(tower, "zero-shot classification")
     device = resolve_device(args.device)
     model.to(device).eval()
     geom = geometry_from_args(args, tower)

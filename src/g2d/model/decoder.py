@@ -40,6 +40,10 @@ class DecoderBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
+# segmentation-models-pytorch's default decoder widths (the release's U-Net)
+SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
 class UNetDecoder(nn.Module):
     """Five decoder blocks from the /32 map up to input resolution.
 

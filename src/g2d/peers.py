@@ -1,0 +1,263 @@
+"""Peers' released image encoders as frozen g2d encoders: ``--model KIND:PATH``.
+
+Each :class:`PeerKind` says where a peer's checkpoint keeps its ResNet (container key, key prefix,
+``nn.Sequential`` index names), what to leave out (classifier/projection ``fc``), what it lacks
+(MedKLIP: no ``layer4``), its first convolution (1 channel for PRIOR and torchxrayvision) and the
+input pipeline it was trained with (normalisation and geometry), so the encoder sees what it saw in
+pre-training. Facts from the peers' code: ``../shared/reference/peer-checkpoints.md`` and
+docs/peers.md. Every expected key and shape is checked: a wrong file names the kind and its first
+mismatching key, never a silent ``strict=False``.
+
+Files load with ``weights_only=True``; a container that needs pickled classes (GLoRIA's OmegaConf
+hyper-parameters) is read only with ``trust_pickle=True`` (``--trust-pickle``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
+from g2d.data.transforms import ImageTransformCfg
+from g2d.errors import CheckpointError
+from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
+from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
+
+__all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "load_peer_encoder", "load_release_decoder", "split_model_spec"]
+
+log = logging.getLogger("g2d.peers")
+
+# torchvision resnet children in order; indices 2 (relu), 3 (maxpool), 8 (avgpool) hold no parameters
+_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4", "9": "fc"}
+
+
+@dataclass(frozen=True)
+class PeerKind:
+    """How one peer stores its image encoder, and the input it expects.
+
+    :ivar container: keys tried in order to find the state dict in a dict checkpoint (``()``: the file
+        is the state dict).
+    :ivar prefix: the encoder's key prefix, stripped (a regular expression; ``""``: none).
+    :ivar index_names: the ResNet's children are ``nn.Sequential`` indices (0 conv1 ... 7 layer4).
+    :ivar absent: stages the file does not have; they keep their random initialisation (seeded by
+        the caller) and are reported.
+    :ivar mean, std: per-channel normalisation of the [0, 1] image (after 1 -> 3 channels).
+    :ivar preprocess: the deterministic geometry of the peer's evaluation pipeline.
+    :ivar zero_shot: how the peer scores zero-shot ("cosine" when an image-text cosine similarity,
+        else a description of why g2d's zero-shot protocol cannot reproduce it).
+    """
+
+    name: str
+    container: tuple[str, ...]
+    prefix: str
+    index_names: bool = False
+    absent: tuple[str, ...] = ()
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    preprocess: ImageTransformCfg = ImageTransformCfg(resize=256, crop=224, augment="none")
+    needs_pickle: bool = False
+    zero_shot: str = "cosine"
+    source: str = ""
+
+
+_HALF = (0.5, 0.5, 0.5)
+_UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+_SQUARE_224 = ImageTransformCfg(resize=224, crop=224, augment="none", keep_aspect=False)
+
+PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
+    PeerKind("g2d-release", ("model_state_dict",), r"(encoder\.)?", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+             preprocess=ImageTransformCfg(resize=256, crop=256, augment="none"),
+             source="G2D-NeurIPS24 PRETRAIN/utils/trainer.py: {name}_encoder.pth (smp encoder) or "
+                    "{name}_encoder_decoder.pth (encoder.* + decoder.*)"),
+    PeerKind("torchvision", (), "", source="a torchvision ResNet state dict (ImageNet normalisation)"),
+    PeerKind("mgca", ("state_dict",), r"img_encoder_q\.model\.", mean=_HALF, std=_HALF,
+             source="MGCA resnet_50.ckpt (Lightning): img_encoder_q.model.*"),
+    PeerKind("gloria", ("state_dict",), r"gloria\.img_encoder\.model\.", mean=_HALF, std=_HALF,
+             needs_pickle=True,
+             zero_shot="GLoRIA's zero-shot adds a word-level local score to the global cosine",
+             source="GLoRIA chexpert_resnet50.ckpt (Lightning, OmegaConf hyper-parameters): "
+                    "gloria.img_encoder.model.*"),
+    PeerKind("convirt", ("model",), r"visual\.model\.", index_names=True, preprocess=_SQUARE_224,
+             source="ViLMedic selfsup/convirt-mimic *.pth: visual.model.{0,1,4,5,6,7}"),
+    PeerKind("medklip", ("model",), r"(module\.)?res_features\.", index_names=True, absent=("layer4",),
+             preprocess=_SQUARE_224,
+             zero_shot="MedKLIP scores with a query decoder over patch tokens, not an image-text cosine",
+             source="MedKLIP checkpoint_final.pth: module.res_features.{0,1,4,5,6} (no layer4)"),
+    PeerKind("kad", ("image_encoder",), r"resnet\.",
+             preprocess=ImageTransformCfg(resize=512, crop=512, augment="none"),
+             zero_shot="KAD scores with its TQN decoder (2-way softmax), not an image-text cosine",
+             source="KAD best_valid.pt: image_encoder['resnet.*'] (torchvision names)"),
+    PeerKind("biovil", (), r"encoder\.encoder\.", mean=_UNIT[0], std=_UNIT[1],
+             preprocess=ImageTransformCfg(resize=512, crop=480, augment="none"),
+             source="hi-ml biovil_image_resnet50_proj_size_128.pt: encoder.encoder.*"),
+    PeerKind("prior", ("state_dict",), r"(image_encoder\.)?(encoder\.)?", mean=(0.4755,) * 3, std=(0.3011,) * 3,
+             preprocess=_SQUARE_224,
+             source="PRIOR pretrained/prior_resnet50.pt (1-channel conv1, no prefix) or the whole model "
+                    "(image_encoder.encoder.*)"),
+    PeerKind("medclip", (), r"vision_model\.model\.", mean=(0.5863,) * 3, std=(0.2795,) * 3,
+             preprocess=ImageTransformCfg(resize=224, crop=224, augment="none"),
+             source="MedCLIP pytorch_model.bin: vision_model.model.* (fc is its 512-d projection)"),
+    PeerKind("xrv", (), "", mean=(0.5,) * 3, std=(0.5 / 1024,) * 3,
+             preprocess=ImageTransformCfg(resize=512, crop=512, augment="none"),
+             zero_shot="torchxrayvision is a supervised classifier without a text tower",
+             source="torchxrayvision pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt (1-channel conv1, "
+                    "input in [-1024, 1024])"),
+)}
+
+
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """``KIND:PATH`` -> (kind, path); anything else (``random``, ``imagenet``, a path) -> ("g2d", spec).
+    An unknown ``KIND:`` prefix is an error that lists the kinds."""
+    m = re.fullmatch(r"([a-z][a-z0-9-]*):(.+)", spec)
+    if m is None or len(m.group(1)) == 1:  # a Windows drive letter is not a kind
+        return "g2d", spec
+    kind, path = m.groups()
+    if kind != "g2d" and kind not in PEER_KINDS:
+        raise ValueError(f"unknown model kind {kind!r} in {spec!r}; use one of g2d, {', '.join(sorted(PEER_KINDS))}")
+    return kind, path
+
+
+class PeerEncoder(ResNetEncoder):
+    """A :class:`ResNetEncoder` with a peer's weights and input normalisation (same stage maps)."""
+
+    def __init__(self, arch: str, kind: PeerKind):
+        super().__init__(ImageEncoderCfg(arch=arch, weights="none", input_norm="imagenet"))
+        self.kind = kind.name
+        self.mean.copy_(torch.tensor(kind.mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(kind.std).view(1, 3, 1, 1))
+
+
+def _read(path: Path, kind: PeerKind, trust_pickle: bool) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind.name}: checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        if not trust_pickle:
+            hint = (" (GLoRIA's checkpoint stores its OmegaConf config as pickled objects)" if kind.needs_pickle
+                    else "")
+            raise CheckpointError(
+                f"{kind.name}: {path} holds more than tensors and plain data{hint}; nothing was executed. If you "
+                f"trust the file's source, rerun with --trust-pickle (torch.load with weights_only=False), or "
+                f"re-save its tensors as safetensors. ({type(err).__name__})") from None
+    log.warning("%s: loading %s with weights_only=False (--trust-pickle): the file may execute code", kind.name, path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _state_dict(obj: Any, kind: PeerKind, path: Path) -> dict[str, Tensor]:
+    for key in kind.container:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
+        where = list(kind.container) or "the top level"
+        raise CheckpointError(f"{kind.name}: {path} has no state dict (looked under {where})")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _encoder_keys(state: dict[str, Tensor], kind: PeerKind) -> dict[str, Tensor]:
+    """The encoder's tensors under torchvision names (prefix stripped, indices renamed, fc dropped)."""
+    prefix = re.compile(kind.prefix)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = prefix.match(key)
+        if m is None:
+            continue
+        name = key[m.end():]
+        first, _, rest = name.partition(".")
+        if kind.index_names:
+            if first not in _CHILDREN:
+                continue
+            name, first = f"{_CHILDREN[first]}.{rest}", _CHILDREN[first]
+        if first in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
+            out[name] = value
+    return out
+
+
+def _arch(keys: set[str]) -> str:
+    """The ResNet depth from its keys (blocks per stage, bottleneck or basic)."""
+    blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    bottleneck = any(k.endswith("conv3.weight") for k in keys)
+    table = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
+             (3, 4, 23, 3, True): "resnet101"}
+    for (b1, b2, b3, b4, bott), name in table.items():
+        if bottleneck == bott and blocks[:3] == (b1, b2, b3) and blocks[3] in (b4, 0):
+            return name
+    raise CheckpointError(f"not a torchvision ResNet: blocks per stage {blocks}, bottleneck {bottleneck}")
+
+
+def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = False
+                      ) -> tuple[PeerEncoder, dict[str, Any]]:
+    """A peer's image encoder as a g2d encoder, and a report of what was loaded.
+
+    :param kind_name: a key of :data:`PEER_KINDS`.
+    :return: (encoder in eval mode, ``{"kind", "arch", "loaded", "absent", "conv1_channels", "source",
+        "preprocess"}``).
+    :raises CheckpointError: the file is not of that kind (names the first mismatching key), or it
+        needs pickled classes and ``trust_pickle`` is off.
+    :raises FileNotFoundError: no such file.
+    """
+    kind = PEER_KINDS[kind_name]
+    path = Path(path)
+    state = _encoder_keys(_state_dict(_read(path, kind, trust_pickle), kind, path), kind)
+    if not state:
+        raise CheckpointError(f"{kind.name}: {path} has no key under the {kind.name} encoder prefix "
+                              f"{kind.prefix!r} ({kind.source})")
+    arch = _arch(set(state))
+    if arch not in RESNET_CHANNELS:
+        raise CheckpointError(f"{kind.name}: {arch} is not supported")
+    conv1 = state.get("conv1.weight")
+    in_channels = int(conv1.shape[1]) if conv1 is not None else 3
+    if conv1 is not None and in_channels == 1:
+        # a 1-channel stem on grey input copied to 3 channels: each copy gets a third of the kernel,
+        # exact because every channel carries the same normalised value
+        state["conv1.weight"] = conv1.expand(-1, 3, -1, -1) / 3.0
+    encoder = PeerEncoder(arch, kind)
+    expected = encoder.state_dict()
+    absent = tuple(s for s in kind.absent if not any(k.startswith(s + ".") for k in state))
+    missing = [k for k in expected if k not in state and not k.startswith(tuple(s + "." for s in absent))]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise CheckpointError(f"{kind.name}: {path} does not hold a {arch} encoder in the {kind.name} layout: "
+                              f"{len(missing)} missing key(s), {len(unexpected)} unexpected; first: {first!r}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{kind.name}: {path}: {k!r} has shape {tuple(v.shape)}, "
+                                  f"{arch} expects {tuple(expected[k].shape)}")
+    encoder.load_state_dict({**expected, **state})
+    if absent:
+        log.warning("%s: %s has no %s; it keeps a random initialisation", kind.name, path, ", ".join(absent))
+    return encoder.eval(), {"kind": kind.name, "arch": arch, "loaded": len(state), "absent": list(absent),
+                            "conv1_channels": in_channels, "source": kind.source,
+                            "zero_shot": kind.zero_shot}
+
+
+def load_release_decoder(path: str | Path, encoder: ResNetEncoder) -> UNetDecoder | None:
+    """The U-Net decoder of a released-code ``{name}_encoder_decoder.pth`` (segmentation-models-pytorch's
+    ``Unet``: ``decoder.blocks.*``, whose names g2d's decoder shares), or ``None`` for an encoder-only
+    file. Every decoder key and shape must match (smp's default widths 256-128-64-32-16).
+
+    :raises CheckpointError: decoder keys that do not fit.
+    """
+    state = _state_dict(_read(Path(path), PEER_KINDS["g2d-release"], False), PEER_KINDS["g2d-release"], Path(path))
+    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    if not dec:
+        return None
+    decoder = UNetDecoder(encoder.channels, SMP_DECODER_CHANNELS)
+    expected = decoder.state_dict()
+    bad = sorted(set(expected) ^ set(dec)) or [k for k in dec if dec[k].shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"g2d-release: {path}: the decoder does not match smp's Unet decoder with widths "
+                              f"{SMP_DECODER_CHANNELS}; first mismatching key: {bad[0]!r}")
+    decoder.load_state_dict(dec)
+    return decoder.eval()

@@ -1,0 +1,235 @@
+"""Peers' checkpoints through ``--model KIND:PATH``: for every kind, a state dict of that peer's exact
+layout (prefixes, index names, extra heads, 1-channel conv1, missing layer4) is built from a random
+torchvision ResNet, saved in the peer's container, loaded, and compared with the originals; the
+protocols run on it; a wrong file names the kind and its first mismatching key; the default load
+executes nothing (no download anywhere)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from g2d.downstream import protocol
+from g2d.downstream.towers import load_image_tower
+from g2d.errors import CheckpointError, ConfigError
+from g2d.peers import PEER_KINDS, load_peer_encoder, split_model_spec
+
+CHILD_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+
+
+def _resnet(in_channels: int = 3, num_classes: int = 1000) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if in_channels == 1:
+        net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _trunk(state):
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def _indexed(state, prefix):
+    out = {}
+    for k, v in _trunk(state).items():
+        first, _, rest = k.partition(".")
+        out[f"{prefix}{CHILD_INDEX[first]}.{rest}"] = v
+    return out
+
+
+def _layouts(tv, tv1, tv18):
+    """kind -> (container object, the torchvision state it should load to)."""
+    noise = torch.randn(4, 4)
+    return {
+        "torchvision": (tv, tv),
+        "g2d-release": (_trunk(tv), tv),
+        "mgca": ({"state_dict": {**{f"img_encoder_q.model.{k}": v for k, v in _trunk(tv).items()},
+                                 "img_encoder_q.global_embed.head.0.weight": noise,
+                                 "text_encoder_q.model.embeddings.word_embeddings.weight": noise},
+                  "epoch": 3, "global_step": 100}, tv),
+        "convirt": ({"model": {**_indexed(tv, "visual.model."), "vis_proj.0.weight": noise,
+                               "linguistic.encoder.pooler.dense.weight": noise}}, tv),
+        "medklip": ({"model": {k: v for k, v in _indexed(tv, "module.res_features.").items()
+                               if not k.startswith("module.res_features.7.")} | {"module.res_l1.weight": noise},
+                     "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "config": {"d_model": 256},
+                     "epoch": 9}, {k: v for k, v in tv.items() if not k.startswith("layer4.")}),
+        "kad": ({"image_encoder": {**{f"resnet.{k}": v for k, v in tv.items()}, **_indexed(tv, "res_features."),
+                                   "res_l1.weight": noise},
+                 "text_encoder": {"bert_model.pooler.dense.weight": noise}, "model": {"mlp_head.0.weight": noise}},
+                tv),
+        "biovil": ({**{f"encoder.encoder.{k}": v for k, v in tv.items()}, "projector.model.0.weight": noise}, tv),
+        "prior": (_trunk(tv1), tv1),
+        "medclip": ({**{f"vision_model.model.{k}": v for k, v in _trunk(tv).items()},
+                     "vision_model.model.fc.weight": torch.randn(512, 512),
+                     "text_model.model.embeddings.position_ids": torch.arange(8)[None],
+                     "text_model.projection_head.weight": torch.randn(512, 768)}, tv),
+        "xrv": (tv18, tv18),
+    }
+
+
+@pytest.fixture(scope="module")
+def peer_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peers")
+    tv, tv1, tv18 = _resnet(), _resnet(in_channels=1), _resnet(in_channels=1, num_classes=18)
+    files = {}
+    for kind, (obj, expected) in _layouts(tv, tv1, tv18).items():
+        path = root / f"{kind}.pt"
+        torch.save(obj, path)
+        files[kind] = (path, expected)
+    return files
+
+
+def test_every_kind_has_a_layout_here():
+    assert set(_layouts(_resnet(), _resnet(1), _resnet(1, 18))) == set(PEER_KINDS) - {"gloria"}  # gloria below
+
+
+@pytest.mark.parametrize("kind", sorted(set(PEER_KINDS) - {"gloria"}))
+def test_each_kind_loads_the_original_weights(kind, peer_files):
+    path, expected = peer_files[kind]
+    encoder, report = load_peer_encoder(kind, path)
+    got = encoder.state_dict()
+    for k, v in expected.items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue
+        if k == "conv1.weight" and v.shape[1] == 1:  # 1-channel stem: a third of the kernel per channel
+            torch.testing.assert_close(got[k], v.expand(-1, 3, -1, -1) / 3)
+        else:
+            torch.testing.assert_close(got[k], v, msg=f"{kind}: {k}")
+    assert report["arch"] == "resnet18" and report["kind"] == kind
+    assert report["absent"] == (["layer4"] if kind == "medklip" else [])
+    assert report["conv1_channels"] == (1 if kind in ("prior", "xrv") else 3)
+    k = PEER_KINDS[kind]
+    torch.testing.assert_close(encoder.mean.flatten(), torch.tensor(k.mean))
+    torch.testing.assert_close(encoder.std.flatten(), torch.tensor(k.std))
+
+
+def test_a_one_channel_stem_gives_the_peers_own_features(peer_files):
+    """PRIOR / torchxrayvision take 1 channel: the 3-channel stem on a grey image copied 3 times
+    equals the peer's 1-channel conv1 on the normalised grey image."""
+    path, tv1 = peer_files["xrv"]
+    encoder, _ = load_peer_encoder("xrv", path)
+    x = torch.rand(2, 1, 64, 64)
+    ours = encoder.conv1(encoder.prepare(x))
+    theirs = torch.nn.functional.conv2d(x * 2048 - 1024, tv1["conv1.weight"], stride=2, padding=3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+def test_xrv_input_is_scaled_to_plus_minus_1024(peer_files):
+    encoder, _ = load_peer_encoder("xrv", peer_files["xrv"][0])
+    out = encoder.prepare(torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([-1024.0, 0.0, 1024.0]))
+
+
+def test_release_encoder_decoder_file_brings_its_decoder(tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    unet = smp.Unet("resnet18", encoder_weights=None, classes=1)
+    torch.save(unet.state_dict(), tmp_path / "run_encoder_decoder.pth")
+    tower = load_image_tower(f"g2d-release:{tmp_path / 'run_encoder_decoder.pth'}")
+    assert tower.decoder is not None and tower.peer["decoder"] is True
+    ref = {k[len("decoder."):]: v for k, v in unet.state_dict().items() if k.startswith("decoder.")}
+    for k, v in tower.decoder.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    enc = {k[len("encoder."):]: v for k, v in unet.state_dict().items() if k.startswith("encoder.")}
+    torch.testing.assert_close(tower.encoder.state_dict()["layer3.1.conv2.weight"], enc["layer3.1.conv2.weight"])
+
+
+class _Runs:
+    """Stands for a pickled config class (GLoRIA's OmegaConf): unpickling it runs code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_gloria_needs_trust_pickle_and_the_default_executes_nothing(tmp_path):
+    tv = _resnet()
+    marker = tmp_path / "executed"
+    obj = {"state_dict": {f"gloria.img_encoder.model.{k}": v for k, v in _trunk(tv).items()},
+           "hyper_parameters": _Runs(str(marker))}
+    torch.save(obj, tmp_path / "gloria.ckpt")
+    with pytest.raises(CheckpointError, match=r"gloria: .*--trust-pickle"):
+        load_peer_encoder("gloria", tmp_path / "gloria.ckpt")
+    assert not marker.exists()  # weights_only=True refused the class before running anything
+    encoder, _ = load_peer_encoder("gloria", tmp_path / "gloria.ckpt", trust_pickle=True)
+    assert marker.exists()  # the explicit flag really does unpickle (that is why it must be explicit)
+    torch.testing.assert_close(encoder.state_dict()["layer4.1.conv2.weight"], tv["layer4.1.conv2.weight"])
+
+
+def test_a_wrong_file_names_the_kind_and_the_first_mismatching_key(peer_files, tmp_path):
+    with pytest.raises(CheckpointError, match=r"mgca: .* no key under the mgca encoder prefix"):
+        load_peer_encoder("mgca", peer_files["torchvision"][0])
+    with pytest.raises(CheckpointError, match=r"kad: .*first: 'layer4\.0\.bn1"):
+        bad = {f"resnet.{k}": v for k, v in _trunk(_resnet()).items() if not k.startswith("layer4.0.bn1")}
+        torch.save({"image_encoder": bad}, tmp_path / "kad.pt")
+        load_peer_encoder("kad", tmp_path / "kad.pt")
+    state = _resnet()
+    state["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match=r"torchvision: .*'layer2\.0\.conv1\.weight' has shape"):
+        load_peer_encoder("torchvision", tmp_path / "shape.pt")
+
+
+def test_model_specs():
+    assert split_model_spec("mgca:/x/resnet_50.ckpt") == ("mgca", "/x/resnet_50.ckpt")
+    assert split_model_spec("g2d:runs/a") == ("g2d", "runs/a")
+    assert split_model_spec("runs/demo/g2d/export") == ("g2d", "runs/demo/g2d/export")
+    assert split_model_spec("random") == ("g2d", "random")
+    assert split_model_spec("C:/models/x.pt") == ("g2d", "C:/models/x.pt")
+    with pytest.raises(ValueError, match="unknown model kind 'clip'.*biovil"):
+        split_model_spec("clip:x.pt")
+
+
+@pytest.mark.parametrize("kind", ["biovil", "medklip", "prior"])
+def test_protocols_run_on_a_peer_encoder(kind, peer_files, tmp_path):
+    path = peer_files[kind][0]
+    m = protocol.run("linear", protocol.make("linear", data="synthetic:16", model=f"{kind}:{path}",
+                                             out=str(tmp_path / "lin"), image_size=64, resize=64, epochs=2,
+                                             num_workers=0, no_progress=True, no_feature_cache=True))
+    assert 0.0 <= m["auc"] <= 1.0
+    seg = protocol.run("segmentation", protocol.make("segmentation", data="synthetic:16", model=f"{kind}:{path}",
+                                                     out=str(tmp_path / "seg"), image_size=64, epochs=1,
+                                                     batch_size=8, num_workers=0, no_progress=True, figures=0))
+    assert 0.0 <= seg["dice"] <= 1.0
+    assert json.loads((tmp_path / "lin" / "metrics.json").read_text())["model"] == f"{kind}:{path}"
+
+
+def test_zero_shot_with_a_peer_says_what_is_not_supported(peer_files, tmp_path):
+    for kind, words in (("medklip", "query decoder"), ("biovil", "text tower")):
+        args = protocol.make("zeroshot", data="synthetic:16", model=f"{kind}:{peer_files[kind][0]}",
+                             out=str(tmp_path / kind), image_size=64, resize=64, num_workers=0, no_progress=True)
+        with pytest.raises(ConfigError, match=words):
+            protocol.run("zeroshot", args)
+
+
+def test_a_peers_own_geometry_is_the_default(peer_files):
+    from g2d.downstream.features import geometry_from_args, geometry_source
+    from g2d.downstream.linear_probe import Args
+
+    tower = load_image_tower(f"biovil:{peer_files['biovil'][0]}")
+    args = Args(data="synthetic", out="x")
+    geom = geometry_from_args(args, tower)
+    assert (geom.resize, geom.crop, geom.keep_aspect) == (512, 480, True)  # hi-ml: Resize(512), CenterCrop(480)
+    assert geometry_source(args, tower) == "model"
+
+
+def test_a_peer_files_content_keys_stored_results(tmp_path):
+    """KIND:PATH is identified by the file behind it, like a g2d model path (g2d.fingerprint)."""
+    import os
+
+    from g2d.fingerprint import model_identity
+
+    torch.save(_resnet(), tmp_path / "w.pt")
+    first = model_identity(f"torchvision:{tmp_path / 'w.pt'}")
+    assert first == model_identity(f"torchvision:{tmp_path / 'w.pt'}")
+    assert first != model_identity(f"kad:{tmp_path / 'w.pt'}")
+    st = (tmp_path / "w.pt").stat()
+    torch.save(_resnet(num_classes=10), tmp_path / "w.pt")
+    os.utime(tmp_path / "w.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert model_identity(f"torchvision:{tmp_path / 'w.pt'}") != first
