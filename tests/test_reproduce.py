@@ -364,3 +364,29 @@ def test_shipped_synthetic_prompts_name_every_location_the_reports_use():
     for finding in ("opacity", "nodule", "effusion", "pneumothorax"):
         named = {loc for loc in FINDING_LOCATIONS[finding] for pos, _ in table[finding] if loc in pos}
         assert named == set(FINDING_LOCATIONS[finding]), finding
+
+
+def test_baseline_rows_run_a_given_peer_and_say_not_given_otherwise(tmp_path):
+    """table1/table4 carry the paper's peer rows; --baselines (row -> KIND:PATH) fills them; a row
+    without a checkpoint is shown as 'not given' and runs nothing."""
+    exp = load_experiment("table1")
+    peers = [r.name for r in exp.rows if r.baseline]
+    assert {"ConVIRT", "GLoRIA", "MGCA", "M-FLAG", "MedKLIP (frozen encoder)"} <= set(peers)
+    assert load_experiment("table4").rows[2].baseline
+    exp = Experiment("t", "T", [Column("Seg", "segmentation", "siim", "dice", 0.01)],
+                     [Row("MGCA", baseline=True, paper=[49.7]), Row("GLoRIA", baseline=True, paper=[35.8])], seeds=1)
+    ran = []
+
+    def task(name, args):
+        ran.append(args.model)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"dice": 0.5}))
+
+    runner = Runner(exp, load_scale("small"), tmp_path, seeds=1, run_task=task,
+                    baselines={"MGCA": "mgca:/w/resnet_50.ckpt"})
+    results = runner.run()
+    assert ran == ["mgca:/w/resnet_50.ckpt"]
+    table = format_markdown(exp, results, {})
+    assert "| MGCA | 50.0 (n=1) | 49.7 |" in table and "| GLoRIA | not given | 35.8 |" in table
+    with pytest.raises(ValueError, match="no baseline row"):
+        Runner(exp, load_scale("small"), tmp_path, baselines={"CLIP": "x"})

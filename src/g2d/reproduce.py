@@ -72,6 +72,7 @@ class Row:
     name: str
     pretrain: dict[str, Any] | None = None
     model: str | None = None
+    baseline: bool = False  # a peer's row: its model comes from --baselines (row name -> KIND:PATH)
     args: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     paper: list[str | float | None] = field(default_factory=list)
@@ -148,8 +149,8 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     cols = [Column(**c) for c in d["columns"]]
     rows = [Row(**r) for r in d["rows"]]
     for r in rows:
-        if (r.pretrain is None) == (r.model is None):
-            raise ValueError(f"{p}: row {r.name!r} needs exactly one of 'pretrain' or 'model'")
+        if sum((r.pretrain is not None, r.model is not None, r.baseline)) != 1:
+            raise ValueError(f"{p}: row {r.name!r} needs exactly one of 'pretrain', 'model' or 'baseline'")
         if r.paper and len(r.paper) != len(cols):
             raise ValueError(f"{p}: row {r.name!r} has {len(r.paper)} paper values for {len(cols)} columns")
     gates = [Gate(**g) for g in d.get("gates", [])]
@@ -229,14 +230,25 @@ class Runner:
         the others are collected from the store like ``collect_only`` cells.
     :param collect_only: run nothing (no pre-training, no cell); the table shows finished cells and
         "not run" for the others.
+    :param baselines: peers' rows (``baseline: true``) -> ``KIND:PATH`` (docs/peers.md); a baseline row
+        without one is shown as "not given", never dropped.
     """
 
     def __init__(self, exp: Experiment, scale: Scale, out: str | Path, seeds: int | None = None,
                  device: str = "auto", progress: bool = True,
                  run_task: Callable[[str, ProtocolArgs], dict[str, Any]] | None = None,
                  run_pretrain: Callable[[Any, Path], Path] | None = None,
-                 columns: str | None = None, collect_only: bool = False) -> None:
+                 columns: str | None = None, collect_only: bool = False,
+                 baselines: dict[str, str] | None = None) -> None:
         self.exp, self.scale, self.out = exp, scale, Path(out)
+        self.baselines = dict(baselines or {})
+        unknown = set(self.baselines) - {r.name for r in exp.rows if r.baseline}
+        if unknown:
+            raise ValueError(f"--baselines names rows {sorted(unknown)} that {exp.name} has no baseline row for; "
+                             f"its baseline rows: {[r.name for r in exp.rows if r.baseline]}")
+        for row in exp.rows:  # a given baseline runs like a `model:` row
+            if row.baseline and row.name in self.baselines:
+                row.model = self.baselines[row.name]
         self.columns = re.compile(columns) if columns else None
         self.collect_only = collect_only
         self.seeds = seeds or scale.seeds or exp.seeds
@@ -289,7 +301,7 @@ class Runner:
             for row in self.exp.rows:
                 for col in self.exp.columns:
                     res = results[row.name, col.name]
-                    if _skipped(row, col):
+                    if _skipped(row, col) or (row.baseline and row.model is None):  # "not given"
                         continue
                     if self.collect_only or (self.columns and not self.columns.search(col.name)):
                         model = row.model if row.model is not None else str(self.pretrain_dir(row, pseed) / "export")
@@ -397,9 +409,9 @@ def _skipped(row: Row, col: Column) -> bool:
     return col.name in row.skip or col.task in row.skip
 
 
-def _fmt(res: CellResult, skipped: bool, digits: int = 1) -> str:
+def _fmt(res: CellResult, skipped: bool, digits: int = 1, not_given: bool = False) -> str:
     if not res.values:
-        return "error" if res.errors else "/" if skipped else "not run"
+        return "error" if res.errors else "/" if skipped else "not given" if not_given else "not run"
     n = len(res.values)
     return f"{res.mean:.{digits}f} ± {res.std:.{digits}f} (n={n})" if n > 1 else f"{res.mean:.{digits}f} (n=1)"
 
@@ -452,11 +464,13 @@ def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, 
     for row in exp.rows:
         cells = [row.name]
         for j, c in enumerate(exp.columns):
-            cells += [_fmt(by[(row.name, c.name)], _skipped(row, c), c.digits)] + ([_paper(row, j)] if paper else [])
+            cells += [_fmt(by[(row.name, c.name)], _skipped(row, c), c.digits, row.baseline and row.model is None)] \
+                + ([_paper(row, j)] if paper else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
-                 "'not run' = no finished seed yet; 'error' = every seed failed (see errors below).")
+                 "'not run' = no finished seed yet; 'not given' = a peer's row without a checkpoint "
+                 "(--baselines); 'error' = every seed failed (see errors below).")
     if info:
         lines.append("Run: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".")
     errors = [(r, e) for r in results for e in r.errors]
