@@ -30,3 +30,22 @@ def test_figure_attention_rejects_report_count_mismatch(tiny_model_dir, tmp_path
     assert rc == 2
     assert "g2d figure: error: got 1 images but 2 reports" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_heat_overlay_keeps_the_pixel_grid_and_adds_prompt_and_colour_bar():
+    import numpy as np
+
+    from g2d.figures import heat_overlay
+
+    img = np.linspace(0, 1, 64 * 200, dtype=np.float32).reshape(64, 200)
+    heat = np.linspace(-0.2, 0.6, 64 * 200).reshape(64, 200)
+    heat[:, :10] = np.nan
+    plain = heat_overlay(img, heat)
+    assert plain.shape == (64, 200, 3) and (plain[:, :10, 0] == np.round(img[:, :10] * 255)).all()
+    with_legend = heat_overlay(img, heat, legend="left pleural effusion " * 10)  # longer than the image
+    assert with_legend.shape[0] > 64 and with_legend.shape[1] == 200
+    assert (with_legend[:64] == plain).all()
+    strip = with_legend[64:].astype(int)
+    # a jet colour bar: saturated blue and red pixels somewhere in the strip, text in black
+    assert ((strip[..., 2] > 200) & (strip[..., 0] < 60)).any() and ((strip[..., 0] > 200) & (strip[..., 2] < 60)).any()
+    assert (strip.sum(-1) < 100).any()

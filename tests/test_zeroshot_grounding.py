@@ -222,7 +222,14 @@ def test_infer_commands_write_their_outputs(tiny_model, tmp_path, capsys):
                               "right lower lobe opacity", "--out", str(tmp_path / "heat.png"),
                               "--npy", str(tmp_path / "heat.npy"), "--device", "cpu"])
     assert args.run is run_ground and args.run(args) == 0
+    legend = np.asarray(Image.open(tmp_path / "heat.png"))
+    assert legend.shape[1] == 80 and legend.shape[0] > 48  # the image's pixels, then the prompt and colour bar
+    args = parser.parse_args(["ground", str(tmp_path / "a.png"), "--model", str(tiny_model), "--text",
+                              "right lower lobe opacity", "--out", str(tmp_path / "heat.png"), "--no-legend",
+                              "--npy", str(tmp_path / "heat.npy"), "--device", "cpu"])
+    assert args.run(args) == 0
     assert Image.open(tmp_path / "heat.png").size == (80, 48)          # original resolution (W, H)
+    assert (np.asarray(Image.open(tmp_path / "heat.png")) == legend[:48]).all()  # the same overlay above
     heat = np.load(tmp_path / "heat.npy")
     assert heat.shape == (48, 80) and np.isnan(heat[:, 0]).all() and np.isfinite(heat[:, 40]).all()
     assert np.nanmin(heat) >= -1 - 1e-5 and np.nanmax(heat) <= 1 + 1e-5

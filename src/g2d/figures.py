@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -58,8 +59,9 @@ def grounding_panels(images: Tensor, heat: Tensor, targets: Tensor, prompts: Seq
         axes[i, 0].contour(targets[i].cpu().float().numpy(), levels=[0.5], colors="lime", linewidths=1)
         axes[i, 0].set_title(textwrap.fill(prompts[i], 36), fontsize=9)
         axes[i, 1].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[i, 1].imshow(heat[i].cpu().numpy(), cmap="jet", alpha=0.45)
-        axes[i, 1].set_title("similarity", fontsize=9)
+        shown = axes[i, 1].imshow(heat[i].cpu().numpy(), cmap="jet", alpha=0.45)
+        fig.colorbar(shown, ax=axes[i, 1], fraction=0.046, pad=0.02).set_label("cosine similarity", fontsize=8)
+        axes[i, 1].set_title(textwrap.fill(f"similarity to: {prompts[i]}", 36), fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
     return _save(fig, path)
@@ -97,3 +99,43 @@ def _save(fig, path: str | Path) -> Path:
 
 
 __all__ = ["attention_panels", "grounding_panels", "loss_curves", "overlay_heatmap"]
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legend: str | None = None) -> np.ndarray:
+    """uint8 RGB: gray ``image`` [H, W] in [0, 1] with ``heat`` [H, W] (min-max over its finite
+    values, jet colours) blended on top; NaN pixels keep the plain image. The top ``H`` rows keep the
+    image's own pixel grid (matplotlib figures resample, so this is drawn by hand).
+
+    :param legend: the prompt; when given, a strip below the image names it and shows the colour bar
+        from the map's lowest to its highest similarity (cosine), so ``[H + strip, W, 3]``.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    finite = np.isfinite(heat)
+    lo, hi = (float(heat[finite].min()), float(heat[finite].max())) if finite.any() else (0.0, 1.0)
+    norm = np.where(finite, (heat - lo) / max(hi - lo, 1e-12), 0.0)
+    colour = colormaps["jet"](norm)[..., :3]
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
+    a = np.where(finite, alpha, 0.0)[..., None]
+    out = (255 * ((1 - a) * gray + a * colour)).round().astype(np.uint8)
+    if legend is None:
+        return out
+    w = out.shape[1]
+    size = max(10, w // 40)
+    font = ImageFont.load_default(size=size)
+    strip = Image.new("RGB", (w, 3 * size + 10), "white")
+    draw = ImageDraw.Draw(strip)
+    text = legend
+    while text and draw.textlength(text, font=font) > w - 4:  # cut a long prompt to the image's width
+        text = text[:-2] + "…"
+    draw.text((2, 1), text, fill="black", font=font)
+    lo_txt, hi_txt = f"{lo:.3f}", f"{hi:.3f} cosine"
+    x0 = int(draw.textlength(lo_txt, font=font)) + 6
+    x1 = w - int(draw.textlength(hi_txt, font=font)) - 6
+    if x1 > x0:
+        bar = (255 * colormaps["jet"](np.linspace(0, 1, x1 - x0))[:, :3]).astype(np.uint8)
+        strip.paste(Image.fromarray(np.repeat(bar[None], size, axis=0)), (x0, 2 * size))
+    draw.text((2, 2 * size - 1), lo_txt, fill="black", font=font)
+    draw.text((max(x1 + 4, x0), 2 * size - 1), hi_txt, fill="black", font=font)
+    return np.concatenate([out, np.asarray(strip)], axis=0)

@@ -21,6 +21,7 @@ import numpy as np
 
 from g2d.data.images import read_image
 from g2d.data.transforms import build_transform, eval_geometry, inference_geometry
+from g2d.figures import heat_overlay
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
 
@@ -49,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text", required=True)
     g.add_argument("--out", required=True, help="PNG file for the overlay")
     g.add_argument("--npy", default=None, help="also save the raw heat map [H, W] (NaN outside the crop)")
+    g.add_argument("--no-legend", action="store_true",
+                   help="the overlay alone, at the image's size (default: a strip below names the prompt and "
+                        "shows the colour bar of the similarity scale)")
     _model_args(g)
     g.set_defaults(run=run_ground)
 
@@ -99,23 +103,6 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     return 0
 
 
-def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]``: gray ``image`` [H, W] in [0, 1] with ``heat`` [H, W] (min-max over its
-    finite values, jet colours) blended on top; NaN pixels keep the plain image.
-
-    Written here because matplotlib figures resample; this keeps the original pixel grid.
-    """
-    from matplotlib import colormaps
-
-    finite = np.isfinite(heat)
-    lo, hi = (heat[finite].min(), heat[finite].max()) if finite.any() else (0.0, 1.0)
-    norm = np.where(finite, (heat - lo) / max(hi - lo, 1e-12), 0.0)
-    colour = colormaps["jet"](norm)[..., :3]
-    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
-    a = np.where(finite, alpha, 0.0)[..., None]
-    return (255 * ((1 - a) * gray + a * colour)).round().astype(np.uint8)
-
-
 def run_ground(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -128,7 +115,8 @@ def run_ground(args: argparse.Namespace) -> int:
     heat = to_original(dense, eval_geometry(img.shape, geom_cfg)).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(heat_overlay(img, heat)).save(out)
+    legend = None if args.no_legend else args.text
+    Image.fromarray(heat_overlay(img, heat, legend=legend)).save(out)
     if args.npy:
         np.save(args.npy, heat.astype(np.float32))
     finite = np.isfinite(heat)
