@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "g2d.seeding", "g2d.testing")),
     ("configuration", ("g2d.config",)),
     ("data", ("g2d.data", "g2d.losses")),
-    ("model", ("g2d.model", "g2d.checkpoint")),
+    ("model", ("g2d.model", "g2d.checkpoint", "g2d.hub")),
     ("library", ("g2d.factory", "g2d.peers", "g2d.objective", "g2d.inference", "g2d.attention_diagnostics")),
     ("applications", ("g2d.train", "g2d.downstream")),
     ("experiments", ("g2d.reproduce", "g2d.demo")),

@@ -27,6 +27,7 @@ from g2d.checkpoint import (
 from g2d.config import G2DConfig, ImageEncoderCfg, config_from_dict
 from g2d.data.transforms import ImageTransformCfg, inference_geometry
 from g2d.errors import ConfigError
+from g2d.hub import HUB_PREFIX, resolve_hub
 from g2d.model import G2DModel
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.model.text_encoder import build_tiny_text_model, load_text_backbone
@@ -135,6 +136,7 @@ def create_model(cfg: G2DConfig, *, text_weights: bool = True) -> G2DModel:
     model = G2DModel(cfg.model, backbone, tokenizer, temperature=cfg.loss.temperature,
                      learnable_temperature=cfg.loss.learnable_temperature)
     load_image_weights(model.image_encoder, cfg.model.image.weights, cfg.model.image.arch)
+    model.config, model.preprocess = cfg, trained_geometry(cfg)
     return model
 
 
@@ -162,7 +164,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> G2DModel
     deterministic image geometry it was trained with (:func:`g2d.data.transforms.inference_geometry`:
     its resize rule and centre crop, no augmentation), which inference, figures and evaluation use.
 
-    :param path: an export folder (``model.safetensors`` + ``config.json`` + ``text/``), a run
+    :param path: an export or hub-format folder (``model.safetensors`` + ``config.json`` + ``text/``),
+        ``hf-hub:ORG/NAME[@REVISION]`` (:mod:`g2d.hub`; from the local cache, offline-safe), a run
         folder written by ``g2d pretrain``, a ``.safetensors`` file inside an export folder, or a
         training checkpoint ``.pt`` (read with ``weights_only=True``).
 
@@ -173,6 +176,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> G2DModel
         txt = model.encode_text(["left pleural effusion"])
         heat = model.dense_embeddings(images) @ txt[0]   # [B, 7, 7]
     """
+    if str(path).startswith(HUB_PREFIX):  # hf-hub:ORG/NAME[@REVISION], through the hub's own cache
+        path = resolve_hub(str(path))
     kind, where = _resolve(Path(path))
     if kind == "export":
         cfg_dict = json.loads((where / EXPORT_CONFIG).read_text(encoding="utf-8"))

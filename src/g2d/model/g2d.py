@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,6 +98,14 @@ class G2DModel(nn.Module):
                                                       cfg.pool.heads if per_head else 1)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
                                         requires_grad=learnable_temperature)
+
+    def save_pretrained(self, out_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+        """This model in the Hugging Face Hub format (:func:`g2d.hub.save_pretrained`): weights, full
+        config, tokenizer, image preprocessing and a model card (with the ``g2d eval`` results under
+        ``run_dir``). Load it back with ``g2d.load_model(out_dir)`` or, once pushed, ``hf-hub:ORG/NAME``."""
+        from g2d.hub import save_pretrained
+
+        return save_pretrained(self, out_dir, run_dir)
 
     # ------------------------------------------------------------------------------ image side
 
