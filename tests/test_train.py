@@ -74,9 +74,11 @@ def test_persistent_workers_match_in_process_loading(tiny_cfg, tmp_path):
 
 def test_export_and_load_give_identical_embeddings(tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, **{"train.max_steps": 2})
+    before = cfg.to_dict()
     trainer = Pretrainer(cfg, tmp_path, progress=False)
     trainer.setup()
     trainer.train()
+    assert cfg.to_dict() == before  # the trainer works on its own copy of the config
     # frozen text layers stay out of the optimizer
     in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in trainer.model.parameters() if p.requires_grad}

@@ -147,7 +147,9 @@ class Pretrainer:
 
     def __init__(self, cfg: G2DConfig, out_dir: str | Path, dist_info: DistInfo | None = None,
                  progress: bool = True, tensorboard: bool = True, device: str = "auto"):
-        self.cfg = cfg.validate()
+        # the run's own copy: resuming (the checkpoint's model/loss win) and the tiny text tower's path
+        # change it, never the caller's object
+        self.cfg = copy.deepcopy(cfg).validate()
         self.out = Path(out_dir)
         self.dist = dist_info or init_distributed(device, timeout_s=self.cfg.train.dist_timeout_s)
         self.progress = progress and self.dist.is_main
