@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("g2d.data", "g2d.losses")),
     ("model", ("g2d.model", "g2d.checkpoint", "g2d.hub")),
     ("library", ("g2d.factory", "g2d.peers", "g2d.objective", "g2d.inference", "g2d.attention_diagnostics")),
-    ("applications", ("g2d.train", "g2d.downstream")),
+    ("applications", ("g2d.train", "g2d.downstream", "g2d.app")),
     ("experiments", ("g2d.reproduce", "g2d.demo")),
     ("command line", ("g2d.commands", "g2d.cli", "g2d.__main__")),
 ]

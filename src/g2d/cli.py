@@ -13,7 +13,8 @@ from g2d.errors import ConfigError, DataError
 # Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
 COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.pretrain", "g2d.commands.demo", "g2d.commands.prepare",
                                      "g2d.commands.evaluate", "g2d.commands.infer", "g2d.commands.figure",
-                                     "g2d.commands.reproduce", "g2d.commands.push")
+                                     "g2d.commands.reproduce", "g2d.commands.push",
+                                     "g2d.commands.app")
 
 
 def main(argv: list[str] | None = None) -> int:

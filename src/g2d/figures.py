@@ -101,13 +101,15 @@ def _save(fig, path: str | Path) -> Path:
 __all__ = ["attention_panels", "grounding_panels", "loss_curves", "overlay_heatmap"]
 
 
-def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legend: str | None = None) -> np.ndarray:
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legend: str | None = None,
+                 unit: str | None = "cosine") -> np.ndarray:
     """uint8 RGB: gray ``image`` [H, W] in [0, 1] with ``heat`` [H, W] (min-max over its finite
     values, jet colours) blended on top; NaN pixels keep the plain image. The top ``H`` rows keep the
     image's own pixel grid (matplotlib figures resample, so this is drawn by hand).
 
     :param legend: the prompt; when given, a strip below the image names it and shows the colour bar
-        from the map's lowest to its highest similarity (cosine), so ``[H + strip, W, 3]``.
+        from the map's lowest to its highest value, so ``[H + strip, W, 3]``.
+    :param unit: the values' unit after the highest one ("cosine"); ``None``: no colour bar.
     """
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
@@ -130,7 +132,9 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legen
     while text and draw.textlength(text, font=font) > w - 4:  # cut a long prompt to the image's width
         text = text[:-2] + "…"
     draw.text((2, 1), text, fill="black", font=font)
-    lo_txt, hi_txt = f"{lo:.3f}", f"{hi:.3f} cosine"
+    if unit is None:
+        return np.concatenate([out, np.asarray(strip)], axis=0)
+    lo_txt, hi_txt = f"{lo:.3f}", f"{hi:.3f} {unit}".rstrip()
     x0 = int(draw.textlength(lo_txt, font=font)) + 6
     x1 = w - int(draw.textlength(hi_txt, font=font)) - 6
     if x1 > x0:

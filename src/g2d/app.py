@@ -1,0 +1,142 @@
+"""``g2d app``: a local web page (Gradio) to look at a model: drop a chest X-ray (PNG, JPEG or DICOM),
+type findings, and see the zero-shot probabilities, the grounding heat map of each finding over the
+image, and the attention map with its pseudo mask. Synthetic example images are one click away.
+
+Safe by default: binds to 127.0.0.1, refuses files above ``max_mb`` and files that are not images
+(with the reader's message), and keeps uploads only in a temporary folder it removes on exit.
+Needs the ``app`` extra (``pip install -e ".[app]"``); the library never imports it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from g2d.data.images import read_image
+from g2d.data.transforms import build_transform, eval_geometry
+from g2d.errors import DataError, ImageReadError
+from g2d.figures import heat_overlay
+from g2d.inference.grounding import dense_similarity, to_original
+from g2d.inference.zeroshot import class_prompts, load_prompts, prompt_embeddings, zero_shot_scores
+from g2d.model import G2DModel
+from g2d.pseudo_mask import build_pseudo_masks
+
+__all__ = ["analyse", "build_app", "serve", "write_examples"]
+
+
+def _findings(text: str) -> list[str]:
+    found = [f.strip() for f in text.replace(";", ",").split(",") if f.strip()]
+    if not found:
+        raise DataError("type at least one finding, e.g. 'pleural effusion, pneumothorax'")
+    return found
+
+
+@torch.no_grad()
+def analyse(model: G2DModel, path: str | Path, findings: str, prompts: str | None = None
+            ) -> tuple[dict[str, float], list[tuple[np.ndarray, str]], np.ndarray]:
+    """What the page shows for one image.
+
+    :param path: a PNG/JPEG/TIFF/DICOM file. :param findings: comma-separated finding names.
+    :param prompts: a prompt file or shipped name for the zero-shot prompts (default: ``default``).
+    :return: ({finding: zero-shot probability}, [(grounding overlay uint8 [H', W, 3], caption)] per
+        finding at the image's resolution, attention panel uint8 [H', 2D, 3] with D = max(256, crop):
+        the head-mean attention on the model's crop and, beside it, the pseudo mask built from it).
+    :raises ImageReadError: not an image (the message names the file). :raises DataError: no finding.
+    """
+    names = _findings(findings)
+    img = read_image(path)                                                     # [H, W] in [0, 1]
+    x = build_transform(model.preprocess, train=False)(img)[None]              # [1, 1, S, S]
+    device = model.logit_scale.device
+    x = x.to(device)
+    pos, neg = prompt_embeddings(model, class_prompts(names, load_prompts(prompts)))
+    probs = zero_shot_scores(model.encode_image(x), pos, neg, model.logit_scale.exp())[0]
+    geom = eval_geometry(img.shape, model.preprocess)
+    dense = dense_similarity(model, x.expand(len(names), -1, -1, -1), [f"there is {n}" for n in names])
+    heats = [(heat_overlay(img, to_original(dense[i].cpu(), geom).numpy(), legend=f"there is {n}"), n)
+             for i, n in enumerate(names)]
+    out = model.image_forward(x, decode=False)
+    attention = out.attention.float()                                          # [1, heads, h, w]
+    mask = build_pseudo_masks(attention, x.float(), model.cfg.pseudo_mask)[0, 0].cpu().numpy()
+    side = max(256, x.shape[-1])  # shown at least 256 px wide: small models see 64-128 px crops
+    up = torch.nn.functional.interpolate
+    crop = up(x.float(), size=(side, side), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    att = up(attention.mean(1, keepdim=True), size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+    shown = up(torch.from_numpy(mask)[None, None].float(), size=(side, side), mode="nearest")[0, 0].numpy()
+    left = heat_overlay(crop, att.cpu().numpy(), legend="attention (head mean)", unit="weight")
+    right = heat_overlay(crop, np.where(shown > 0.5, 1.0, np.nan), alpha=0.5, legend="pseudo mask", unit=None)
+    if right.shape[0] < left.shape[0]:  # the same strip height without a colour bar row
+        right = np.concatenate([right, np.full((left.shape[0] - right.shape[0], side, 3), 255, np.uint8)])
+    return {n: float(p) for n, p in zip(names, probs.tolist())}, heats, np.concatenate([left, right], axis=1)
+
+
+def write_examples(folder: Path, size: int, n: int = 4) -> list[str]:
+    """``n`` synthetic radiographs with findings as PNG files (the page's one-click examples)."""
+    from PIL import Image
+
+    from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
+
+    data = SyntheticCXR(SyntheticCXRCfg(num_samples=4 * n, image_size=max(size, 128), seed=31))
+    paths: list[str] = []
+    for i in range(len(data)):
+        item = data[i]
+        if item["findings"] and len(paths) < n:
+            path = folder / f"synthetic_{i}_{item['findings'][0][0]}.png"
+            Image.fromarray((item["image"][0].numpy() * 255).round().astype(np.uint8)).save(path)
+            paths.append(str(path))
+    return paths
+
+
+def build_app(model: G2DModel, examples: list[str], max_mb: float) -> Any:
+    """The Gradio page (``gradio.Blocks``) for ``model``."""
+    import gradio as gr
+
+    def run(file: Any, findings: str) -> tuple[dict[str, float], list[tuple[np.ndarray, str]], np.ndarray]:
+        if file is None:
+            raise gr.Error("drop a chest X-ray first (PNG, JPEG or DICOM)")
+        path = Path(file if isinstance(file, str) else file.name)
+        if path.stat().st_size > max_mb * 1e6:
+            raise gr.Error(f"{path.name} is larger than {max_mb:g} MB")
+        try:
+            return analyse(model, path, findings)
+        except (ImageReadError, DataError) as err:
+            raise gr.Error(str(err)) from None
+
+    with gr.Blocks(title="g2d: zero-shot and grounding") as page:
+        gr.Markdown("# g2d\nDrop a chest X-ray, type findings, press **Analyse**. A research model, not a "
+                    "medical device.")
+        with gr.Row():
+            with gr.Column():
+                file = gr.File(label="chest X-ray (PNG, JPEG, DICOM)", file_types=["image", ".dcm", ".dicom"],
+                               elem_id="xray")
+                findings = gr.Textbox(label="findings (comma-separated)", value="pleural effusion, pneumothorax",
+                                      elem_id="findings")
+                button = gr.Button("Analyse", variant="primary", elem_id="analyse")
+                gr.Examples(examples=[[p, "opacity, nodule, effusion, pneumothorax, cardiomegaly"] for p in examples],
+                            inputs=[file, findings], label="synthetic examples")
+            with gr.Column():
+                probs = gr.Label(label="zero-shot probability", elem_id="probs")
+                heat = gr.Gallery(label="grounding: similarity to each finding", elem_id="heat", columns=2)
+                attention = gr.Image(label="attention map | pseudo mask", elem_id="attention")
+        button.click(run, inputs=[file, findings], outputs=[probs, heat, attention])
+    return page
+
+
+def serve(model: G2DModel, host: str = "127.0.0.1", port: int = 7860, max_mb: float = 20.0,
+          block: bool = True) -> Any:
+    """Start the page. Uploads and examples live in one temporary folder, removed when the server
+    stops (``block=False`` returns ``(page, folder)`` for the caller to close)."""
+    import os
+
+    folder = tempfile.TemporaryDirectory(prefix="g2d-app-")
+    os.environ["GRADIO_TEMP_DIR"] = folder.name  # gradio keeps its upload cache there
+    page = build_app(model, write_examples(Path(folder.name), model.config.model.image_size), max_mb)
+    page.launch(server_name=host, server_port=port, max_file_size=f"{max_mb:g}mb", prevent_thread_lock=not block,
+                show_error=True, allowed_paths=[folder.name])
+    if block:
+        folder.cleanup()
+        return None
+    return page, folder
