@@ -87,6 +87,7 @@ def test_the_page_in_a_headless_browser(model, tmp_path):
         assert "%" in browser.find_element(By.CSS_SELECTOR, "#probs").text  # a probability is shown
         shot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(shot))
+        assert any(Path(folder.name).rglob("x.png"))  # the upload landed in the app's own temporary folder
     finally:
         browser.quit()
         page.close()

@@ -132,11 +132,16 @@ def serve(model: G2DModel, host: str = "127.0.0.1", port: int = 7860, max_mb: fl
     import os
 
     folder = tempfile.TemporaryDirectory(prefix="g2d-app-")
-    os.environ["GRADIO_TEMP_DIR"] = folder.name  # gradio keeps its upload cache there
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = folder.name  # gradio puts uploads there (read at each upload)
     page = build_app(model, write_examples(Path(folder.name), model.config.model.image_size), max_mb)
     page.launch(server_name=host, server_port=port, max_file_size=f"{max_mb:g}mb", prevent_thread_lock=not block,
                 show_error=True, allowed_paths=[folder.name])
     if block:
         folder.cleanup()
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
         return None
     return page, folder
