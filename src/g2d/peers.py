@@ -24,13 +24,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from g2d.checkpoint import load_checkpoint
 from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import CheckpointError
 from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
-__all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "load_peer_encoder", "load_release_decoder", "split_model_spec"]
+__all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "load_peer_encoder", "load_release_decoder", "read_peer_state",
+           "split_model_spec"]
 
 log = logging.getLogger("g2d.peers")
 
@@ -140,15 +142,15 @@ def _read(path: Path, kind: PeerKind, trust_pickle: bool) -> Any:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
+        return load_checkpoint(path)  # the project's safe loader: weights_only=True
+    except CheckpointError as err:
         if not trust_pickle:
             hint = (" (GLoRIA's checkpoint stores its OmegaConf config as pickled objects)" if kind.needs_pickle
                     else "")
             raise CheckpointError(
                 f"{kind.name}: {path} holds more than tensors and plain data{hint}; nothing was executed. If you "
                 f"trust the file's source, rerun with --trust-pickle (torch.load with weights_only=False), or "
-                f"re-save its tensors as safetensors. ({type(err).__name__})") from None
+                f"re-save its tensors as safetensors. ({err})") from None
     log.warning("%s: loading %s with weights_only=False (--trust-pickle): the file may execute code", kind.name, path)
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -195,8 +197,14 @@ def _arch(keys: set[str]) -> str:
     raise CheckpointError(f"not a torchvision ResNet: blocks per stage {blocks}, bottleneck {bottleneck}")
 
 
-def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = False
-                      ) -> tuple[PeerEncoder, dict[str, Any]]:
+def read_peer_state(kind_name: str, path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Every tensor of a peer's checkpoint, from its container (read once; see :func:`load_peer_encoder`)."""
+    kind = PEER_KINDS[kind_name]
+    return _state_dict(_read(Path(path), kind, trust_pickle), kind, Path(path))
+
+
+def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = False,
+                      state: dict[str, Tensor] | None = None) -> tuple[PeerEncoder, dict[str, Any]]:
     """A peer's image encoder as a g2d encoder, and a report of what was loaded.
 
     :param kind_name: a key of :data:`PEER_KINDS`.
@@ -204,11 +212,12 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
         "preprocess"}``).
     :raises CheckpointError: the file is not of that kind (names the first mismatching key), or it
         needs pickled classes and ``trust_pickle`` is off.
+    :param state: the file's tensors when already read (:func:`read_peer_state`).
     :raises FileNotFoundError: no such file.
     """
     kind = PEER_KINDS[kind_name]
     path = Path(path)
-    state = _encoder_keys(_state_dict(_read(path, kind, trust_pickle), kind, path), kind)
+    state = _encoder_keys(state if state is not None else read_peer_state(kind_name, path, trust_pickle), kind)
     if not state:
         raise CheckpointError(f"{kind.name}: {path} has no key under the {kind.name} encoder prefix "
                               f"{kind.prefix!r} ({kind.source})")
@@ -242,14 +251,15 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
                             "zero_shot": kind.zero_shot}
 
 
-def load_release_decoder(path: str | Path, encoder: ResNetEncoder) -> UNetDecoder | None:
+def load_release_decoder(state: dict[str, Tensor], encoder: ResNetEncoder, path: str | Path
+                         ) -> UNetDecoder | None:
     """The U-Net decoder of a released-code ``{name}_encoder_decoder.pth`` (segmentation-models-pytorch's
     ``Unet``: ``decoder.blocks.*``, whose names g2d's decoder shares), or ``None`` for an encoder-only
     file. Every decoder key and shape must match (smp's default widths 256-128-64-32-16).
 
+    :param state: the file's tensors (:func:`read_peer_state`); ``path`` names it in errors.
     :raises CheckpointError: decoder keys that do not fit.
     """
-    state = _state_dict(_read(Path(path), PEER_KINDS["g2d-release"], False), PEER_KINDS["g2d-release"], Path(path))
     dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
     if not dec:
         return None

@@ -94,15 +94,16 @@ class Gate:
     def check(self, values: dict[str, float | None]) -> bool | None:
         """``None`` when a value it needs is missing (not run or failed)."""
         v = values.get(self.column)
-        if v is None or (self.than is not None and values.get(self.than) is None):
+        ref = values.get(self.than) if self.than is not None else None
+        if v is None or (self.than is not None and ref is None):
             return None
         ok = True
         if self.min is not None:
             ok &= v >= self.min
         if self.max is not None:
             ok &= v <= self.max
-        if self.than is not None:
-            ok &= v >= self.times * float(values[self.than] or 0.0) + self.plus
+        if ref is not None:
+            ok &= v >= self.times * ref + self.plus
         return bool(ok)
 
 

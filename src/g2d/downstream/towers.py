@@ -16,7 +16,7 @@ from g2d.factory import create_image_encoder, load_model
 from g2d.model import G2DModel
 from g2d.model.decoder import UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
-from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, split_model_spec
+from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
 
 __all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device"]
 
@@ -74,8 +74,9 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
     """
     kind, path = split_model_spec(spec)
     if kind in PEER_KINDS:
-        encoder, report = load_peer_encoder(kind, path, trust_pickle)
-        decoder = load_release_decoder(path, encoder) if kind == "g2d-release" else None
+        state = read_peer_state(kind, path, trust_pickle)  # read once for the encoder and the decoder
+        encoder, report = load_peer_encoder(kind, path, state=state)
+        decoder = load_release_decoder(state, encoder, path) if kind == "g2d-release" else None
         return ImageTower(encoder, decoder, None, spec, PEER_KINDS[kind].preprocess,
                           {**report, "decoder": decoder is not None})
     spec = path
