@@ -46,6 +46,23 @@ def test_analyse_gives_probabilities_heat_maps_and_the_attention_panel(model, tm
         analyse(model, tmp_path / "a.png", " , ")
 
 
+def test_uploads_above_the_limit_are_refused_and_the_page_binds_locally(tmp_path):
+    import argparse
+    import inspect
+
+    from g2d.app import check_upload, serve
+    from g2d.commands import app as app_command
+
+    (tmp_path / "big.png").write_bytes(b"0" * 2_000_001)
+    with pytest.raises(DataError, match="big.png is larger than 2 MB"):
+        check_upload(tmp_path / "big.png", 2.0)
+    assert check_upload(tmp_path / "big.png", 3.0) == tmp_path / "big.png"
+    parser = argparse.ArgumentParser()
+    app_command.register(parser.add_subparsers())
+    assert parser.parse_args(["app", "--model", "m"]).host == "127.0.0.1"
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -49,3 +49,23 @@ def test_heat_overlay_keeps_the_pixel_grid_and_adds_prompt_and_colour_bar():
     # a jet colour bar: saturated blue and red pixels somewhere in the strip, text in black
     assert ((strip[..., 2] > 200) & (strip[..., 0] < 60)).any() and ((strip[..., 0] > 200) & (strip[..., 2] < 60)).any()
     assert (strip.sum(-1) < 100).any()
+
+
+def test_grounding_panels_carry_a_colour_bar_of_the_cosine_scale(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import torch
+
+    from g2d.figures import grounding_panels
+
+    labels = []
+    real = matplotlib.figure.Figure.colorbar
+
+    def colorbar(self, *args, **kwargs):
+        bar = real(self, *args, **kwargs)
+        labels.append(bar)
+        return bar
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", colorbar)
+    grounding_panels(torch.rand(2, 1, 32, 32), torch.rand(2, 32, 32), torch.zeros(2, 32, 32),
+                     ["left effusion", "right nodule"], tmp_path / "g.png")
+    assert [b.ax.get_ylabel() for b in labels] == ["cosine similarity"] * 2

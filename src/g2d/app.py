@@ -25,7 +25,7 @@ from g2d.inference.zeroshot import class_prompts, load_prompts, prompt_embedding
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 
-__all__ = ["analyse", "build_app", "serve", "write_examples"]
+__all__ = ["analyse", "check_upload", "build_app", "serve", "write_examples"]
 
 
 def _findings(text: str) -> list[str]:
@@ -73,6 +73,15 @@ def analyse(model: G2DModel, path: str | Path, findings: str, prompts: str | Non
     return {n: float(p) for n, p in zip(names, probs.tolist())}, heats, np.concatenate([left, right], axis=1)
 
 
+def check_upload(path: str | Path, max_mb: float) -> Path:
+    """The uploaded file, or ``DataError`` when it is larger than ``max_mb`` (decimal MB); the reader
+    then refuses what is not an image."""
+    path = Path(path)
+    if path.stat().st_size > max_mb * 1e6:
+        raise DataError(f"{path.name} is larger than {max_mb:g} MB")
+    return path
+
+
 def write_examples(folder: Path, size: int, n: int = 4) -> list[str]:
     """``n`` synthetic radiographs with findings as PNG files (the page's one-click examples)."""
     from PIL import Image
@@ -97,11 +106,8 @@ def build_app(model: G2DModel, examples: list[str], max_mb: float) -> Any:
     def run(file: Any, findings: str) -> tuple[dict[str, float], list[tuple[np.ndarray, str]], np.ndarray]:
         if file is None:
             raise gr.Error("drop a chest X-ray first (PNG, JPEG or DICOM)")
-        path = Path(file if isinstance(file, str) else file.name)
-        if path.stat().st_size > max_mb * 1e6:
-            raise gr.Error(f"{path.name} is larger than {max_mb:g} MB")
         try:
-            return analyse(model, path, findings)
+            return analyse(model, check_upload(file if isinstance(file, str) else file.name, max_mb), findings)
         except (ImageReadError, DataError) as err:
             raise gr.Error(str(err)) from None
 
