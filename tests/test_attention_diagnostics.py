@@ -91,6 +91,24 @@ def test_shifted_maps_miss():
     assert d.mean.collapse_r < 0.5          # not collapsed, yet wrong: collapse alone proves nothing
 
 
+def test_per_group_scores():
+    """Half the images followed, half shifted: each group gets its own hit rate, the set's prior."""
+    images, targets, cells = _findings()
+    att = torch.cat([_peaks(cells[:6]), _peaks(cells[6:], shift=(4, 4))])
+    groups = ["nodule"] * 6 + ["effusion"] * 6
+    d = diagnose_attention(att, images, targets, PLAIN, groups)
+    assert d.mean.pointing == 0.5
+    (n_nod, nod), (n_eff, eff) = d.per_group["nodule"], d.per_group["effusion"]
+    assert (n_nod, n_eff) == (6, 6) and nod.pointing == 1.0 and eff.pointing == 0.0
+    assert nod.iou > 0 and eff.iou == 0.0
+    # the prior is the whole set's mean map, scored on the group's images
+    assert nod.pointing_prior + eff.pointing_prior == pytest.approx(2 * d.mean.pointing_prior)
+    flat = d.as_dict()
+    assert flat["nodule/pointing"] == 1.0 and flat["effusion/n_images"] == 6
+    with pytest.raises(ValueError, match="group names"):
+        diagnose_attention(att, images, targets, PLAIN, groups[:3])
+
+
 def test_uniform_and_one_hot_saturation():
     images, targets, cells = _findings()
     d = diagnose_attention(torch.full((12, 1, 8, 8), 1 / 64), images, targets, PLAIN)
@@ -133,4 +151,5 @@ def test_eval_attention_command(tmp_path, tiny_cfg):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] > 0 and metrics["skipped"]
     assert 0.0 <= metrics["pointing"] <= 1.0 and "head0/pointing" in metrics
+    assert sum(v for k, v in metrics.items() if k.endswith("/n_images")) == metrics["n_images"]
     assert (out / "figures" / "attention.png").is_file()

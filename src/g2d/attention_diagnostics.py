@@ -19,12 +19,15 @@ set with finding masks (or boxes filled into masks):
   arg-max cell (1.0 = one-hot softmax) and the share of images whose arg-max cell is the set's most
   common one.
 
-Scores are reported for the head mean (what the pseudo mask of Eq. 2 uses) and per head.
+Scores are reported for the head mean (what the pseudo mask of Eq. 2 uses) and per head, and,
+given each image's finding name, per finding for the head mean (against the whole set's prior: a
+finding that always sits in one place, like cardiomegaly, has a high prior).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,27 +109,35 @@ class AttentionScores:
 @dataclass
 class AttentionDiagnostics:
     """:ivar mean: scores of the head-mean map (Eq. 2). :ivar heads: scores of each head.
-    :ivar n_images: images scored. :ivar map_hw: attention map size (h, w)."""
+    :ivar n_images: images scored. :ivar map_hw: attention map size (h, w).
+    :ivar per_group: head-mean scores of each group's images (``groups`` of
+        :func:`diagnose_attention`, e.g. the finding), with the prior of the whole set."""
 
     mean: AttentionScores
     heads: list[AttentionScores]
     n_images: int
     map_hw: tuple[int, int]
     extra: dict[str, Any] = field(default_factory=dict)
+    per_group: dict[str, tuple[int, AttentionScores]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat ``{"collapse_r": ..., "head0/collapse_r": ...}`` plus ``n_images``/``map_hw``."""
+        """Flat ``{"collapse_r": ..., "head0/collapse_r": ..., "nodule/pointing": ...,
+        "nodule/n_images": ...}`` plus ``n_images``/``map_h``/``map_w``."""
         out: dict[str, Any] = dict(dataclasses.asdict(self.mean))
         for i, h in enumerate(self.heads):
             out.update({f"head{i}/{k}": v for k, v in dataclasses.asdict(h).items()})
+        for name, (n, g) in self.per_group.items():
+            out.update({f"{name}/n_images": n, **{f"{name}/{k}": v for k, v in dataclasses.asdict(g).items()}})
         out.update(n_images=self.n_images, map_h=self.map_hw[0], map_w=self.map_hw[1], **self.extra)
         return out
 
 
-def _scores(maps: Tensor, pseudo: Tensor, prior: Tensor, targets: Tensor) -> AttentionScores:
-    """maps [N, h, w]; pseudo / prior masks [N, H, W]; targets [N, H, W] bool."""
+def _scores(maps: Tensor, pseudo: Tensor, prior: Tensor, targets: Tensor,
+            mean_map: Tensor | None = None) -> AttentionScores:
+    """maps [N, h, w]; pseudo / prior masks [N, H, W]; targets [N, H, W] bool; mean_map [h, w]
+    (default: the mean of ``maps``)."""
     n = maps.shape[0]
-    mean_map = maps.mean(0, keepdim=True).expand_as(maps)
+    mean_map = (maps.mean(0) if mean_map is None else mean_map)[None].expand_as(maps)
     flat = maps.flatten(1)
     arg = flat.argmax(1)
     common = torch.mode(arg).values
@@ -145,7 +156,8 @@ def _scores(maps: Tensor, pseudo: Tensor, prior: Tensor, targets: Tensor) -> Att
 
 
 def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
-                       cfg: PseudoMaskCfg | None = None) -> AttentionDiagnostics:
+                       cfg: PseudoMaskCfg | None = None,
+                       groups: Sequence[str] | None = None) -> AttentionDiagnostics:
     """Score attention maps against finding masks (see the module docstring).
 
     :param attention: [N, heads, h, w] attention-pooling weights (:attr:`ImageOutput.attention`).
@@ -153,6 +165,7 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
     :param targets: [N, H, W] bool finding masks at the input's resolution; images whose target is
         empty should be left out by the caller (they cannot be pointed at).
     :param cfg: the pseudo-mask options the model was trained with (default: the paper's).
+    :param groups: N names (e.g. each image's finding) to score the head mean per group as well.
     :raises ValueError: shapes that do not match, or no images.
     """
     if attention.ndim != 4 or images.ndim != 4 or targets.ndim != 3:
@@ -173,7 +186,16 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
     masks = build_pseudo_masks(torch.cat([maps, prior], dim=1), images,
                                dataclasses.replace(cfg, aggregate_heads=False))
     scores = [_scores(maps[:, i], masks[:, i], masks[:, k + i], targets) for i in range(k)]
-    return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]))
+    per_group = {}
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} group names for {n} images")
+        for name in sorted(set(groups)):
+            idx = torch.tensor([i for i, g in enumerate(groups) if g == name])
+            per_group[name] = (len(idx), _scores(maps[idx, -1], masks[idx, k - 1], masks[idx, -1],
+                                                 targets[idx], mean_map=prior[0, -1]))
+    return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]),
+                                per_group=per_group)
 
 
 @torch.no_grad()

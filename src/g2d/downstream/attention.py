@@ -4,7 +4,8 @@ Runs :func:`g2d.attention_diagnostics.diagnose_attention` on the positive images
 finding masks or boxes (boxes are filled), at the model's input crop: attention collapse (Pearson r
 with the set's mean map), pointing game and pseudo-mask IoU / Dice, each against the position-only
 prior of the same set, for the head mean and per head. On ``synthetic`` sets only images with
-exactly one finding are scored (their mask is that finding's). Writes ``metrics.json``,
+exactly one finding are scored (their mask is that finding's), and the head mean is scored per
+finding too (``nodule/pointing``, ...; prior: the whole set's mean map). Writes ``metrics.json``,
 ``results.md`` and ``figures/attention.png`` (image, attention, pseudo mask; the finding outlined).
 """
 
@@ -74,7 +75,7 @@ def run(args: Args) -> dict[str, Any]:
     check_split(ds, f"{args.data} {args.split}")
     if not (getattr(ds, "with_mask", False) or getattr(ds, "with_boxes", False)):
         raise DataError(f"{args.data}: attention diagnostics need finding masks or boxes")
-    images, targets, ids = [], [], []
+    images, targets, ids, findings = [], [], [], []
     skipped: Counter[str] = Counter()
     loader = make_loader(ds, args.batch_size, args.num_workers)
     for batch in progress_bar(loader, len(loader), "attention", args.no_progress):
@@ -89,6 +90,9 @@ def run(args: Args) -> dict[str, Any]:
             images.append(batch["image"][j])
             targets.append(target)
             ids.append(batch["id"][j])
+            found = sample.get("prompt_findings")  # synthetic: [(finding, location)]
+            findings.append(None if found is None else str(found[0][0] if isinstance(found[0], (tuple, list))
+                                                          else found[0]))
         if len(images) >= args.max_images:
             break
     if not images:
@@ -96,7 +100,10 @@ def run(args: Args) -> dict[str, Any]:
     x, t = torch.stack(images[:args.max_images]), torch.stack(targets[:args.max_images])
     attention = collect_attention(model, x, args.batch_size)
     cfg = model.config.model.pseudo_mask
-    diag = diagnose_attention(attention, x, t, cfg)
+    findings = findings[:args.max_images]
+    groups = [f for f in findings if f is not None]
+    groups = groups if len(groups) == len(findings) else None
+    diag = diagnose_attention(attention, x, t, cfg, groups)
     out = Path(args.out)
     if args.figures:
         from g2d.figures import attention_panels
