@@ -101,9 +101,8 @@ def run(args: Args) -> dict[str, Any]:
     attention = collect_attention(model, x, args.batch_size)
     cfg = model.config.model.pseudo_mask
     findings = findings[:args.max_images]
-    groups = [f for f in findings if f is not None]
-    groups = groups if len(groups) == len(findings) else None
-    diag = diagnose_attention(attention, x, t, cfg, groups)
+    named = [f for f in findings if f is not None]
+    diag = diagnose_attention(attention, x, t, cfg, named if len(named) == len(findings) else None)
     out = Path(args.out)
     if args.figures:
         from g2d.figures import attention_panels
