@@ -201,7 +201,7 @@ def test_protocols_run_on_a_peer_encoder(kind, peer_files, tmp_path):
 
 
 def test_zero_shot_with_a_peer_says_what_is_not_supported(peer_files, tmp_path):
-    for kind, words in (("medklip", "query decoder"), ("biovil", "text tower")):
+    for kind, words in (("medklip", "query decoder"), ("xrv", "text tower")):
         args = protocol.make("zeroshot", data="synthetic:16", model=f"{kind}:{peer_files[kind][0]}",
                              out=str(tmp_path / kind), image_size=64, resize=64, num_workers=0, no_progress=True)
         with pytest.raises(ConfigError, match=words):

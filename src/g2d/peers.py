@@ -76,14 +76,15 @@ _SQUARE_224 = ImageTransformCfg(resize=224, crop=224, augment="none", keep_aspec
 PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
     PeerKind("g2d-release", ("model_state_dict",), r"(encoder\.)?", mean=IMAGENET_MEAN, std=IMAGENET_STD,
              preprocess=ImageTransformCfg(resize=256, crop=256, augment="none"),
+             zero_shot="the released G2D code saves no text tower or projection heads in these files",
              source="G2D-NeurIPS24 PRETRAIN/utils/trainer.py: {name}_encoder.pth (smp encoder) or "
                     "{name}_encoder_decoder.pth (encoder.* + decoder.*)"),
-    PeerKind("torchvision", (), "", source="a torchvision ResNet state dict (ImageNet normalisation)"),
+    PeerKind("torchvision", (), "", zero_shot="a torchvision ResNet has no text tower",
+             source="a torchvision ResNet state dict (ImageNet normalisation)"),
     PeerKind("mgca", ("state_dict",), r"img_encoder_q\.model\.", mean=_HALF, std=_HALF,
              source="MGCA resnet_50.ckpt (Lightning): img_encoder_q.model.*"),
     PeerKind("gloria", ("state_dict",), r"gloria\.img_encoder\.model\.", mean=_HALF, std=_HALF,
              needs_pickle=True,
-             zero_shot="GLoRIA's zero-shot adds a word-level local score to the global cosine",
              source="GLoRIA chexpert_resnet50.ckpt (Lightning, OmegaConf hyper-parameters): "
                     "gloria.img_encoder.model.*"),
     PeerKind("convirt", ("model",), r"visual\.model\.", index_names=True, preprocess=_SQUARE_224,
@@ -101,6 +102,7 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              source="hi-ml biovil_image_resnet50_proj_size_128.pt: encoder.encoder.*"),
     PeerKind("prior", ("state_dict",), r"(image_encoder\.)?(encoder\.)?", mean=(0.4755,) * 3, std=(0.3011,) * 3,
              preprocess=_SQUARE_224,
+             zero_shot="PRIOR's text path (prototype bank, sentence attention, local term) is not reproduced",
              source="PRIOR pretrained/prior_resnet50.pt (1-channel conv1, no prefix) or the whole model "
                     "(image_encoder.encoder.*)"),
     PeerKind("medclip", (), r"vision_model\.model\.", mean=(0.5863,) * 3, std=(0.2795,) * 3,

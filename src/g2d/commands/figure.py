@@ -33,10 +33,17 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     """
     from g2d.data.images import read_image
     from g2d.data.transforms import build_transform
+    from g2d.errors import ConfigError
     from g2d.factory import load_model
     from g2d.figures import attention_panels
+    from g2d.peers import PEER_KINDS, split_model_spec
     from g2d.pseudo_mask import build_pseudo_masks
 
+    kind, _ = split_model_spec(str(model_path))
+    if kind in PEER_KINDS:
+        raise ConfigError(f"g2d figure attention draws G2D's attention-pooling maps and pseudo masks; a {kind} "
+                          f"model has neither. For its image-text similarity map use: g2d ground IMAGE "
+                          f"--model {model_path} --text '...' --out heat.png")
     if reports and len(reports) != len(images):
         raise ValueError(f"got {len(images)} images but {len(reports)} reports; give one report per "
                          "image or none")

@@ -20,14 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import read_image
-from g2d.data.transforms import build_transform, eval_geometry, inference_geometry
+from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry, inference_geometry
 from g2d.figures import heat_overlay
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="G2D export folder, run folder or checkpoint")
+    p.add_argument("--model", required=True,
+                   help="G2D export folder, run folder, checkpoint or hf-hub:NAME; or a peer's checkpoint as "
+                        "KIND:PATH (biovil, mgca, gloria, convirt, medclip; docs/peers.md)")
+    p.add_argument("--text-model", default=None,
+                   help="for KIND:PATH: the peer's text model, hub name (NAME@REV) or local folder "
+                        "(default: the peer's own)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="let a peer's checkpoint that needs pickled classes load (GLoRIA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--resize", type=int, default=None, help="default: the model's pre-training geometry")
     p.add_argument("--image-size", type=int, default=None)
@@ -58,14 +65,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from g2d.downstream.towers import resolve_device
-    from g2d.factory import load_model
+    from g2d.downstream.towers import load_text_image_model, resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device)
-    cfg = model.config
-    geom = inference_geometry(args.resize or cfg.data.resize, args.image_size or cfg.model.image_size,
-                              cfg.data.augment)
+    tower, model = load_text_image_model(args.model, f"g2d {args.command}", args.trust_pickle, args.text_model,
+                                         device)
+    if tower.model is not None:
+        cfg = tower.model.config
+        geom = inference_geometry(args.resize or cfg.data.resize, args.image_size or cfg.model.image_size,
+                                  cfg.data.augment)
+    else:  # a peer's own evaluation pipeline
+        p = tower.preprocess or ImageTransformCfg()
+        geom = inference_geometry(args.resize or p.resize, args.image_size or p.output_size, "none", p.keep_aspect)
     return model, geom, device
 
 

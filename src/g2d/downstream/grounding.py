@@ -39,10 +39,9 @@ from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source
 from g2d.downstream.harness import make_loader, progress_bar
-from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_image_tower, resolve_device
-from g2d.downstream.zeroshot import require_g2d
+from g2d.downstream.towers import load_text_image_model, resolve_device
 from g2d.errors import DataError
 from g2d.inference.grounding import (
     binarize,
@@ -59,7 +58,7 @@ DEFAULT_PROMPTS = {"rsna": "pneumonia", "siim": "pneumothorax"}
 
 
 @dataclass(kw_only=True)
-class Args(GeometryArgs):
+class Args(TextImageArgs):
     """``g2d eval grounding``: its flags are these fields (``--name-with-dashes``)."""
 
     prompt: str | None = arg(None, help='one prompt for every image (default: per record / per set)')
@@ -110,10 +109,9 @@ def _default_prompt(args, ds) -> str | None:
 
 
 def run(args: Args) -> dict[str, Any]:
-    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
-    model = require_g2d(tower, "zero-shot grounding")
     device = resolve_device(args.device)
-    model.to(device).eval()
+    tower, model = load_text_image_model(args.model, "zero-shot grounding", args.trust_pickle, args.text_model,
+                                         device)
     geom_cfg = geometry_from_args(args, tower)
     ds = open_dataset(args.data, args.split, 1.0, geom_cfg)
     check_split(ds, f"{args.data} {args.split}")

@@ -18,11 +18,12 @@ import argparse
 import dataclasses
 import importlib
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "DenseArgs", "arg", "add_flags", "parse", "make", "run",
-           "module", "key_fields", "content_inputs"]
+__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "TextImageArgs", "DenseArgs", "arg", "add_flags", "parse",
+           "make", "run", "module", "key_fields", "content_inputs"]
 
 # name -> (module, one-line description): the protocols ``g2d eval`` runs
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -89,6 +90,14 @@ class GeometryArgs(ProtocolArgs):
     def geometry_defaults(self) -> tuple[Any, Any, Any]:
         f = {x.name: x.default for x in dataclasses.fields(self)}
         return f["resize"], f["image_size"], f["square"]
+
+
+@dataclass(kw_only=True)
+class TextImageArgs(GeometryArgs):
+    """Zero-shot classification and grounding: a model with a text tower, G2D's or a peer's."""
+
+    text_model: str | None = arg(None, help="for --model KIND:PATH: the peer's text model, a hub name (NAME@REV) "
+                                            "or local folder (default: the peer's own; docs/peers.md)")
 
 
 @dataclass(kw_only=True)
@@ -164,11 +173,17 @@ def key_fields(args: ProtocolArgs) -> dict[str, Any]:
 def content_inputs(args: ProtocolArgs) -> dict[str, str]:
     """Content a result depends on beyond its fields, other than the data and the model (which
     callers identify with :mod:`g2d.fingerprint`): the text of the prompt file a ``prompts`` field
-    names, so a result is not reused after the file (shipped or the user's) was edited."""
-    prompts = getattr(args, "prompts", MISSING)
-    if prompts is MISSING:
-        return {}
-    from g2d.fingerprint import digest
-    from g2d.inference.zeroshot import prompt_text
+    names, so a result is not reused after the file (shipped or the user's) was edited, and the
+    files of a local ``text_model`` folder (a hub name is keyed by its name)."""
+    from g2d.fingerprint import digest, file_stamp
 
-    return {"prompts_id": digest(prompt_text(prompts)[0])}
+    out = {}
+    prompts = getattr(args, "prompts", MISSING)
+    if prompts is not MISSING:
+        from g2d.inference.zeroshot import prompt_text
+
+        out["prompts_id"] = digest(prompt_text(prompts)[0])
+    text_model = getattr(args, "text_model", None)
+    if text_model and Path(text_model).is_dir():
+        out["text_model_id"] = digest([file_stamp(f) for f in sorted(Path(text_model).iterdir()) if f.is_file()])
+    return out

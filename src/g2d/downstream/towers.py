@@ -12,13 +12,16 @@ from torch import nn
 
 from g2d.config import ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
+from g2d.errors import ConfigError
 from g2d.factory import create_image_encoder, load_model
+from g2d.inference.interface import TextImageModel
 from g2d.model import G2DModel
 from g2d.model.decoder import UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
+from g2d.peer_vlm import load_peer_vl_model
 from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
 
-__all__ = ["Frozen", "ImageTower", "load_image_tower", "resolve_device"]
+__all__ = ["Frozen", "ImageTower", "load_image_tower", "load_text_image_model", "resolve_device"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -88,6 +91,31 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
 
     model = load_model(spec)
     return ImageTower(model.image_encoder, model.decoder, model, str(spec))
+
+
+def load_text_image_model(spec: str, what: str, trust_pickle: bool = False, text_model: str | None = None,
+                          device: torch.device | str = "cpu") -> tuple[ImageTower, TextImageModel]:
+    """The model for zero-shot classification or grounding, and its image tower (name, geometry):
+    a G2D model (export, run folder, checkpoint, ``hf-hub:``) or ``KIND:PATH`` of a peer whose
+    zero-shot is an image-text cosine (:func:`g2d.peer_vlm.load_peer_vl_model`; ``text_model``: its
+    text model's hub name or folder).
+
+    :raises ConfigError: ``random``/``imagenet``, a peer without a cosine zero-shot (the reason), or
+        ``text_model`` given for a G2D model.
+    """
+    kind, path = split_model_spec(spec)
+    if kind in PEER_KINDS:
+        vl = load_peer_vl_model(kind, path, text_model, trust_pickle).to(device)
+        return ImageTower(vl.image_encoder, None, None, spec, PEER_KINDS[kind].preprocess,
+                          {**vl.report, "decoder": False}), vl
+    if text_model:
+        raise ConfigError(f"--text-model is for a peer's model (KIND:PATH); the G2D model {spec!r} brings "
+                          "its own text tower")
+    if path in ("random", "imagenet"):
+        raise ConfigError(f"{what} needs a model with a text tower: a G2D model (export, run folder or "
+                          f"checkpoint) or a peer's (KIND:PATH); {path!r} is an image-only baseline")
+    model = load_model(path, device=device).eval()
+    return ImageTower(model.image_encoder, model.decoder, model, str(path)), model
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -32,10 +32,11 @@ from torch import Tensor
 from g2d.data.labelled.specs import open_dataset
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
 from g2d.downstream.harness import make_loader, progress_bar
-from g2d.downstream.protocol import GeometryArgs, arg
+from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import ImageTower, load_image_tower, resolve_device
+from g2d.downstream.towers import ImageTower, load_text_image_model, resolve_device
 from g2d.errors import ConfigError, DataError
+from g2d.inference.interface import TextImageModel
 from g2d.inference.zeroshot import (
     class_prompts,
     load_prompts,
@@ -58,7 +59,7 @@ THRESHOLD_RULES = {
 
 
 @dataclass(kw_only=True)
-class Args(GeometryArgs):
+class Args(TextImageArgs):
     """``g2d eval zeroshot``: its flags are these fields (``--name-with-dashes``)."""
 
     prompts: str | None = arg(None,
@@ -74,18 +75,16 @@ def require_g2d(tower: ImageTower, what: str) -> G2DModel:
     if tower.model is not None:
         return tower.model
     if tower.peer is not None:
-        why = ("" if tower.peer["zero_shot"] == "cosine" else f" ({tower.peer['zero_shot']})")
-        raise ConfigError(f"{what} with a peer's model ({tower.name}) is not supported: g2d loads only its image "
-                          f"encoder, not its text tower or projection heads{why}; see docs/peers.md")
-    raise ConfigError(f"{what} needs a pre-trained G2D model with its text tower (--model PATH to an "
-                      "export, run folder or checkpoint); 'random' and 'imagenet' are image-only baselines")
+        raise ConfigError(f"{what} needs G2D's attention pooling; {tower.name} (a peer's model) has none")
+    raise ConfigError(f"{what} needs a pre-trained G2D model (--model PATH to an export, run folder or "
+                      "checkpoint); 'random' and 'imagenet' are image-only baselines")
 
 
 # ------------------------------------------------------------------------------------------ prompts
 
 
 @torch.no_grad()
-def _score_split(model: G2DModel, ds, pos: Tensor, neg: Tensor, args, device, desc: str
+def _score_split(model: TextImageModel, ds, pos: Tensor, neg: Tensor, args, device, desc: str
                  ) -> tuple[np.ndarray, np.ndarray]:
     scale = model.logit_scale.exp()
     scores, labels = [], []
@@ -121,10 +120,9 @@ def parse_threshold(value: str) -> str | float:
 
 def run(args: Args) -> dict[str, Any]:
     rule = parse_threshold(args.threshold)
-    tower = load_image_tower(args.model, args.arch, args.trust_pickle)
-    model = require_g2d(tower, "zero-shot classification")
     device = resolve_device(args.device)
-    model.to(device).eval()
+    tower, model = load_text_image_model(args.model, "zero-shot classification", args.trust_pickle,
+                                         args.text_model, device)
     geom = geometry_from_args(args, tower)
     test_ds = open_dataset(args.data, "test", 1.0, geom)
     check_split(test_ds, f"{args.data} test")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g2d.model import G2DModel
+from g2d.inference.interface import TextImageModel
 
 __all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
            "BINARIZE_RULES"]
@@ -30,7 +30,7 @@ BINARIZE_RULES = ("minmax", "fixed", "quantile")
 
 
 @torch.no_grad()
-def dense_similarity(model: G2DModel, images: Tensor, prompts: list[str]) -> Tensor:
+def dense_similarity(model: TextImageModel, images: Tensor, prompts: list[str]) -> Tensor:
     """Cosine similarity of prompt ``i`` with image ``i``'s pixel embeddings at the dense resolution.
 
     :param images: [B, 1, S, S] in [0, 1]. :return: [B, S/32, S/32] in [-1, 1] (CPU).
@@ -42,7 +42,7 @@ def dense_similarity(model: G2DModel, images: Tensor, prompts: list[str]) -> Ten
 
 
 @torch.no_grad()
-def similarity_maps(model: G2DModel, images: Tensor, prompts: list[str]) -> Tensor:
+def similarity_maps(model: TextImageModel, images: Tensor, prompts: list[str]) -> Tensor:
     """Cosine similarity of prompt ``i`` with image ``i``'s pixel embeddings, upsampled
     (bilinear) to the input size.
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from g2d.errors import DataError
-from g2d.model import G2DModel
+from g2d.inference.interface import TextImageModel
 
 __all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores"]
 
@@ -115,7 +115,7 @@ def class_prompts(tasks: Sequence[str], table: dict[str, list[tuple[str, str]]])
 
 
 @torch.no_grad()
-def prompt_embeddings(model: G2DModel, prompts: dict[str, list[tuple[str, str]]]) -> tuple[Tensor, Tensor]:
+def prompt_embeddings(model: TextImageModel, prompts: dict[str, list[tuple[str, str]]]) -> tuple[Tensor, Tensor]:
     """Positive and negative text embeddings ``[K, d]`` (ensembles averaged, then L2-normalised)."""
     pos, neg = [], []
     for pairs in prompts.values():

@@ -1,0 +1,406 @@
+"""Peers' image-text models for zero-shot classification and grounding (``--model KIND:PATH
+--text-model NAME|DIR``), for the peers whose zero-shot is an image-text cosine similarity: BioViL,
+MGCA, GLoRIA, ConVIRT (ViLMedic) and MedCLIP.
+
+A :class:`PeerVLModel` has the interface the zero-shot and grounding code uses for G2D models
+(:meth:`encode_image`, :meth:`encode_text`, :meth:`dense_embeddings`, ``logit_scale``), built from:
+
+- the peer's image encoder (:func:`g2d.peers.load_peer_encoder`) and its image projection head from
+  the same checkpoint;
+- its text backbone: the architecture and tokenizer of a Hugging Face model (``--text-model``, a hub
+  name or a local folder; the defaults below), with the weights from the peer's checkpoint (MGCA,
+  GLoRIA, ConVIRT, MedCLIP) or from that model itself (BioViL's CXR-BERT);
+- its text head and pooling, as its code computes them.
+
+Facts from the peers' code (``../shared/reference/peer-checkpoints.md``; hi-ml b67c1d2, MGCA 680fe4a,
+GLoRIA 416466a, ViLMedic 0642c4b, MedCLIP 9c3396f). Every weight is checked by name and shape; files
+load with ``weights_only=True``. What is not reproduced is listed in :data:`PEER_TEXT` (``not_done``)
+and in docs/peers.md. MedKLIP, KAD (query decoders), PRIOR (prototype text path) and torchxrayvision
+(no text tower) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from g2d.errors import CheckpointError, ConfigError
+from g2d.peers import PEER_KINDS, PeerEncoder, load_peer_encoder, read_peer_state
+
+__all__ = ["PeerText", "PEER_TEXT", "PeerVLModel", "load_peer_vl_model"]
+
+log = logging.getLogger("g2d.peers")
+
+
+def _words(text: str) -> str:
+    """MGCA / GLoRIA report cleaning: lower case, ``\\w+`` tokens, ASCII only."""
+    return " ".join(re.findall(r"\w+", text.lower().encode("ascii", "ignore").decode()))
+
+
+@dataclass(frozen=True)
+class PeerText:
+    """How one peer embeds text and projects images, for cosine zero-shot.
+
+    :ivar text_model: default ``--text-model`` (hub name, ``@revision`` allowed): config and
+        tokenizer, and for BioViL the weights too.
+    :ivar text_prefix: where the text backbone's weights sit in the peer checkpoint (``None``: in
+        ``text_model``'s own weight file, under ``bert.``).
+    :ivar pooling: ``cls`` (last layer [CLS]), ``pooler`` (BERT/RoBERTa pooler output), ``last4``
+        (GLoRIA: the last 4 layers summed, summed over the tokens [CLS]..[SEP]; equal up to scale to
+        GLoRIA's mean over its zero-padded word positions, and cosine ignores scale), ``medclip``
+        (layers 1, 2 and last averaged, mean over every token, padding included).
+    :ivar text_head: checkpoint prefix of the text projection (``""``: none).
+    :ivar image_head: checkpoint prefix of the image projection; ``image_head_on_grid``: applied to
+        every layer-4 cell and averaged (BioViL) rather than to the average-pooled vector.
+    :ivar dense_head, dense_stage: the head and encoder stage (3 = layer3, 4 = layer4) of the
+        grounding map (cosine of the prompt with each cell's projection).
+    :ivar upsample: the peer's forward resizes its input to this size first (MGCA, GLoRIA: 299).
+    :ivar positions_from_token_types: MGCA passes ``token_type_ids`` (all 0) where its BERT expects
+        ``position_ids``, and its embeddings have no token-type table: every token gets position 0.
+    """
+
+    kind: str
+    text_model: str
+    text_prefix: str | None
+    pooling: str
+    text_head: str
+    image_head: str
+    dense_head: str
+    dense_stage: int = 4
+    image_head_on_grid: bool = False
+    upsample: int | None = None
+    max_length: int | None = None
+    pad_to_max: bool = False
+    logit_scale: float | None = 1 / 0.07       # None: the checkpoint's ``logit_scale``
+    clean: Callable[[str], str] | None = None
+    text_pooler: bool = False
+    positions_from_token_types: bool = False
+    not_done: str = ""
+    source: str = ""
+
+
+PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
+    PeerText("biovil", "microsoft/BiomedVLP-CXR-BERT-specialized@v1.1", None, "cls", "cls_projection_head",
+             "projector.model", "projector.model", image_head_on_grid=True,
+             clean=lambda t: t.rstrip("!?."),
+             not_done="the grounding map is not Gaussian-smoothed (hi-ml: sigma 1.5 cells)",
+             source="hi-ml: text/model/modelling_cxrbert.py (CLS -> cls_projection_head), "
+                    "image/model/model.py (mean of the projected layer-4 grid)"),
+    PeerText("mgca", "emilyalsentzer/Bio_ClinicalBERT", "text_encoder_q.model", "cls",
+             "text_encoder_q.global_embed.head", "img_encoder_q.global_embed.head",
+             "img_encoder_q.global_embed.head", upsample=299, max_length=112, pad_to_max=True,
+             clean=_words, positions_from_token_types=True,
+             not_done="the grounding map applies the global image head to each layer-4 cell (MGCA has no "
+                      "grounding code); MGCA's local (layer-3, word) alignment is not used",
+             source="MGCA: models/backbones/encoder.py (CLS -> global_embed), med.py (6 layers, no pooler, "
+                    "no token-type table), mgca_module.py (temperature 0.07)"),
+    PeerText("gloria", "emilyalsentzer/Bio_ClinicalBERT", "gloria.text_encoder.model", "last4", "",
+             "gloria.img_encoder.global_embedder", "gloria.img_encoder.local_embedder", dense_stage=3,
+             upsample=299, max_length=97, pad_to_max=True, clean=_words, text_pooler=True,
+             not_done="only the global cosine: GLoRIA's zero-shot averages it with a word-level local score "
+                      "and z-scores each class over the batch; the grounding map is the cosine of the "
+                      "sentence with each layer-3 cell's local embedding",
+             source="GLoRIA: models/text_model.py (last 4 layers summed, word aggregation), "
+                    "models/vision_model.py (global_embedder on layer 4, local_embedder on layer 3)"),
+    PeerText("convirt", "allenai/biomed_roberta_base", "linguistic.encoder", "pooler", "lin_proj",
+             "vis_proj", "vis_proj", max_length=128, pad_to_max=True, logit_scale=1 / 0.1,
+             clean=str.lower, text_pooler=True,
+             not_done="report cleaning (r2gen_clean_report) is approximated by lower-casing; the grounding "
+                      "map applies vis_proj to each layer-4 cell",
+             source="ViLMedic: models/selfsup/conVIRT.py (lin_proj(pooler_output), vis_proj(avgpool), tau 0.1)"),
+    PeerText("medclip", "emilyalsentzer/Bio_ClinicalBERT", "text_model.model", "medclip",
+             "text_model.projection_head", "vision_model.model.fc", "vision_model.model.fc", max_length=77,
+             logit_scale=None, text_pooler=True,
+             not_done="the grounding map applies the image projection (fc) to each layer-4 cell",
+             source="MedCLIP: modeling_medclip.py (layers 1, 2, last; mean over tokens; projection_head; "
+                    "logit_scale clamped to [0, ln 100])"),
+)}
+
+
+# ------------------------------------------------------------------------------------ heads
+
+
+def _take(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def _head(kind: str, prefix: str, parts: dict[str, Tensor], path: Path) -> nn.Module:
+    """A per-vector head ``[N, C_in] -> [N, d]`` from a Sequential's tensors (Linear / 1x1 conv,
+    BatchNorm, activations where the index skips), or a single Linear / 1x1 conv (no index)."""
+    if not parts:
+        raise CheckpointError(f"{kind}: {path} has no {prefix}.* weights (the {kind} projection head)")
+    if "weight" in parts:                                       # a single layer (GLoRIA, MedCLIP)
+        indices = {"": parts}
+    else:
+        indices = {}
+        for k, v in parts.items():
+            i, _, name = k.partition(".")
+            if not i.isdigit():
+                raise CheckpointError(f"{kind}: {path}: unexpected key {prefix}.{k!r}")
+            indices.setdefault(i, {})[name] = v
+    layers: list[nn.Module] = []
+    last = -1
+    for i in sorted(indices, key=lambda s: int(s) if s else 0):
+        t = indices[i]
+        idx = int(i) if i else 0
+        if layers and idx > last + 1:      # the parameter-free activation in between: ReLU in every peer's head
+            layers.append(nn.ReLU())
+        last = idx
+        w = t.get("weight")
+        if "running_mean" in t:                                 # BatchNorm (affine=False: no weight)
+            bn = nn.BatchNorm1d(t["running_mean"].numel(), affine=w is not None)
+            bn.load_state_dict({"num_batches_tracked": torch.tensor(0), **t})
+            layers.append(bn)
+        elif w is not None and w.ndim in (2, 4):                # Linear or 1x1 conv as Linear
+            lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t)
+            lin.load_state_dict({"weight": w.reshape(w.shape[0], w.shape[1]),
+                                 **({"bias": t["bias"]} if "bias" in t else {})})
+            layers.append(lin)
+        elif w is not None and w.ndim == 1:                     # LayerNorm
+            ln = nn.LayerNorm(w.numel(), eps=1e-12)
+            ln.load_state_dict(t)
+            layers.append(ln)
+        else:
+            raise CheckpointError(f"{kind}: {path}: cannot read {prefix}.{i} ({sorted(t)})")
+    return nn.Sequential(*layers).eval()
+
+
+def _biovil_text_head(parts: dict[str, Tensor], path: Path) -> nn.Module:
+    """hi-ml's BertProjectionHead: dense_to_hidden -> GELU -> LayerNorm (eps 1e-12) -> dense_to_output."""
+    need = ("dense_to_hidden.weight", "LayerNorm.weight", "dense_to_output.weight")
+    if not all(k in parts for k in need):
+        raise CheckpointError(f"biovil: {path} has no cls_projection_head.{{dense_to_hidden, LayerNorm, "
+                              f"dense_to_output}} (found {sorted(parts)[:4]})")
+    d_in, d = parts["dense_to_hidden.weight"].shape[1], parts["dense_to_hidden.weight"].shape[0]
+    head = nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.LayerNorm(d, eps=1e-12), nn.Linear(d, d))
+    head.load_state_dict({"0.weight": parts["dense_to_hidden.weight"], "0.bias": parts["dense_to_hidden.bias"],
+                          "2.weight": parts["LayerNorm.weight"], "2.bias": parts["LayerNorm.bias"],
+                          "3.weight": parts["dense_to_output.weight"], "3.bias": parts["dense_to_output.bias"]})
+    return head.eval()
+
+
+def _per_vector(head: nn.Module, grid: Tensor) -> Tensor:
+    """Apply a per-vector head to every cell: [B, C, h, w] -> [B, h, w, d]."""
+    b, c, h, w = grid.shape
+    return head(grid.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, -1)
+
+
+# ------------------------------------------------------------------------------------ text
+
+
+def _offline() -> bool:
+    from g2d.model.text_encoder import _offline as offline
+
+    return offline()
+
+
+def _text_folder(name: str) -> Path:
+    """A local folder for a hub name (``NAME@REVISION``) or a folder, through huggingface_hub's cache."""
+    if Path(name).is_dir():
+        return Path(name)
+    repo, _, rev = name.partition("@")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=rev or None, local_files_only=_offline(),
+                                      allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]))
+    except Exception as err:  # huggingface_hub raises several types for offline / missing
+        raise OSError(f"cannot load text model {name!r}: {err}\nPass --text-model with a local folder holding "
+                      "it (config.json, tokenizer files, and for BioViL its weights), or download it once "
+                      "where the Hugging Face hub is reachable.") from None
+
+
+def _read_weights(folder: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from g2d.checkpoint import load_checkpoint
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            obj = load_file(str(folder / name)) if name.endswith(".safetensors") else load_checkpoint(folder / name)
+            return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+class PeerTextTower(nn.Module):
+    """A peer's text backbone + pooling + head: ``list[str] -> [N, d]`` (not normalised)."""
+
+    def __init__(self, spec: PeerText, backbone: nn.Module, head: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.spec, self.backbone, self.head, self.tokenizer = spec, backbone, head, tokenizer
+
+    def forward(self, texts: list[str]) -> Tensor:
+        s = self.spec
+        texts = [s.clean(t) if s.clean else t for t in texts]
+        length = s.max_length or getattr(self.backbone.config, "max_position_embeddings", 512)
+        tok = self.tokenizer(texts, padding="max_length" if s.pad_to_max else True, truncation=True,
+                             max_length=length, return_tensors="pt")
+        device = next(self.backbone.parameters()).device
+        tok = {k: v.to(device) for k, v in tok.items()}
+        kwargs: dict[str, Any] = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+                                  "output_hidden_states": s.pooling in ("last4", "medclip")}
+        if s.positions_from_token_types:
+            kwargs["position_ids"] = torch.zeros_like(tok["input_ids"])
+        out = self.backbone(**kwargs)
+        if s.pooling == "cls":
+            x = out.last_hidden_state[:, 0]
+        elif s.pooling == "pooler":
+            x = out.pooler_output
+        elif s.pooling == "last4":
+            mask = tok["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            x = (torch.stack(out.hidden_states[-4:]).sum(0) * mask).sum(1)
+        else:  # medclip
+            hs = out.hidden_states
+            x = torch.stack([hs[1], hs[2], hs[-1]]).mean(2).mean(0)
+        return self.head(x)
+
+
+def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor] | None, path: Path) -> tuple[nn.Module, Any]:
+    """The text backbone with the peer's weights, and its tokenizer; every tensor checked."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel  # type: ignore[attr-defined]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if spec.text_prefix is None:                                   # BioViL: CXR-BERT's own file, bert.*
+        weights = _take(_read_weights(folder), "bert")
+        config = BertConfig.from_json_file(str(folder / "config.json"))  # model_type cxr-bert: no remote code
+        model: nn.Module = BertModel(config, add_pooling_layer=False)
+        where = f"{folder} (bert.*)"
+    else:
+        if state is None:
+            raise ValueError("the peer checkpoint's tensors are needed")
+        weights = _take(state, spec.text_prefix)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        if spec.kind == "mgca":                                    # med.py: 6 layers, text mode only
+            layers = {int(k.split(".")[2]) for k in weights if k.startswith("encoder.layer.")}
+            config.num_hidden_layers = max(layers) + 1 if layers else config.num_hidden_layers
+            weights = {k: v for k, v in weights.items() if ".crossattention." not in k}
+        model = AutoModel.from_config(config, add_pooling_layer=spec.text_pooler)
+        where = f"{path} ({spec.text_prefix}.*)"
+    if not weights:
+        raise CheckpointError(f"{spec.kind}: no text weights in {where}")
+    weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}  # old HF buffer (issue #37)
+    expected = model.state_dict()
+    expected_names = {k for k in expected if not k.endswith("position_ids")}
+    if spec.positions_from_token_types and "embeddings.token_type_embeddings.weight" not in weights:
+        weights["embeddings.token_type_embeddings.weight"] = torch.zeros_like(
+            expected["embeddings.token_type_embeddings.weight"])        # med.py has no token-type table
+    missing = sorted(expected_names - set(weights))
+    unexpected = sorted(set(weights) - expected_names)
+    bad = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        first = (missing or unexpected or bad)[0]
+        raise CheckpointError(f"{spec.kind}: the text weights in {where} do not fit {folder.name}'s "
+                              f"architecture: {len(missing)} missing, {len(unexpected)} unexpected, {len(bad)} "
+                              f"of another shape; first: {first!r}")
+    model.load_state_dict({**expected, **weights})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError):                       # CXR-BERT names a custom tokenizer class
+        from transformers import BertTokenizerFast  # type: ignore[attr-defined]
+
+        tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class PeerVLModel(nn.Module):
+    """A peer's image-text model with G2D's zero-shot interface (all in eval mode, no gradients).
+
+    :ivar logit_scale: log of the similarity scale (``.exp()`` multiplies cosines); the peer's own
+        where it has one (MedCLIP's learnt value, MGCA 1/0.07, ConVIRT 1/0.1), else 1/0.07. Zero-shot
+        AUROC does not depend on it.
+    """
+
+    def __init__(self, spec: PeerText, encoder: PeerEncoder, image_head: nn.Module, dense_head: nn.Module,
+                 text: PeerTextTower, logit_scale: float, report: dict[str, Any]):
+        super().__init__()
+        self.spec, self.image_encoder, self.image_head, self.dense_head, self.text = (
+            spec, encoder, image_head, dense_head, text)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=False)
+        self.report = report
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def _features(self, images: Tensor) -> list[Tensor]:
+        if self.spec.upsample:
+            images = F.interpolate(images, size=(self.spec.upsample,) * 2, mode="bilinear", align_corners=True)
+        return self.image_encoder(images)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """[B, 1 or 3, H, W] in [0, 1] -> [B, d] (the peer's normalisation is applied inside)."""
+        grid = self._features(images)[-1]
+        emb = (_per_vector(self.image_head, grid).mean((1, 2)) if self.spec.image_head_on_grid
+               else self.image_head(grid.mean((2, 3))))
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    @torch.no_grad()
+    def dense_embeddings(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """[B, 1 or 3, H, W] -> [B, h, w, d]: each cell of the grounding stage through the dense head."""
+        pix = _per_vector(self.dense_head, self._features(images)[self.spec.dense_stage])
+        return F.normalize(pix, dim=-1) if normalize else pix
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], normalize: bool = True) -> Tensor:
+        """list of N prompts -> [N, d]."""
+        emb = self.text(list(texts))
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None = None,
+                       trust_pickle: bool = False) -> PeerVLModel:
+    """A peer's image-text model for cosine zero-shot and grounding.
+
+    :param kind_name: ``biovil``, ``mgca``, ``gloria``, ``convirt`` or ``medclip``.
+    :param path: the peer's checkpoint (BioViL: its image file).
+    :param text_model: hub name (``NAME@REV``) or local folder of the text model (default:
+        :attr:`PeerText.text_model`): config and tokenizer, and BioViL's text weights.
+    :raises ConfigError: a kind whose zero-shot is not an image-text cosine (MedKLIP, KAD, PRIOR,
+        torchxrayvision, the G2D release), with the reason.
+    :raises CheckpointError: weights that do not fit, naming the first key.
+    :raises OSError: a text model that cannot be found (offline and not cached).
+    """
+    if kind_name not in PEER_TEXT:
+        why = PEER_KINDS[kind_name].zero_shot if kind_name in PEER_KINDS else "not a peer kind"
+        raise ConfigError(f"zero-shot with {kind_name}: not supported ({why}); supported peers: "
+                          f"{', '.join(sorted(PEER_TEXT))}; see docs/peers.md")
+    spec = PEER_TEXT[kind_name]
+    path = Path(path)
+    state = read_peer_state(kind_name, path, trust_pickle)
+    encoder, report = load_peer_encoder(kind_name, path, state=state)
+    image_head = _head(kind_name, spec.image_head, _take(state, spec.image_head), path)
+    dense_head = (image_head if spec.dense_head == spec.image_head
+                  else _head(kind_name, spec.dense_head, _take(state, spec.dense_head), path))
+    folder = _text_folder(text_model or spec.text_model)
+    backbone, tokenizer = _backbone(spec, folder, state, path)
+    if spec.text_prefix is None:
+        text_head = _biovil_text_head(_take(_read_weights(folder), spec.text_head), folder)
+    elif spec.text_head:
+        text_head = _head(kind_name, spec.text_head, _take(state, spec.text_head), path)
+    else:
+        text_head = nn.Identity()
+    if spec.logit_scale is None:
+        if "logit_scale" not in state:
+            raise CheckpointError(f"{kind_name}: {path} has no logit_scale")
+        scale = math.exp(float(state["logit_scale"].clamp(0, math.log(100))))
+    else:
+        scale = spec.logit_scale
+    text = PeerTextTower(spec, backbone, text_head, tokenizer)
+    log.info("%s: image %s + text %s (%s pooling)", kind_name, path, folder, spec.pooling)
+    return PeerVLModel(spec, encoder, image_head, dense_head, text, scale,
+                       {**report, "text_model": str(folder), "text_pooling": spec.pooling,
+                        "not_reproduced": spec.not_done})

@@ -1,0 +1,352 @@
+"""Peers' image-text models for zero-shot and grounding (g2d.peer_vlm): for BioViL, MGCA, GLoRIA,
+ConVIRT and MedCLIP, a checkpoint in the peer's exact layout (image trunk, image head, text backbone
+under its prefix, text head) and a tiny text model folder (config + tokenizer; BioViL's weights) are
+built here from random weights; the loaded model must give the embeddings the peer's own recipe gives
+(computed here with plain torch / transformers modules), and the protocols must run on it. No download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from g2d.downstream import protocol
+from g2d.errors import CheckpointError, ConfigError
+from g2d.model.text_encoder import build_tiny_text_model
+from g2d.peer_vlm import PEER_TEXT, load_peer_vl_model
+
+CORPUS = ["there is a small pneumothorax at the right apex", "no pneumothorax", "pleural effusion at the left base",
+          "the heart is enlarged", "a nodule in the right upper zone", "no acute cardiopulmonary process"] * 5
+PROMPTS = ["small pneumothorax at the right apex", "no pleural effusion", "the heart is enlarged"]
+
+
+def _trunk() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    for m in net.modules():  # non-trivial BatchNorm statistics, so eval mode matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net, {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+def _bert(folder: Path, layers: int | None = None, pooler: bool = True) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if layers is not None:
+        config.num_hidden_layers = layers
+    torch.manual_seed(1)
+    return AutoModel.from_config(config, add_pooling_layer=pooler).eval()
+
+
+def _mlp(*sizes: int, bn: bool, last_bn_affine: bool = True) -> nn.Sequential:
+    """Linear [-> BN] -> ReLU -> Linear [-> BN]: MGCA's head (indices 0, 1, 3, 4) or ConVIRT's (0, 2)."""
+    torch.manual_seed(2)
+    layers: list[nn.Module] = [nn.Linear(sizes[0], sizes[1])]
+    if bn:
+        layers.append(nn.BatchNorm1d(sizes[1]))
+    layers += [nn.ReLU(), nn.Linear(sizes[1], sizes[2])]
+    if bn:
+        layers.append(nn.BatchNorm1d(sizes[2], affine=last_bn_affine))
+    for m in layers:
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(*layers).eval()
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return build_tiny_text_model(tmp_path_factory.mktemp("bert"), CORPUS, vocab_size=120, hidden=32, layers=3,
+                                 heads=2)
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaTokenizerFast
+
+    out = tmp_path_factory.mktemp("roberta")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(out))
+    tok = RobertaTokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"))
+    tok.save_pretrained(out)
+    RobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=140, pad_token_id=1).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory, bert_dir, roberta_dir):
+    """kind -> (checkpoint path, text folder, reference image fn, reference text fn, trunk state)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("peer_vlm")
+    net, trunk = _trunk()
+    tok = AutoTokenizer.from_pretrained(str(bert_dir))
+
+    def feats(x, size=None):
+        if size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        y3 = net.layer3(net.layer2(net.layer1(y)))
+        return y3, net.layer4(y3)
+
+    out = {}
+    # MedCLIP: vision_model.model.* (fc = 512-d projection, no bias), text_model.model.* (BERT with pooler and
+    # the old position_ids buffer), text_model.projection_head (no bias), logit_scale
+    bert = _bert(bert_dir)
+    fc, proj = nn.Linear(512, 16, bias=False), nn.Linear(32, 16, bias=False)
+    state = {**_prefixed("vision_model.model", trunk), "vision_model.model.fc.weight": fc.weight.data,
+             **_prefixed("text_model.model", bert.state_dict()),
+             "text_model.model.embeddings.position_ids": torch.arange(64)[None],
+             "text_model.projection_head.weight": proj.weight.data, "logit_scale": torch.tensor(5.0)}
+    torch.save(state, root / "medclip.bin")
+
+    def medclip_text(texts, bert=bert, proj=proj):
+        t = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        hs = bert(**t, output_hidden_states=True).hidden_states
+        return proj((hs[1].mean(1) + hs[2].mean(1) + hs[-1].mean(1)) / 3)
+    out["medclip"] = (root / "medclip.bin", bert_dir, lambda x: fc(feats(x)[1].mean((2, 3))), medclip_text)
+
+    # MGCA: Lightning state_dict; 2-layer text model (the folder's config says 3) with BLIP cross-attention
+    # keys and no token-type table; heads Linear-BN-ReLU-Linear-BN(affine=False)
+    bert2 = _bert(bert_dir, layers=2, pooler=False)
+    text_state = {k: v for k, v in bert2.state_dict().items() if "token_type" not in k}
+    for i in range(2):
+        text_state[f"encoder.layer.{i}.crossattention.self.query.weight"] = torch.randn(32, 32)
+    img_head, txt_head = _mlp(512, 64, 16, bn=True, last_bn_affine=False), _mlp(32, 64, 16, bn=True,
+                                                                                 last_bn_affine=False)
+    state = {**_prefixed("img_encoder_q.model", trunk), **_prefixed("text_encoder_q.model", text_state),
+             **{f"img_encoder_q.global_embed.head.{k}": v for k, v in img_head.state_dict().items()},
+             **{f"text_encoder_q.global_embed.head.{k}": v for k, v in txt_head.state_dict().items()},
+             "img_encoder_q.local_embed.head.0.weight": torch.randn(64, 256, 1), "prototype_layer.weight":
+             torch.randn(5, 16)}
+    torch.save({"state_dict": state, "epoch": 1}, root / "mgca.ckpt")
+
+    def mgca_text(texts):
+        t = tok([" ".join(s.lower().split()) for s in texts], padding="max_length", truncation=True, max_length=112,
+                return_tensors="pt")
+        with torch.no_grad():
+            bert2.embeddings.token_type_embeddings.weight.zero_()
+        h = bert2(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                  position_ids=torch.zeros_like(t["input_ids"])).last_hidden_state[:, 0]
+        return txt_head(h)
+    out["mgca"] = (root / "mgca.ckpt", bert_dir, lambda x: img_head(feats(x, 299)[1].mean((2, 3))), mgca_text)
+
+    # GLoRIA: gloria.* prefixes, Linear global_embedder on layer 4, 1x1 conv local_embedder on layer 3, no text
+    # projection: the sentence is the last 4 layers summed over [CLS]..[SEP]
+    bert3 = _bert(bert_dir)
+    glob, local = nn.Linear(512, 32), nn.Conv2d(256, 32, 1, bias=False)
+    state = {**_prefixed("gloria.img_encoder.model", trunk), **_prefixed("gloria.text_encoder.model",
+                                                                          bert3.state_dict()),
+             "gloria.img_encoder.global_embedder.weight": glob.weight.data,
+             "gloria.img_encoder.global_embedder.bias": glob.bias.data,
+             "gloria.img_encoder.local_embedder.weight": local.weight.data}
+    torch.save({"state_dict": state}, root / "gloria.ckpt")
+
+    def gloria_text(texts):
+        """GLoRIA's text_model.py as written: last 4 layers; word pieces summed into words, [CLS] kept, [SEP]
+        appended, then zeros up to word_num; the sentence is the mean over the word_num positions, summed
+        over the layers."""
+        t = tok([" ".join(s.lower().split()) for s in texts], padding="max_length", truncation=True, max_length=97,
+                return_tensors="pt")
+        hs = bert3(**t, output_hidden_states=True).hidden_states[-4:]
+        sentences = []
+        for i, ids in enumerate(t["input_ids"]):
+            pieces = tok.convert_ids_to_tokens(ids.tolist())
+            per_layer = []
+            for h in hs:
+                words: list[torch.Tensor] = []
+                for j, piece in enumerate(pieces):
+                    if piece == "[SEP]":
+                        words.append(h[i, j])
+                        break
+                    if piece.startswith("##") and words:
+                        words[-1] = words[-1] + h[i, j]
+                    else:
+                        words.append(h[i, j])
+                padded = torch.zeros(97, 32)
+                padded[:len(words)] = torch.stack(words)
+                per_layer.append(padded.mean(0))
+            sentences.append(torch.stack(per_layer).sum(0))
+        return torch.stack(sentences)
+    out["gloria"] = (root / "gloria.ckpt", bert_dir, lambda x: glob(feats(x, 299)[1].mean((2, 3))), gloria_text)
+
+    # ConVIRT (ViLMedic): {"model": ...}, visual.model.{0,1,4..7}, vis_proj / lin_proj Linear-ReLU-Linear,
+    # RoBERTa with pooler under linguistic.encoder
+    from transformers import AutoTokenizer as AT
+
+    rob = _bert(roberta_dir)
+    rtok = AT.from_pretrained(str(roberta_dir))
+    vis, lin = _mlp(512, 24, 16, bn=False), _mlp(32, 24, 16, bn=False)
+    index = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+    state = {f"visual.model.{index[k.split('.')[0]]}.{k.partition('.')[2]}": v for k, v in trunk.items()}
+    state.update(_prefixed("linguistic.encoder", rob.state_dict()))
+    state.update({f"vis_proj.{k}": v for k, v in vis.state_dict().items()})
+    state.update({f"lin_proj.{k}": v for k, v in lin.state_dict().items()})
+    torch.save({"model": state}, root / "convirt.pth")
+
+    def convirt_text(texts):
+        t = rtok([s.lower() for s in texts], padding="max_length", truncation=True, max_length=128,
+                 return_tensors="pt")
+        return lin(rob(**t).pooler_output)
+    out["convirt"] = (root / "convirt.pth", roberta_dir, lambda x: vis(feats(x)[1].mean((2, 3))), convirt_text)
+
+    # BioViL: the image file (encoder.encoder.* with the unused ImageNet fc, projector.model.{0,1,3} 1x1 convs on
+    # the layer-4 grid) and the CXR-BERT folder (model_type cxr-bert, custom tokenizer class, bert.* +
+    # cls_projection_head + cls.predictions)
+    bdir = root / "cxr-bert"
+    bdir.mkdir()
+    for f in bert_dir.iterdir():
+        if f.name != "model.safetensors":
+            (bdir / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bdir / "config.json").read_text())
+    (bdir / "config.json").write_text(json.dumps({**cfg, "model_type": "cxr-bert", "projection_size": 16,
+                                                  "architectures": ["CXRBertModel"]}))
+    tc = json.loads((bdir / "tokenizer_config.json").read_text())
+    (bdir / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "CXRBertTokenizer"}))
+    bert4 = _bert(bert_dir, pooler=False)
+    torch.manual_seed(3)
+    head = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.LayerNorm(16, eps=1e-12), nn.Linear(16, 16)).eval()
+    torch.save({**_prefixed("bert", bert4.state_dict()), "cls.predictions.bias": torch.zeros(120),
+                "cls_projection_head.dense_to_hidden.weight": head[0].weight.data,
+                "cls_projection_head.dense_to_hidden.bias": head[0].bias.data,
+                "cls_projection_head.LayerNorm.weight": head[2].weight.data,
+                "cls_projection_head.LayerNorm.bias": head[2].bias.data,
+                "cls_projection_head.dense_to_output.weight": head[3].weight.data,
+                "cls_projection_head.dense_to_output.bias": head[3].bias.data}, bdir / "pytorch_model.bin")
+    projector = nn.Sequential(nn.Conv2d(512, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 1)).eval()
+    projector[1].running_mean.uniform_(-0.2, 0.2)
+    state = {**_prefixed("encoder.encoder", net.state_dict()),
+             **{f"projector.model.{k}": v for k, v in projector.state_dict().items()}}
+    torch.save(state, root / "biovil.pt")
+
+    def biovil_text(texts):
+        t = tok([s.rstrip("!?.") for s in texts], padding=True, return_tensors="pt")
+        return head(bert4(**t).last_hidden_state[:, 0])
+    out["biovil"] = (root / "biovil.pt", bdir, lambda x: projector(feats(x)[1]).mean((2, 3)), biovil_text)
+    return out
+
+
+def test_every_cosine_peer_has_a_layout_here(peers):
+    assert set(peers) == set(PEER_TEXT) == {"biovil", "mgca", "gloria", "convirt", "medclip"}
+
+
+@pytest.mark.parametrize("kind", sorted(PEER_TEXT))
+def test_embeddings_follow_the_peers_recipe(kind, peers):
+    path, folder, image_ref, text_ref = peers[kind]
+    model = load_peer_vl_model(kind, path, str(folder))
+    torch.manual_seed(4)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        # the encoder sees the peer's normalisation (grey copied to 3 channels)
+        enc = model.image_encoder
+        xn = (x.expand(-1, 3, -1, -1) - enc.mean) / enc.std
+        torch.testing.assert_close(model.encode_image(x), F.normalize(image_ref(xn), dim=-1), atol=1e-5, rtol=1e-4)
+        ref = text_ref(PROMPTS)
+        if kind == "gloria":  # GLoRIA divides by word_num; cosine ignores the scale
+            ref = ref / ref.norm(dim=-1, keepdim=True) * model.encode_text(PROMPTS, normalize=False).norm(dim=-1,
+                                                                                                       keepdim=True)
+        torch.testing.assert_close(model.encode_text(PROMPTS, normalize=False), ref, atol=1e-5, rtol=1e-4)
+    dense = model.dense_embeddings(x)
+    assert dense.ndim == 4 and dense.shape[0] == 2 and dense.shape[-1] == model.encode_text(PROMPTS).shape[-1]
+    torch.testing.assert_close(dense.norm(dim=-1), torch.ones(dense.shape[:-1]))
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_logit_scales(peers):
+    import math
+
+    assert math.exp(load_peer_vl_model("medclip", peers["medclip"][0], str(peers["medclip"][1])).logit_scale) == \
+        pytest.approx(100.0)  # the checkpoint's 5.0, clamped to ln 100 as MedCLIP does
+    assert math.exp(load_peer_vl_model("convirt", peers["convirt"][0], str(peers["convirt"][1])).logit_scale) == \
+        pytest.approx(10.0)   # tau 0.1
+
+
+@pytest.mark.parametrize("kind", ["medclip", "biovil"])
+def test_zero_shot_and_grounding_protocols_run_on_a_peer(kind, peers, tmp_path):
+    path, folder = peers[kind][:2]
+    common = dict(data="synthetic:32", model=f"{kind}:{path}", text_model=str(folder), image_size=64, resize=64,
+                  num_workers=0, no_progress=True)
+    m = protocol.run("zeroshot", protocol.make("zeroshot", out=str(tmp_path / "zs"), threshold="0.5", **common))
+    assert 0.0 <= m["auc"] <= 1.0 and m["model"] == f"{kind}:{path}"
+    g = protocol.run("grounding", protocol.make("grounding", out=str(tmp_path / "gr"), figures=1, **common))
+    assert 0.0 <= g["dice"] <= 1.0 and g["images"] > 0
+
+
+def test_g2d_zero_shot_and_ground_commands_take_a_peer(peers, tmp_path, capsys):
+    from PIL import Image
+
+    from g2d.cli import main
+
+    path, folder = peers["mgca"][:2]
+    img = tmp_path / "cxr.png"
+    Image.fromarray((torch.rand(80, 96) * 255).byte().numpy()).save(img)
+    spec = ["--model", f"mgca:{path}", "--text-model", str(folder), "--device", "cpu"]
+    assert main(["zero-shot", str(img), "--findings", "pneumothorax,effusion", "--csv", str(tmp_path / "p.csv"),
+                 *spec]) == 0
+    assert (tmp_path / "p.csv").read_text().count("\n") == 2
+    assert main(["ground", str(img), "--text", "small pneumothorax", "--out", str(tmp_path / "h.png"), *spec]) == 0
+    assert Image.open(tmp_path / "h.png").size[0] == 96
+    assert main(["figure", "attention", "--model", f"mgca:{path}", "--images", str(img), "--out",
+                 str(tmp_path / "f")]) != 0
+    assert "attention-pooling maps" in capsys.readouterr().err
+
+
+def test_peers_without_a_cosine_zero_shot_say_why(tmp_path):
+    for kind, words in (("medklip", "query decoder"), ("kad", "TQN"), ("xrv", "text tower"),
+                        ("prior", "prototype"), ("g2d-release", "no text tower")):
+        with pytest.raises(ConfigError, match=words):
+            load_peer_vl_model(kind, tmp_path / "x.pt")
+
+
+def test_text_weights_that_do_not_fit_name_the_first_key(peers, bert_dir, tmp_path):
+    state = torch.load(peers["medclip"][0], weights_only=True)
+    del state["text_model.model.encoder.layer.1.output.dense.weight"]
+    torch.save(state, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointError, match=r"medclip: .*first: 'encoder\.layer\.1\.output\.dense\.weight'"):
+        load_peer_vl_model("medclip", tmp_path / "bad.bin", str(bert_dir))
+    state = torch.load(peers["mgca"][0], weights_only=True)
+    del state["state_dict"]["img_encoder_q.global_embed.head.0.weight"], state["state_dict"][
+        "img_encoder_q.global_embed.head.0.bias"]
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "global_embed" not in k
+                           or not k.startswith("img_")}
+    torch.save(state, tmp_path / "nohead.ckpt")
+    with pytest.raises(CheckpointError, match=r"mgca: .*img_encoder_q\.global_embed\.head"):
+        load_peer_vl_model("mgca", tmp_path / "nohead.ckpt", str(bert_dir))
+
+
+def test_a_missing_text_model_offline_says_what_to_pass(peers, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(OSError, match=r"(?s)Bio_ClinicalBERT.*--text-model"):
+        load_peer_vl_model("medclip", peers["medclip"][0])
+
+
+def test_a_local_text_model_folder_keys_stored_results(bert_dir, tmp_path):
+    """A result computed with one text model folder is not reused after the folder changed."""
+    import shutil
+
+    folder = tmp_path / "text"
+    shutil.copytree(bert_dir, folder)
+    args = protocol.make("zeroshot", data="synthetic:16", out="x", model="medclip:w.bin", text_model=str(folder))
+    first = protocol.content_inputs(args)["text_model_id"]
+    assert protocol.content_inputs(args)["text_model_id"] == first
+    (folder / "vocab.txt").write_text((folder / "vocab.txt").read_text() + "newword\n")
+    assert protocol.content_inputs(args)["text_model_id"] != first
+    assert "text_model_id" not in protocol.content_inputs(
+        protocol.make("zeroshot", data="synthetic:16", out="x", model="medclip:w.bin", text_model="org/name"))
