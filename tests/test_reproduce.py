@@ -390,3 +390,22 @@ def test_baseline_rows_run_a_given_peer_and_say_not_given_otherwise(tmp_path):
     assert "| MGCA | 50.0 (n=1) | 49.7 |" in table and "| GLoRIA | not given | 35.8 |" in table
     with pytest.raises(ValueError, match="no baseline row"):
         Runner(exp, load_scale("small"), tmp_path, baselines={"CLIP": "x"})
+
+
+def test_zero_shot_tables_take_a_peer_with_its_text_model(tmp_path):
+    """table2a/2b carry the paper's peer rows; a {model, text_model} entry passes the text model to the
+    zero-shot and grounding cells only."""
+    assert {"GLoRIA", "BioViL", "MedKLIP"} <= {r.name for r in load_experiment("table2a").rows if r.baseline}
+    assert {"ConVIRT", "BioViL", "KAD"} <= {r.name for r in load_experiment("table2b").rows if r.baseline}
+    exp = Experiment("t", "T", [Column("ZS", "zeroshot", "rsna", "auc"), Column("Lin", "linear", "rsna", "auc")],
+                     [Row("BioViL", baseline=True, paper=[82.8, None])], seeds=1)
+    seen = []
+
+    def task(name, args):
+        seen.append((name, args.model, getattr(args, "text_model", "n/a")))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"auc": 0.8}))
+
+    Runner(exp, load_scale("small"), tmp_path, seeds=1, run_task=task,
+           baselines={"BioViL": {"model": "biovil:/w/img.pt", "text_model": "/w/cxr-bert"}}).run()
+    assert seen == [("zeroshot", "biovil:/w/img.pt", "/w/cxr-bert"), ("linear", "biovil:/w/img.pt", "n/a")]

@@ -231,8 +231,9 @@ class Runner:
         the others are collected from the store like ``collect_only`` cells.
     :param collect_only: run nothing (no pre-training, no cell); the table shows finished cells and
         "not run" for the others.
-    :param baselines: peers' rows (``baseline: true``) -> ``KIND:PATH`` (docs/peers.md); a baseline row
-        without one is shown as "not given", never dropped.
+    :param baselines: peers' rows (``baseline: true``) -> ``KIND:PATH``, or ``{"model": KIND:PATH,
+        "text_model": NAME|DIR}`` for zero-shot and grounding (docs/peers.md); a baseline row without
+        one is shown as "not given", never dropped.
     """
 
     def __init__(self, exp: Experiment, scale: Scale, out: str | Path, seeds: int | None = None,
@@ -240,7 +241,7 @@ class Runner:
                  run_task: Callable[[str, ProtocolArgs], dict[str, Any]] | None = None,
                  run_pretrain: Callable[[Any, Path], Path] | None = None,
                  columns: str | None = None, collect_only: bool = False,
-                 baselines: dict[str, str] | None = None) -> None:
+                 baselines: dict[str, str | dict[str, str]] | None = None) -> None:
         self.exp, self.scale, self.out = exp, scale, Path(out)
         self.baselines = dict(baselines or {})
         unknown = set(self.baselines) - {r.name for r in exp.rows if r.baseline}
@@ -248,8 +249,13 @@ class Runner:
             raise ValueError(f"--baselines names rows {sorted(unknown)} that {exp.name} has no baseline row for; "
                              f"its baseline rows: {[r.name for r in exp.rows if r.baseline]}")
         for row in exp.rows:  # a given baseline runs like a `model:` row
-            if row.baseline and row.name in self.baselines:
-                row.model = self.baselines[row.name]
+            given = self.baselines.get(row.name) if row.baseline else None
+            if isinstance(given, dict):  # {model: KIND:PATH, text_model: NAME|DIR} (zero-shot, grounding)
+                row.model = given["model"]
+                for task in ("zeroshot", "grounding"):
+                    row.args[task] = {**row.args.get(task, {}), "text_model": given.get("text_model")}
+            elif given is not None:
+                row.model = given
         self.columns = re.compile(columns) if columns else None
         self.collect_only = collect_only
         self.seeds = seeds or scale.seeds or exp.seeds

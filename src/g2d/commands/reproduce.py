@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "shows the others' finished cells")
     p.add_argument("--baselines", metavar="YAML",
                    help="peers' checkpoints for the table's baseline rows: a YAML mapping of row name to "
-                        "KIND:PATH (docs/peers.md); rows without one show 'not given'")
+                        "KIND:PATH, or to {model: KIND:PATH, text_model: NAME|DIR} for the zero-shot tables "
+                        "(docs/peers.md); rows without one show 'not given'")
     p.add_argument("--trust-pickle", action="store_true",
                    help="let a baseline checkpoint that needs pickled classes load (GLoRIA); trusted files only")
     p.add_argument("--collect-only", action="store_true",
@@ -49,14 +50,17 @@ def _run(args: argparse.Namespace) -> int:
         jsrt_tables = out / "jsrt-tables"
         prepare_jsrt(args.shared, jsrt_tables)
     scale = load_scale(args.scale, args.data_root, args.shared, jsrt_tables)
-    baselines: dict[str, str] = {}
+    baselines: dict[str, str | dict[str, str]] = {}
     if args.baselines:
         import yaml
 
         with open(args.baselines, encoding="utf-8") as f:
             baselines = yaml.safe_load(f) or {}
-        if not isinstance(baselines, dict) or not all(isinstance(v, str) for v in baselines.values()):
-            raise ValueError(f"{args.baselines}: expected a mapping of row name to KIND:PATH")
+        if not isinstance(baselines, dict) or not all(
+                isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("model"), str)
+                                       and set(v) <= {"model", "text_model"}) for v in baselines.values()):
+            raise ValueError(f"{args.baselines}: expected a mapping of row name to KIND:PATH or to "
+                             "{model: KIND:PATH, text_model: NAME|DIR}")
     if args.trust_pickle:
         scale.eval_args["*"] = {**scale.eval_args.get("*", {}), "trust-pickle": True}
     runner = Runner(exp, scale, out, seeds=args.seeds, device=args.device, progress=not args.no_progress,
