@@ -28,17 +28,17 @@ def test_demo_writes_results_figures_and_model(tmp_path):
 def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tmp_path):
     models = {"G2D": str(tiny_model_dir), "random init": "random"}
     table = run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu")
-    assert table["seg Dice 1% enc-dec"]["random init"] is None  # no decoder to transfer
+    assert table["seg Dice 10% enc-dec"]["random init"] is None  # no decoder to transfer
     assert table["zero-shot AUC"]["random init"] is None  # needs a text side
     for label, row in table.items():
         assert row["G2D"] is not None and 0.0 <= row["G2D"] <= 1.0, label
-    for label in ("seg Dice 10% enc", "det mAP 10%", "linear AUC 10%"):
+    for label in ("seg Dice 10% enc", "det mAP 100%", "linear AUC 10%"):
         assert row_ok(table[label]["random init"])
     assert (tmp_path / "downstream" / "segmentation" / "G2D" / "fraction_0.1_transfer_encoder-decoder"
             / "metrics.json").is_file()
 
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "downstream").rglob("metrics.json")}
-    assert len(written) == 12  # zero-shot AUC and F1 share one run
+    assert len(written) == 9  # zero-shot AUC and F1 share one run
     assert run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
     assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are not recomputed
 
