@@ -52,8 +52,8 @@ class PeerText:
 
     :ivar text_model: default ``--text-model`` (hub name, ``@revision`` allowed): config and
         tokenizer, and for BioViL the weights too.
-    :ivar text_prefix: where the text backbone's weights sit in the peer checkpoint (``None``: in
-        ``text_model``'s own weight file, under ``bert.``).
+    :ivar text_prefix: where the text backbone's weights sit: in the peer checkpoint, or with
+        ``text_in_folder`` in ``text_model``'s own weight file (BioViL's CXR-BERT: ``bert.``).
     :ivar pooling: ``cls`` (last layer [CLS]), ``pooler`` (BERT/RoBERTa pooler output), ``last4``
         (GLoRIA: the last 4 layers summed, summed over the tokens [CLS]..[SEP]; equal up to scale to
         GLoRIA's mean over its zero-padded word positions, and cosine ignores scale), ``medclip``
@@ -70,7 +70,7 @@ class PeerText:
 
     kind: str
     text_model: str
-    text_prefix: str | None
+    text_prefix: str
     pooling: str
     text_head: str
     image_head: str
@@ -82,6 +82,7 @@ class PeerText:
     pad_to_max: bool = False
     logit_scale: float | None = 1 / 0.07       # None: the checkpoint's ``logit_scale``
     clean: Callable[[str], str] | None = None
+    text_in_folder: bool = False
     text_pooler: bool = False
     positions_from_token_types: bool = False
     not_done: str = ""
@@ -89,8 +90,8 @@ class PeerText:
 
 
 PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
-    PeerText("biovil", "microsoft/BiomedVLP-CXR-BERT-specialized@v1.1", None, "cls", "cls_projection_head",
-             "projector.model", "projector.model", image_head_on_grid=True,
+    PeerText("biovil", "microsoft/BiomedVLP-CXR-BERT-specialized@v1.1", "bert", "cls", "cls_projection_head",
+             "projector.model", "projector.model", image_head_on_grid=True, text_in_folder=True,
              clean=lambda t: t.rstrip("!?."),
              not_done="the grounding map is not Gaussian-smoothed (hi-ml: sigma 1.5 cells)",
              source="hi-ml: text/model/modelling_cxrbert.py (CLS -> cls_projection_head), "
@@ -265,28 +266,25 @@ class PeerTextTower(nn.Module):
         return self.head(x)
 
 
-def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor] | None, path: Path) -> tuple[nn.Module, Any]:
-    """The text backbone with the peer's weights, and its tokenizer; every tensor checked."""
+def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor], path: Path) -> tuple[nn.Module, Any]:
+    """The text backbone with the weights under ``spec.text_prefix`` in ``state`` (read from ``path``),
+    and its tokenizer; every tensor checked."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel  # type: ignore[attr-defined]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if spec.text_prefix is None:                                   # BioViL: CXR-BERT's own file, bert.*
-        weights = _take(_read_weights(folder), "bert")
+    weights = _take(state, spec.text_prefix)
+    where = f"{path} ({spec.text_prefix}.*)"
+    if spec.kind == "biovil":
         config = BertConfig.from_json_file(str(folder / "config.json"))  # model_type cxr-bert: no remote code
         model: nn.Module = BertModel(config, add_pooling_layer=False)
-        where = f"{folder} (bert.*)"
     else:
-        if state is None:
-            raise ValueError("the peer checkpoint's tensors are needed")
-        weights = _take(state, spec.text_prefix)
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if spec.kind == "mgca":                                    # med.py: 6 layers, text mode only
             layers = {int(k.split(".")[2]) for k in weights if k.startswith("encoder.layer.")}
             config.num_hidden_layers = max(layers) + 1 if layers else config.num_hidden_layers
             weights = {k: v for k, v in weights.items() if ".crossattention." not in k}
         model = AutoModel.from_config(config, add_pooling_layer=spec.text_pooler)
-        where = f"{path} ({spec.text_prefix}.*)"
     if not weights:
         raise CheckpointError(f"{spec.kind}: no text weights in {where}")
     weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}  # old HF buffer (issue #37)
@@ -386,9 +384,10 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     dense_head = (image_head if spec.dense_head == spec.image_head
                   else _head(kind_name, spec.dense_head, _take(state, spec.dense_head), path))
     folder = _text_folder(text_model or spec.text_model)
-    backbone, tokenizer = _backbone(spec, folder, state, path)
-    if spec.text_prefix is None:
-        text_head = _biovil_text_head(_take(_read_weights(folder), spec.text_head), folder)
+    text_state = _read_weights(folder) if spec.text_in_folder else state
+    backbone, tokenizer = _backbone(spec, folder, text_state, folder if spec.text_in_folder else path)
+    if spec.kind == "biovil":
+        text_head = _biovil_text_head(_take(text_state, spec.text_head), folder)
     elif spec.text_head:
         text_head = _head(kind_name, spec.text_head, _take(state, spec.text_head), path)
     else:
