@@ -51,6 +51,18 @@ def test_heat_overlay_keeps_the_pixel_grid_and_adds_prompt_and_colour_bar():
     assert (strip.sum(-1) < 100).any()
 
 
+def test_heat_overlay_of_a_tiny_image_ends():
+    """An image narrower than the ellipsis (a field case: an 8 x 8 PNG) used to loop for ever while
+    cutting the prompt to its width."""
+    import numpy as np
+
+    from g2d.figures import heat_overlay
+
+    for w in (1, 4, 8, 30):
+        out = heat_overlay(np.zeros((8, w)), np.ones((8, w)), legend="pleural effusion at the left base")
+        assert out.shape[1] == w and out.shape[0] > 8
+
+
 def test_grounding_panels_carry_a_colour_bar_of_the_cosine_scale(tmp_path, monkeypatch):
     import matplotlib.figure
     import torch

@@ -129,8 +129,10 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legen
     strip = Image.new("RGB", (w, 3 * size + 10), "white")
     draw = ImageDraw.Draw(strip)
     text = legend
-    while text and draw.textlength(text, font=font) > w - 4:  # cut a long prompt to the image's width
-        text = text[:-2] + "…"
+    if draw.textlength(text, font=font) > w - 4:  # cut a long prompt to the image's width, "…" marking the cut
+        while text and draw.textlength(text + "…", font=font) > w - 4:
+            text = text[:-1]
+        text = text + "…" if text else ""  # an image narrower than the ellipsis gets no text
     draw.text((2, 1), text, fill="black", font=font)
     if unit is None:
         return np.concatenate([out, np.asarray(strip)], axis=0)
