@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -251,3 +253,18 @@ def test_mean_pooling_ignores_padding(tiny_cfg):
     with torch.no_grad():  # the frozen prefix's hook switches grad mode; no_grad restores it on exit
         hidden = model.text_encoder.backbone(**tokens).last_hidden_state[0]
     torch.testing.assert_close(model.text_encoder(tokens)[0], hidden.mean(0))  # not the CLS row
+
+
+def test_tiny_text_model_tokenizer_knows_its_corpus(tmp_path):
+    """transformers 5 reads BertTokenizerFast(vocab_file=...) as 5 special tokens, so every word was
+    [UNK] and the tiny text tower saw no text at all."""
+    from transformers import AutoTokenizer
+
+    from g2d.model.text_encoder import build_tiny_text_model
+
+    folder = build_tiny_text_model(tmp_path / "t", ["there is a small pneumothorax at the right apex"] * 4,
+                                   vocab_size=80)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok("small pneumothorax")["input_ids"]
+    assert len(tok) > 20 and tok.unk_token_id not in ids
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == len(tok)

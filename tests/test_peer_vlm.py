@@ -81,7 +81,8 @@ def roberta_dir(tmp_path_factory) -> Path:
     bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(out))
-    tok = RobertaTokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"))
+    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                               unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
     tok.save_pretrained(out)
     RobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64, max_position_embeddings=140, pad_token_id=1).save_pretrained(out)
@@ -116,9 +117,14 @@ def peers(tmp_path_factory, bert_dir, roberta_dir):
     torch.save(state, root / "medclip.bin")
 
     def medclip_text(texts, bert=bert, proj=proj):
-        t = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        hs = bert(**t, output_hidden_states=True).hidden_states
-        return proj((hs[1].mean(1) + hs[2].mean(1) + hs[-1].mean(1)) / 3)
+        """modeling_medclip.py: layers 1, 2 and last, mean over every token; each prompt on its own (so
+        no padding enters the mean, whatever else is in the batch)."""
+        out = []
+        for text in texts:
+            hs = bert(**tok([text], truncation=True, max_length=77, return_tensors="pt"),
+                      output_hidden_states=True).hidden_states
+            out.append(proj((hs[1].mean(1) + hs[2].mean(1) + hs[-1].mean(1)) / 3))
+        return torch.cat(out)
     out["medclip"] = (root / "medclip.bin", bert_dir, lambda x: fc(feats(x)[1].mean((2, 3))), medclip_text)
 
     # MGCA: Lightning state_dict; 2-layer text model (the folder's config says 3) with BLIP cross-attention
@@ -333,8 +339,10 @@ def test_text_weights_that_do_not_fit_name_the_first_key(peers, bert_dir, tmp_pa
 def test_a_missing_text_model_offline_says_what_to_pass(peers, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(OSError, match=r"(?s)Bio_ClinicalBERT.*--text-model"):
+    with pytest.raises(ConfigError, match=r"Bio_ClinicalBERT.*--text-model"):
         load_peer_vl_model("medclip", peers["medclip"][0])
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_peer_vl_model("medclip", peers["medclip"][0], str(tmp_path / "models" / "Bio_ClinicalBERT"))
 
 
 def test_a_local_text_model_folder_keys_stored_results(bert_dir, tmp_path):
@@ -350,3 +358,49 @@ def test_a_local_text_model_folder_keys_stored_results(bert_dir, tmp_path):
     assert protocol.content_inputs(args)["text_model_id"] != first
     assert "text_model_id" not in protocol.content_inputs(
         protocol.make("zeroshot", data="synthetic:16", out="x", model="medclip:w.bin", text_model="org/name"))
+
+
+def test_fixture_tokenizers_know_the_words(bert_dir, roberta_dir):
+    """The tests above mean something only if prompts are not all [UNK]."""
+    from transformers import AutoTokenizer
+
+    for folder in (bert_dir, roberta_dir):
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        ids = tok("small pneumothorax at the right apex")["input_ids"]
+        assert len(tok) > 50 and tok.unk_token_id not in ids, folder
+
+
+def test_a_text_folder_without_its_tokenizer_is_refused(peers, bert_dir, tmp_path):
+    """config.json + weights but no tokenizer files: transformers falls back to a few special tokens
+    and every word would be [UNK]; the load stops instead of scoring nonsense."""
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    (folder / "config.json").write_text((bert_dir / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens but the text weights have 120"):
+        load_peer_vl_model("medclip", peers["medclip"][0], str(folder))
+
+
+def test_heads_that_do_not_fit_are_refused_at_load(peers, bert_dir, tmp_path):
+    state = torch.load(peers["medclip"][0], weights_only=True)
+    state["vision_model.model.fc.weight"] = torch.randn(16, 300)          # not the trunk's 512 channels
+    torch.save(state, tmp_path / "a.bin")
+    with pytest.raises(CheckpointError, match=r"medclip: .*image head .* 512-wide"):
+        load_peer_vl_model("medclip", tmp_path / "a.bin", str(bert_dir))
+    state["vision_model.model.fc.weight"] = torch.randn(24, 512)          # 24-d images, 16-d texts
+    torch.save(state, tmp_path / "b.bin")
+    with pytest.raises(CheckpointError, match="24 dimensions, text embeddings 16"):
+        load_peer_vl_model("medclip", tmp_path / "b.bin", str(bert_dir))
+
+
+def test_medclip_prompts_do_not_depend_on_their_batch(peers):
+    model = load_peer_vl_model("medclip", peers["medclip"][0], str(peers["medclip"][1]))
+    alone = model.encode_text(["effusion"])
+    torch.testing.assert_close(model.encode_text(["effusion", "small pneumothorax at the right apex"])[:1], alone)
+
+
+def test_a_prompt_that_cleaning_empties_is_refused(peers):
+    from g2d.errors import DataError
+
+    model = load_peer_vl_model("mgca", peers["mgca"][0], str(peers["mgca"][1]))
+    with pytest.raises(DataError, match="empty after mgca's text cleaning"):
+        model.encode_text(["气胸"])

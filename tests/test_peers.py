@@ -233,3 +233,10 @@ def test_a_peer_files_content_keys_stored_results(tmp_path):
     torch.save(_resnet(num_classes=10), tmp_path / "w.pt")
     os.utime(tmp_path / "w.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert model_identity(f"torchvision:{tmp_path / 'w.pt'}") != first
+
+
+def test_a_file_that_is_not_a_checkpoint_is_not_sent_to_trust_pickle(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("hello\n")
+    with pytest.raises(CheckpointError, match=r"gloria: cannot read checkpoint .*not a PyTorch file") as err:
+        load_peer_encoder("gloria", tmp_path / "notes.ckpt")
+    assert "--trust-pickle" not in str(err.value)

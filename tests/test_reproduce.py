@@ -409,3 +409,23 @@ def test_zero_shot_tables_take_a_peer_with_its_text_model(tmp_path):
     Runner(exp, load_scale("small"), tmp_path, seeds=1, run_task=task,
            baselines={"BioViL": {"model": "biovil:/w/img.pt", "text_model": "/w/cxr-bert"}}).run()
     assert seen == [("zeroshot", "biovil:/w/img.pt", "/w/cxr-bert"), ("linear", "biovil:/w/img.pt", "n/a")]
+
+
+def test_baselines_are_checked_row_by_row(tmp_path):
+    exp = load_experiment("table1")
+    with pytest.raises(ValueError, match=r"row 'MGCA': '/w/resnet_50.ckpt' is not KIND:PATH"):
+        Runner(exp, load_scale("small"), tmp_path, baselines={"MGCA": "/w/resnet_50.ckpt"})
+    with pytest.raises(ValueError, match="text_model is for zero-shot and grounding cells"):
+        Runner(exp, load_scale("small"), tmp_path, baselines={"MGCA": {"model": "mgca:/w.ckpt", "text_model": "x"}})
+
+
+def test_baselines_file_errors_are_one_line(tmp_path, capsys):
+    from g2d.cli import main
+
+    bad = tmp_path / "b.yaml"
+    for text, words in (("MGCA: [unclosed", "not YAML"), ("MGCA: {model: 'mgca:/w', text-model: x}", "row 'MGCA'"),
+                        ("BioViL: {model: 'biovil:/w', text_model: [a, b]}", "row 'BioViL'")):
+        bad.write_text(text)
+        assert main(["reproduce", "table2b", "--scale", "small", "--out", str(tmp_path / "o"), "--collect-only",
+                     "--baselines", str(bad)]) == 2
+        assert words in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from g2d.errors import CheckpointError, CheckpointWriteError
+from g2d.errors import CheckpointError, CheckpointWriteError, PickledClassesError
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -96,8 +96,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot load checkpoint {path} safely (only tensors and plain data "
-                              f"are accepted): {_load_reason(err)}") from None
+        if "WeightsUnpickler error" in str(err) or "Weights only load failed" in str(err):
+            raise PickledClassesError(f"cannot load checkpoint {path} safely (only tensors and plain data "
+                                      f"are accepted): {_load_reason(err)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file, or a damaged one "
+                              f"({_load_reason(err)})") from None
 
 
 def _load_reason(err: Exception) -> str:

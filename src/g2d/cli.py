@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from g2d.errors import ConfigError, DataError
+from g2d.errors import ConfigError, DataError, ImageReadError
 
 # Each module has ``register(subparsers)``; its parsers set ``run=callable(args) -> exit code``.
 COMMAND_MODULES: tuple[str, ...] = ("g2d.commands.pretrain", "g2d.commands.demo", "g2d.commands.prepare",
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, ImageReadError) as err:
         # Bad input is a one-line message; --verbose shows the traceback.
         if args.verbose:
             raise

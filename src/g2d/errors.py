@@ -17,6 +17,11 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file cannot be loaded safely (not a tensor-only file, corrupt)."""
 
 
+class PickledClassesError(CheckpointError):
+    """A readable PyTorch file that holds pickled classes besides tensors: ``weights_only=True``
+    refused it before running anything (only a trusted file may be read otherwise)."""
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, permissions); the previous file is intact."""
 

@@ -27,13 +27,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.errors import CheckpointError, ConfigError
+from g2d.errors import CheckpointError, ConfigError, DataError
+from g2d.model.text_encoder import _offline, check_tokenizer
 from g2d.peers import PEER_KINDS, PeerEncoder, load_peer_encoder, read_peer_state
 
 __all__ = ["PeerText", "PEER_TEXT", "PeerVLModel", "load_peer_vl_model"]
@@ -199,26 +200,29 @@ def _per_vector(head: nn.Module, grid: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------ text
 
 
-def _offline() -> bool:
-    from g2d.model.text_encoder import _offline as offline
+def _text_folder(name: str, weights: bool) -> Path:
+    """A local folder for a hub name (``NAME@REVISION``) or a folder, through huggingface_hub's cache
+    (config and tokenizer files; the weight files only when ``weights``).
 
-    return offline()
-
-
-def _text_folder(name: str) -> Path:
-    """A local folder for a hub name (``NAME@REVISION``) or a folder, through huggingface_hub's cache."""
+    :raises ConfigError: a path that is not a folder, or a name neither cached nor reachable.
+    """
     if Path(name).is_dir():
         return Path(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists():
+        raise ConfigError(f"--text-model {name}: not a folder (a local text model is a folder holding "
+                          "config.json and the tokenizer files)")
     repo, _, rev = name.partition("@")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo, revision=rev or None, local_files_only=_offline(),
-                                      allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]))
+                                      allow_patterns=["*.json", "*.txt", "*.model"]
+                                      + (["*.safetensors", "*.bin"] if weights else [])))
     except Exception as err:  # huggingface_hub raises several types for offline / missing
-        raise OSError(f"cannot load text model {name!r}: {err}\nPass --text-model with a local folder holding "
-                      "it (config.json, tokenizer files, and for BioViL its weights), or download it once "
-                      "where the Hugging Face hub is reachable.") from None
+        raise ConfigError(f"cannot load text model {name!r}: {' '.join(str(err).split())}. Pass --text-model with "
+                          "a local folder holding it (config.json, tokenizer files, and for BioViL its weights), "
+                          "or download it once where the Hugging Face hub is reachable (a cache of another "
+                          "revision: name it, or drop the @revision).") from None
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
@@ -242,8 +246,21 @@ class PeerTextTower(nn.Module):
 
     def forward(self, texts: list[str]) -> Tensor:
         s = self.spec
-        texts = [s.clean(t) if s.clean else t for t in texts]
-        length = s.max_length or getattr(self.backbone.config, "max_position_embeddings", 512)
+        cleaned = [s.clean(t) if s.clean else t for t in texts]
+        for raw, t in zip(texts, cleaned):
+            if not t.strip():
+                raise DataError(f"{s.kind}: the prompt {raw!r} is empty after {s.kind}'s text cleaning "
+                                "(ASCII words only for MGCA and GLoRIA)")
+        if s.pooling == "medclip" and len(cleaned) > 1:
+            # MedCLIP averages over padding too, so padding texts together would make each embedding
+            # depend on the others in the batch: each prompt is encoded on its own (no padding), the
+            # same as MedCLIP's own padding for a class whose prompts have one length
+            return torch.cat([self.forward([t]) for t in cleaned])
+        texts = cleaned
+        length: int = s.max_length or cast(Any, self.backbone).config.max_position_embeddings
+        full = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        if max(full) > length:
+            log.warning("%s: a prompt of %d tokens is cut to %d (%s's limit)", s.kind, max(full), length, s.kind)
         tok = self.tokenizer(texts, padding="max_length" if s.pad_to_max else True, truncation=True,
                              max_length=length, return_tensors="pt")
         device = next(self.backbone.parameters()).device
@@ -276,7 +293,11 @@ def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor], path: Path
     weights = _take(state, spec.text_prefix)
     where = f"{path} ({spec.text_prefix}.*)"
     if spec.kind == "biovil":
-        config = BertConfig.from_json_file(str(folder / "config.json"))  # model_type cxr-bert: no remote code
+        import json
+
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        raw.pop("model_type", None)  # cxr-bert: read as the BERT it is, without remote code
+        config = BertConfig(**raw)
         model: nn.Module = BertModel(config, add_pooling_layer=False)
     else:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -308,7 +329,19 @@ def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor], path: Path
         from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
         tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    check_tokenizer(tokenizer, weights["embeddings.word_embeddings.weight"].shape[0], f"{spec.kind}: {folder}")
     return model.eval(), tokenizer
+
+
+def _out_dim(head: nn.Module, width: int, what: str, where: Path, kind: str) -> int:
+    """The head's output size for ``width`` inputs, or a CheckpointError naming the head (checked at
+    load time, not at the first image)."""
+    try:
+        with torch.no_grad():
+            return int(head.eval()(torch.zeros(2, width)).shape[-1])
+    except RuntimeError as err:
+        raise CheckpointError(f"{kind}: {where}: the {what} does not take the {width}-wide features it is "
+                              f"given ({' '.join(str(err).split())[:120]})") from None
 
 
 # ------------------------------------------------------------------------------------ model
@@ -383,7 +416,7 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     image_head = _head(kind_name, spec.image_head, _take(state, spec.image_head), path)
     dense_head = (image_head if spec.dense_head == spec.image_head
                   else _head(kind_name, spec.dense_head, _take(state, spec.dense_head), path))
-    folder = _text_folder(text_model or spec.text_model)
+    folder = _text_folder(text_model or spec.text_model, weights=spec.text_in_folder)
     text_state = _read_weights(folder) if spec.text_in_folder else state
     backbone, tokenizer = _backbone(spec, folder, text_state, folder if spec.text_in_folder else path)
     if spec.kind == "biovil":
@@ -393,11 +426,19 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     else:
         text_head = nn.Identity()
     if spec.logit_scale is None:
-        if "logit_scale" not in state:
-            raise CheckpointError(f"{kind_name}: {path} has no logit_scale")
+        if "logit_scale" not in state or not torch.isfinite(state["logit_scale"]).all():
+            raise CheckpointError(f"{kind_name}: {path} has no finite logit_scale")
         scale = math.exp(float(state["logit_scale"].clamp(0, math.log(100))))
     else:
         scale = spec.logit_scale
+    # every head fits its input and the two towers meet in one space
+    dense_width = encoder.channels[spec.dense_stage]
+    d_image = _out_dim(image_head, encoder.channels[-1], f"image head ({spec.image_head})", path, kind_name)
+    _out_dim(dense_head, dense_width, f"grounding head ({spec.dense_head})", path, kind_name)
+    d_text = _out_dim(text_head, int(cast(Any, backbone).config.hidden_size), "text head", path, kind_name)
+    if d_image != d_text:
+        raise CheckpointError(f"{kind_name}: {path}: image embeddings have {d_image} dimensions, text embeddings "
+                              f"{d_text}: not one joint space")
     text = PeerTextTower(spec, backbone, text_head, tokenizer)
     log.info("%s: image %s + text %s (%s pooling)", kind_name, path, folder, spec.pooling)
     return PeerVLModel(spec, encoder, image_head, dense_head, text, scale,

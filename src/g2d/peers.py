@@ -27,7 +27,7 @@ from torch import Tensor
 from g2d.checkpoint import load_checkpoint
 from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
-from g2d.errors import CheckpointError
+from g2d.errors import CheckpointError, PickledClassesError
 from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
@@ -145,7 +145,7 @@ def _read(path: Path, kind: PeerKind, trust_pickle: bool) -> Any:
         return load_file(str(path))
     try:
         return load_checkpoint(path)  # the project's safe loader: weights_only=True
-    except CheckpointError as err:
+    except PickledClassesError as err:
         if not trust_pickle:
             hint = (" (GLoRIA's checkpoint stores its OmegaConf config as pickled objects)" if kind.needs_pickle
                     else "")
@@ -153,6 +153,8 @@ def _read(path: Path, kind: PeerKind, trust_pickle: bool) -> Any:
                 f"{kind.name}: {path} holds more than tensors and plain data{hint}; nothing was executed. If you "
                 f"trust the file's source, rerun with --trust-pickle (torch.load with weights_only=False), or "
                 f"re-save its tensors as safetensors. ({err})") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{kind.name}: {err}") from None
     log.warning("%s: loading %s with weights_only=False (--trust-pickle): the file may execute code", kind.name, path)
     return torch.load(path, map_location="cpu", weights_only=False)
 

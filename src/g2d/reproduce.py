@@ -38,6 +38,7 @@ from g2d.data.labelled.specs import open_dataset
 from g2d.downstream import protocol
 from g2d.downstream.protocol import ProtocolArgs
 from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.peers import PEER_KINDS, split_model_spec
 
 __all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
            "Runner", "CellResult", "format_markdown", "format_gates", "format_csv", "format_fraction_tables",
@@ -248,14 +249,23 @@ class Runner:
         if unknown:
             raise ValueError(f"--baselines names rows {sorted(unknown)} that {exp.name} has no baseline row for; "
                              f"its baseline rows: {[r.name for r in exp.rows if r.baseline]}")
+        zero_shot_tasks = {c.task for c in exp.columns} & {"zeroshot", "grounding"}
+        for name, given in self.baselines.items():
+            spec = given["model"] if isinstance(given, dict) else given
+            if split_model_spec(spec)[0] not in PEER_KINDS:  # raises for an unknown KIND
+                raise ValueError(f"--baselines row {name!r}: {spec!r} is not KIND:PATH of a peer "
+                                 f"({', '.join(sorted(PEER_KINDS))})")
+            if isinstance(given, dict) and given.get("text_model") and not zero_shot_tasks:
+                raise ValueError(f"--baselines row {name!r}: text_model is for zero-shot and grounding cells, "
+                                 f"and {exp.name} has none")
         for row in exp.rows:  # a given baseline runs like a `model:` row
-            given = self.baselines.get(row.name) if row.baseline else None
-            if isinstance(given, dict):  # {model: KIND:PATH, text_model: NAME|DIR} (zero-shot, grounding)
-                row.model = given["model"]
+            entry = self.baselines.get(row.name) if row.baseline else None
+            if isinstance(entry, dict):  # {model: KIND:PATH, text_model: NAME|DIR} (zero-shot, grounding)
+                row.model = entry["model"]
                 for task in ("zeroshot", "grounding"):
-                    row.args[task] = {**row.args.get(task, {}), "text_model": given.get("text_model")}
-            elif given is not None:
-                row.model = given
+                    row.args[task] = {**row.args.get(task, {}), "text_model": entry.get("text_model")}
+            elif entry is not None:
+                row.model = entry
         self.columns = re.compile(columns) if columns else None
         self.collect_only = collect_only
         self.seeds = seeds or scale.seeds or exp.seeds

@@ -41,9 +41,12 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
 
     kind, _ = split_model_spec(str(model_path))
     if kind in PEER_KINDS:
+        from g2d.peer_vlm import PEER_TEXT
+
+        hint = (f" For its image-text similarity map use: g2d ground IMAGE --model {model_path} [--text-model "
+                "NAME|DIR] --text '...' --out heat.png" if kind in PEER_TEXT else "")
         raise ConfigError(f"g2d figure attention draws G2D's attention-pooling maps and pseudo masks; a {kind} "
-                          f"model has neither. For its image-text similarity map use: g2d ground IMAGE "
-                          f"--model {model_path} --text '...' --out heat.png")
+                          f"model has neither.{hint}")
     if reports and len(reports) != len(images):
         raise ValueError(f"got {len(images)} images but {len(reports)} reports; give one report per "
                          "image or none")

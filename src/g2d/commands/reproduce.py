@@ -54,13 +54,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.baselines:
         import yaml
 
-        with open(args.baselines, encoding="utf-8") as f:
-            baselines = yaml.safe_load(f) or {}
-        if not isinstance(baselines, dict) or not all(
-                isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("model"), str)
-                                       and set(v) <= {"model", "text_model"}) for v in baselines.values()):
+        try:
+            with open(args.baselines, encoding="utf-8") as f:
+                baselines = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{args.baselines}: not YAML ({' '.join(str(err).split())})") from None
+        if not isinstance(baselines, dict):
             raise ValueError(f"{args.baselines}: expected a mapping of row name to KIND:PATH or to "
                              "{model: KIND:PATH, text_model: NAME|DIR}")
+        for row, v in baselines.items():
+            ok = isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("model"), str)
+                                        and set(v) <= {"model", "text_model"}
+                                        and isinstance(v.get("text_model", ""), str))
+            if not ok:
+                raise ValueError(f"{args.baselines}: row {row!r}: expected KIND:PATH or {{model: KIND:PATH, "
+                                 f"text_model: NAME|DIR}}, got {v!r}")
     if args.trust_pickle:
         scale.eval_args["*"] = {**scale.eval_args.get("*", {}), "trust-pickle": True}
     runner = Runner(exp, scale, out, seeds=args.seeds, device=args.device, progress=not args.no_progress,

@@ -117,6 +117,8 @@ def run(args: Args) -> dict[str, Any]:
     check_split(ds, f"{args.data} {args.split}")
     if not (getattr(ds, "with_mask", False) or getattr(ds, "with_boxes", False)):
         raise DataError(f"{args.data}: zero-shot grounding needs masks or boxes")
+    if args.prompt is not None and not args.prompt.strip():
+        raise DataError("--prompt is empty; leave it out for the per-record / per-set prompts")
     default = _default_prompt(args, ds)
     # a set rendered at the output size has no resize/crop to undo
     out_geom = geom_cfg if isinstance(ds, LabelledCXR) else ImageTransformCfg(
@@ -191,6 +193,7 @@ def run(args: Args) -> dict[str, Any]:
         "recall_definition": "pixel recall |P and G| / |G| per positive image, mean (MedKLIP's code unreleased)",
         "coordinates": "original image pixels; outside the centre crop the map is NaN (never foreground)",
         "geometry": asdict(geom_cfg), "geometry_source": geometry_source(args, tower),
+        **({"peer": tower.peer} if tower.peer else {}),
     }
     if any(math.isnan(v) for v in (overall["iou"], overall["dice"])):
         log.warning("grounding metrics contain NaN")

@@ -108,12 +108,12 @@ def load_text_image_model(spec: str, what: str, trust_pickle: bool = False, text
         vl = load_peer_vl_model(kind, path, text_model, trust_pickle).to(device)
         return ImageTower(vl.image_encoder, None, None, spec, PEER_KINDS[kind].preprocess,
                           {**vl.report, "decoder": False}), vl
-    if text_model:
-        raise ConfigError(f"--text-model is for a peer's model (KIND:PATH); the G2D model {spec!r} brings "
-                          "its own text tower")
     if path in ("random", "imagenet"):
         raise ConfigError(f"{what} needs a model with a text tower: a G2D model (export, run folder or "
                           f"checkpoint) or a peer's (KIND:PATH); {path!r} is an image-only baseline")
+    if text_model:
+        raise ConfigError(f"--text-model is for a peer's model (KIND:PATH); the G2D model {spec!r} brings "
+                          "its own text tower")
     model = load_model(path, device=device).eval()
     return ImageTower(model.image_encoder, model.decoder, model, str(path)), model
 
@@ -122,7 +122,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise ConfigError("--device cuda requested but CUDA is not available (use --device cpu or auto)")
     return torch.device(name)
 
 

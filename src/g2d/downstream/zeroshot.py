@@ -75,7 +75,8 @@ def require_g2d(tower: ImageTower, what: str) -> G2DModel:
     if tower.model is not None:
         return tower.model
     if tower.peer is not None:
-        raise ConfigError(f"{what} needs G2D's attention pooling; {tower.name} (a peer's model) has none")
+        raise ConfigError(f"{what} needs G2D's attention pooling; {tower.name} (a peer's model) has none. For a "
+                          "peer's image-text similarity maps use g2d eval grounding or g2d ground (docs/peers.md)")
     raise ConfigError(f"{what} needs a pre-trained G2D model (--model PATH to an export, run folder or "
                       "checkpoint); 'random' and 'imagenet' are image-only baselines")
 
@@ -150,6 +151,7 @@ def run(args: Args) -> dict[str, Any]:
         "prompts": {t: [list(pr) for pr in pairs] for t, pairs in prompts.items()},
         "prompt_file": args.prompts or "default",
         "logit_scale": float(model.logit_scale.exp()), "n_test": int(len(labels)), "n_val": n_val,
+        **({"peer": tower.peer} if tower.peer else {}),
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
     }
     row = {"task": "zeroshot", "data": args.data, "model": tower.name, "threshold": rule_name,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from g2d.config import TextEncoderCfg
+from g2d.errors import ConfigError
 
 log = logging.getLogger("g2d.model")
 
@@ -54,11 +55,28 @@ def load_text_backbone(name: str, *, weights: bool = True):
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(name, local_files_only=True))
     except (OSError, ValueError) as err:
-        raise OSError(
+        raise ConfigError(
             f"cannot load text model {name!r}: {err}\nPass a local directory holding the model "
             "(config.json, weights, tokenizer files), or download it once where the Hugging Face "
             "hub is reachable (it is then read from the local cache).") from None
+    if weights:
+        check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings, name)
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Any, rows: int, where: str) -> None:
+    """Refuse a tokenizer that does not belong to an embedding table of ``rows`` tokens: larger
+    (ids out of range) or much smaller (a folder without its tokenizer files reads as a handful of
+    special tokens, and every word becomes [UNK], silently). Tables may be padded a little beyond
+    the vocabulary, so 90 % is enough.
+
+    :raises ConfigError: naming ``where`` and both sizes.
+    """
+    n = len(tokenizer)
+    if n > rows or n < 0.9 * rows:
+        raise ConfigError(f"{where}: the tokenizer has {n} tokens but the text weights have {rows} embedding "
+                          "rows: the tokenizer files do not belong to these weights (missing vocab.txt / "
+                          "tokenizer.json?)")
 
 
 def _offline() -> bool:
@@ -205,8 +223,11 @@ def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_s
     wordpiece.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=1,
                                   show_progress=False)
     wordpiece.save_model(str(out_dir))
-    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
+    # from the trained tokenizer object: transformers 5 reads `vocab_file=` as 5 special tokens only
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True, unk_token="[UNK]",
+                                  sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
     tokenizer.save_pretrained(out_dir)
+    check_tokenizer(tokenizer, wordpiece.get_vocab_size(), str(out_dir))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 4,
                         max_position_embeddings=512)
