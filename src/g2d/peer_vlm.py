@@ -58,7 +58,7 @@ class PeerText:
     :ivar pooling: ``cls`` (last layer [CLS]), ``pooler`` (BERT/RoBERTa pooler output), ``last4``
         (GLoRIA: the last 4 layers summed, summed over the tokens [CLS]..[SEP]; equal up to scale to
         GLoRIA's mean over its zero-padded word positions, and cosine ignores scale), ``medclip``
-        (layers 1, 2 and last averaged, mean over every token, padding included).
+        (layers 1, 2 and last averaged, mean over every token; each prompt encoded on its own).
     :ivar text_head: checkpoint prefix of the text projection (``""``: none).
     :ivar image_head: checkpoint prefix of the image projection; ``image_head_on_grid``: applied to
         every layer-4 cell and averaged (BioViL) rather than to the average-pooled vector.
@@ -159,19 +159,19 @@ def _head(kind: str, prefix: str, parts: dict[str, Tensor], path: Path) -> nn.Mo
             layers.append(nn.ReLU())
         last = idx
         w = t.get("weight")
-        if "running_mean" in t:                                 # BatchNorm (affine=False: no weight)
-            bn = nn.BatchNorm1d(t["running_mean"].numel(), affine=w is not None)
-            bn.load_state_dict({"num_batches_tracked": torch.tensor(0), **t})
-            layers.append(bn)
-        elif w is not None and w.ndim in (2, 4):                # Linear or 1x1 conv as Linear
-            lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t)
-            lin.load_state_dict({"weight": w.reshape(w.shape[0], w.shape[1]),
-                                 **({"bias": t["bias"]} if "bias" in t else {})})
-            layers.append(lin)
-        elif w is not None and w.ndim == 1:                     # LayerNorm
-            ln = nn.LayerNorm(w.numel(), eps=1e-12)
-            ln.load_state_dict(t)
-            layers.append(ln)
+        try:
+            if "running_mean" in t:                             # BatchNorm (affine=False: no weight)
+                bn = nn.BatchNorm1d(t["running_mean"].numel(), affine=w is not None)
+                bn.load_state_dict({"num_batches_tracked": torch.tensor(0), **t})
+                layers.append(bn)
+                continue
+            if w is not None and w.ndim in (2, 4):              # Linear or 1x1 conv as Linear
+                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t)
+                lin.load_state_dict({**t, "weight": w.reshape(w.shape[0], w.shape[1])})
+                layers.append(lin)
+                continue
+        except RuntimeError as err:                             # unexpected names or shapes in the layer
+            raise CheckpointError(f"{kind}: {path}: {prefix}.{i}: {' '.join(str(err).split())[:160]}") from None
         else:
             raise CheckpointError(f"{kind}: {path}: cannot read {prefix}.{i} ({sorted(t)})")
     return nn.Sequential(*layers).eval()
