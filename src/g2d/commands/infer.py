@@ -67,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace):
     from g2d.downstream.towers import load_text_image_model, resolve_device
 
+    images = getattr(args, "images", None) or [args.image]
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:  # before the (slow) model load
+        raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                   if len(missing) > 1 else ""))
+
     device = resolve_device(args.device)
     tower, model = load_text_image_model(args.model, f"g2d {args.command}", args.trust_pickle, args.text_model,
                                          device)
