@@ -189,7 +189,50 @@ def peers(tmp_path_factory, bert_dir, roberta_dir):
                 per_layer.append(padded.mean(0))
             sentences.append(torch.stack(per_layer).sum(0))
         return torch.stack(sentences)
-    out["gloria"] = (root / "gloria.ckpt", bert_dir, lambda x: glob(feats(x, 299)[1].mean((2, 3))), gloria_text)
+    def gloria_words(texts):
+        """Word features as GLoRIA's aggregate_tokens builds them: [N, 97, 32], zeros after [SEP]."""
+        t = tok([" ".join(s.lower().split()) for s in texts], padding="max_length", truncation=True, max_length=97,
+                return_tensors="pt")
+        h = sum(bert3(**t, output_hidden_states=True).hidden_states[-4:])
+        out_words = torch.zeros(len(texts), 97, 32)
+        for i, ids in enumerate(t["input_ids"]):
+            words: list[torch.Tensor] = []
+            for j, piece in enumerate(tok.convert_ids_to_tokens(ids.tolist())):
+                if piece == "[SEP]":
+                    words.append(h[i, j])
+                    break
+                if piece.startswith("##") and words:
+                    words[-1] = words[-1] + h[i, j]
+                else:
+                    words.append(h[i, j])
+            out_words[i, :len(words)] = torch.stack(words)
+        return out_words
+
+    def gloria_similarity(x, texts):
+        """gloria.py zero-shot: (global cosine + local) / 2; local from attention_fn (bmm / view / softmax as in
+        loss/gloria_loss.py) and 5 x the max word cosine; cap_len counts characters."""
+        y3, y4 = feats(x, 299)
+        img_g = glob(y4.mean((2, 3)))
+        img_l = local(y3)                                                     # [B, 32, h, w]
+        sent = gloria_text(texts)
+        words = gloria_words(texts)
+        sims = torch.zeros(x.shape[0], len(texts))
+        for b in range(x.shape[0]):
+            for p_, text in enumerate(texts):
+                cap_len = len([c for c in " ".join(text.lower().split()) if not c.startswith("[")])
+                q = words[p_, 1:cap_len + 1].T[None]                           # 1 x ndf x queryL
+                ctx = img_l[b:b + 1].view(1, 32, -1)                           # 1 x ndf x sourceL
+                attn = torch.bmm(ctx.transpose(1, 2), q)                       # 1 x sourceL x queryL
+                attn = torch.softmax(attn.view(-1, q.shape[2]), -1).view(1, -1, q.shape[2])
+                attn = torch.softmax(attn.transpose(1, 2).reshape(-1, ctx.shape[2]) * 4.0, -1)
+                weighted = torch.bmm(ctx, attn.view(1, q.shape[2], -1).transpose(1, 2))   # 1 x ndf x queryL
+                cos = (q * weighted).sum(1) / (q.norm(dim=1) * weighted.norm(dim=1)).clamp(min=1e-8)
+                local_score = torch.log(torch.exp(cos * 5.0).max())
+                glob_score = F.cosine_similarity(img_g[b], sent[p_], dim=0)
+                sims[b, p_] = (local_score + glob_score) / 2
+        return sims
+    out["gloria"] = (root / "gloria.ckpt", bert_dir, lambda x: glob(feats(x, 299)[1].mean((2, 3))), gloria_text,
+                     gloria_similarity)
 
     # ConVIRT (ViLMedic): {"model": ...}, visual.model.{0,1,4..7}, vis_proj / lin_proj Linear-ReLU-Linear,
     # RoBERTa with pooler under linguistic.encoder
@@ -254,7 +297,7 @@ def test_every_cosine_peer_has_a_layout_here(peers):
 
 @pytest.mark.parametrize("kind", sorted(PEER_TEXT))
 def test_embeddings_follow_the_peers_recipe(kind, peers):
-    path, folder, image_ref, text_ref = peers[kind]
+    path, folder, image_ref, text_ref = peers[kind][:4]
     model = load_peer_vl_model(kind, path, str(folder))
     torch.manual_seed(4)
     x = torch.rand(2, 1, 64, 64)
@@ -283,7 +326,7 @@ def test_logit_scales(peers):
         pytest.approx(10.0)   # tau 0.1
 
 
-@pytest.mark.parametrize("kind", ["medclip", "biovil"])
+@pytest.mark.parametrize("kind", ["medclip", "biovil", "gloria"])
 def test_zero_shot_and_grounding_protocols_run_on_a_peer(kind, peers, tmp_path):
     path, folder = peers[kind][:2]
     common = dict(data="synthetic:32", model=f"{kind}:{path}", text_model=str(folder), image_size=64, resize=64,
@@ -404,3 +447,22 @@ def test_a_prompt_that_cleaning_empties_is_refused(peers):
     model = load_peer_vl_model("mgca", peers["mgca"][0], str(peers["mgca"][1]))
     with pytest.raises(DataError, match="empty after mgca's text cleaning"):
         model.encode_text(["气胸"])
+
+
+def test_gloria_zero_shot_adds_its_local_word_region_score(peers, tmp_path):
+    path, folder, _, _, similarity_ref = peers["gloria"]
+    model = load_peer_vl_model("gloria", path, str(folder))
+    assert model.scores_pairs
+    torch.manual_seed(5)
+    x = torch.rand(2, 1, 64, 64)
+    enc = model.image_encoder
+    with torch.no_grad():
+        ref = similarity_ref((x.expand(-1, 3, -1, -1) - enc.mean) / enc.std, PROMPTS)
+    torch.testing.assert_close(model.similarity(x, PROMPTS), ref, atol=1e-4, rtol=1e-4)
+    # the protocol uses it: pair scores averaged per class, then positive vs negative
+    from g2d.inference.zeroshot import ZeroShotScorer
+
+    scorer = ZeroShotScorer(model, {"a": [(PROMPTS[0], PROMPTS[1])], "b": [(PROMPTS[2], PROMPTS[1])]})
+    sim = model.similarity(x, [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]])
+    expected = torch.sigmoid(model.logit_scale.exp() * (sim[:, [0, 2]] - sim[:, [1, 3]]))
+    torch.testing.assert_close(scorer(x), expected)

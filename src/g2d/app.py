@@ -21,7 +21,7 @@ from g2d.data.transforms import build_transform, eval_geometry
 from g2d.errors import DataError, ImageReadError
 from g2d.figures import heat_overlay
 from g2d.inference.grounding import dense_similarity, to_original
-from g2d.inference.zeroshot import class_prompts, load_prompts, prompt_embeddings, zero_shot_scores
+from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 
@@ -52,8 +52,7 @@ def analyse(model: G2DModel, path: str | Path, findings: str, prompts: str | Non
     x = build_transform(model.preprocess, train=False)(img)[None]              # [1, 1, S, S]
     device = model.logit_scale.device
     x = x.to(device)
-    pos, neg = prompt_embeddings(model, class_prompts(names, load_prompts(prompts)))
-    probs = zero_shot_scores(model.encode_image(x), pos, neg, model.logit_scale.exp())[0]
+    probs = ZeroShotScorer(model, class_prompts(names, load_prompts(prompts)))(x)[0]
     geom = eval_geometry(img.shape, model.preprocess)
     dense = dense_similarity(model, x.expand(len(names), -1, -1, -1), [f"there is {n}" for n in names])
     heats = [(heat_overlay(img, to_original(dense[i].cpu(), geom).numpy(), legend=f"there is {n}"), n)

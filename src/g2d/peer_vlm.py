@@ -65,6 +65,8 @@ class PeerText:
     :ivar dense_head, dense_stage: the head and encoder stage (3 = layer3, 4 = layer4) of the
         grounding map (cosine of the prompt with each cell's projection).
     :ivar upsample: the peer's forward resizes its input to this size first (MGCA, GLoRIA: 299).
+    :ivar local_score: zero-shot adds GLoRIA's word-region score to the global cosine
+        (:meth:`PeerVLModel.similarity`).
     :ivar positions_from_token_types: MGCA passes ``token_type_ids`` (all 0) where its BERT expects
         ``position_ids``, and its embeddings have no token-type table: every token gets position 0.
     """
@@ -83,6 +85,7 @@ class PeerText:
     pad_to_max: bool = False
     logit_scale: float | None = 1 / 0.07       # None: the checkpoint's ``logit_scale``
     clean: Callable[[str], str] | None = None
+    local_score: bool = False
     text_in_folder: bool = False
     text_pooler: bool = False
     positions_from_token_types: bool = False
@@ -107,10 +110,11 @@ PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
                     "no token-type table), mgca_module.py (temperature 0.07)"),
     PeerText("gloria", "emilyalsentzer/Bio_ClinicalBERT", "gloria.text_encoder.model", "last4", "",
              "gloria.img_encoder.global_embedder", "gloria.img_encoder.local_embedder", dense_stage=3,
-             upsample=299, max_length=97, pad_to_max=True, clean=_words, text_pooler=True,
-             not_done="only the global cosine: GLoRIA's zero-shot averages it with a word-level local score "
-                      "and z-scores each class over the batch; the grounding map is the cosine of the "
-                      "sentence with each layer-3 cell's local embedding",
+             upsample=299, max_length=97, pad_to_max=True, clean=_words, text_pooler=True, local_score=True,
+             not_done="zero-shot scores image-prompt pairs as GLoRIA does (global cosine and local word-region "
+                      "score averaged) inside g2d's positive-vs-negative protocol: GLoRIA's own max over a "
+                      "class's prompts and z-scoring of each class over the batch are not applied; the grounding "
+                      "map is the cosine of the sentence with each layer-3 cell's local embedding",
              source="GLoRIA: models/text_model.py (last 4 layers summed, word aggregation), "
                     "models/vision_model.py (global_embedder on layer 4, local_embedder on layer 3)"),
     PeerText("convirt", "allenai/biomed_roberta_base", "linguistic.encoder", "pooler", "lin_proj",
@@ -244,19 +248,18 @@ class PeerTextTower(nn.Module):
         super().__init__()
         self.spec, self.backbone, self.head, self.tokenizer = spec, backbone, head, tokenizer
 
-    def forward(self, texts: list[str]) -> Tensor:
+    def _clean(self, texts: list[str]) -> list[str]:
         s = self.spec
         cleaned = [s.clean(t) if s.clean else t for t in texts]
         for raw, t in zip(texts, cleaned):
             if not t.strip():
                 raise DataError(f"{s.kind}: the prompt {raw!r} is empty after {s.kind}'s text cleaning "
                                 "(ASCII words only for MGCA and GLoRIA)")
-        if s.pooling == "medclip" and len(cleaned) > 1:
-            # MedCLIP averages over padding too, so padding texts together would make each embedding
-            # depend on the others in the batch: each prompt is encoded on its own (no padding), the
-            # same as MedCLIP's own padding for a class whose prompts have one length
-            return torch.cat([self.forward([t]) for t in cleaned])
-        texts = cleaned
+        return cleaned
+
+    def _run(self, texts: list[str]) -> tuple[dict[str, Tensor], Any]:
+        """Tokens and backbone output of cleaned texts (hidden states of every layer included)."""
+        s = self.spec
         length: int = s.max_length or cast(Any, self.backbone).config.max_position_embeddings
         full = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         if max(full) > length:
@@ -266,10 +269,20 @@ class PeerTextTower(nn.Module):
         device = next(self.backbone.parameters()).device
         tok = {k: v.to(device) for k, v in tok.items()}
         kwargs: dict[str, Any] = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-                                  "output_hidden_states": s.pooling in ("last4", "medclip")}
+                                  "output_hidden_states": True}
         if s.positions_from_token_types:
             kwargs["position_ids"] = torch.zeros_like(tok["input_ids"])
-        out = self.backbone(**kwargs)
+        return tok, self.backbone(**kwargs)
+
+    def forward(self, texts: list[str]) -> Tensor:
+        s = self.spec
+        cleaned = self._clean(texts)
+        if s.pooling == "medclip" and len(cleaned) > 1:
+            # MedCLIP averages over padding too, so padding texts together would make each embedding
+            # depend on the others in the batch: each prompt is encoded on its own (no padding), the
+            # same as MedCLIP's own padding for a class whose prompts have one length
+            return torch.cat([self.forward([t]) for t in cleaned])
+        tok, out = self._run(cleaned)
         if s.pooling == "cls":
             x = out.last_hidden_state[:, 0]
         elif s.pooling == "pooler":
@@ -281,6 +294,29 @@ class PeerTextTower(nn.Module):
             hs = out.hidden_states
             x = torch.stack([hs[1], hs[2], hs[-1]]).mean(2).mean(0)
         return self.head(x)
+
+    def words(self, texts: list[str]) -> tuple[Tensor, list[int]]:
+        """GLoRIA's word features (models/text_model.py): the last 4 layers summed, word pieces summed
+        into words, [CLS] first, [SEP] last, zeros after: [N, max_length, D]; and each prompt's
+        ``cap_len`` as gloria_model.py computes it, the number of characters of the cleaned text that
+        are not ``[`` (characters, not words: GLoRIA's code counts them so, and its local score uses
+        that many word slots after [CLS], zeros included)."""
+        cleaned = self._clean(texts)
+        tok, out = self._run(cleaned)
+        h = torch.stack(out.hidden_states[-4:]).sum(0)
+        words = torch.zeros_like(h)
+        for i, ids in enumerate(tok["input_ids"].tolist()):
+            agg: list[Tensor] = []
+            for j, piece in enumerate(self.tokenizer.convert_ids_to_tokens(ids)):
+                if piece == self.tokenizer.sep_token:
+                    agg.append(h[i, j])
+                    break
+                if piece.startswith("##") and agg:
+                    agg[-1] = agg[-1] + h[i, j]
+                else:
+                    agg.append(h[i, j])
+            words[i, :len(agg)] = torch.stack(agg)
+        return words, [len(t) - t.count("[") for t in cleaned]
 
 
 def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor], path: Path) -> tuple[nn.Module, Any]:
@@ -384,6 +420,33 @@ class PeerVLModel(nn.Module):
         """[B, 1 or 3, H, W] -> [B, h, w, d]: each cell of the grounding stage through the dense head."""
         pix = _per_vector(self.dense_head, self._features(images)[self.spec.dense_stage])
         return F.normalize(pix, dim=-1) if normalize else pix
+
+    @property
+    def scores_pairs(self) -> bool:
+        """Zero-shot uses :meth:`similarity` (GLoRIA) rather than the cosine of the embeddings."""
+        return self.spec.local_score
+
+    @torch.no_grad()
+    def similarity(self, images: Tensor, texts: list[str]) -> Tensor:
+        """GLoRIA's zero-shot similarity (gloria.py, models/gloria_model.py): the mean of the global cosine
+        and the local score, 5 x the best word's cosine with its attention-weighted layer-3 context
+        (attention: softmax over words, x 4, softmax over regions; loss/gloria_loss.py).
+
+        :param images: [B, 1 or 3, H, W] in [0, 1]. :param texts: P prompts. :return: [B, P].
+        """
+        feats = self._features(images)
+        glob = F.normalize(self.image_head(feats[-1].mean((2, 3))), dim=-1) @ F.normalize(self.text(texts), dim=-1).T
+        regions = _per_vector(self.dense_head, feats[self.spec.dense_stage]).flatten(1, 2)     # [B, S, D]
+        words, cap_lens = self.text.words(texts)
+        local = []
+        for p, n in enumerate(cap_lens):
+            w = words[p, 1:n + 1]                                                               # [n, D]
+            attn = (regions @ w.T).softmax(-1)                                                  # [B, S, n]
+            attn = (attn.transpose(1, 2) * 4.0).softmax(-1)                                     # [B, n, S]
+            ctx = attn @ regions                                                                # [B, n, D]
+            cos = (ctx * w).sum(-1) / (ctx.norm(dim=-1) * w.norm(dim=-1)).clamp_min(1e-8)
+            local.append(5.0 * cos.max(1).values)         # log(max_w exp(5 cos)), as gloria_model.py
+        return (glob + torch.stack(local, 1)) / 2
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], normalize: bool = True) -> Tensor:

@@ -87,24 +87,18 @@ def _load(args: argparse.Namespace):
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
-    from g2d.inference.zeroshot import (
-        class_prompts,
-        load_prompts,
-        prompt_embeddings,
-        zero_shot_scores,
-    )
+    from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 
     findings = [f.strip() for f in args.findings.split(",") if f.strip()]
     if not findings:
         raise ValueError("--findings is empty")
     model, geom, device = _load(args)
-    prompts = class_prompts(findings, load_prompts(args.prompts))
-    pos, neg = prompt_embeddings(model, prompts)
+    scorer = ZeroShotScorer(model, class_prompts(findings, load_prompts(args.prompts)))
     transform = build_transform(geom, train=False)
     rows = []
     for path in args.images:
         x = transform(read_image(path))[None].to(device)
-        p = zero_shot_scores(model.encode_image(x), pos, neg, model.logit_scale.exp())[0].cpu().tolist()
+        p = scorer(x)[0].cpu().tolist()
         rows.append([path, *p])
     width = max(len(Path(r[0]).name) for r in rows)
     print("image".ljust(width) + "".join(f"  {f:>{max(len(f), 6)}}" for f in findings))

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from g2d.data.labelled.specs import open_dataset
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
@@ -36,13 +35,7 @@ from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import ImageTower, load_text_image_model, resolve_device
 from g2d.errors import ConfigError, DataError
-from g2d.inference.interface import TextImageModel
-from g2d.inference.zeroshot import (
-    class_prompts,
-    load_prompts,
-    prompt_embeddings,
-    zero_shot_scores,
-)
+from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 from g2d.metrics import threshold_metrics
 from g2d.model import G2DModel
 
@@ -85,18 +78,15 @@ def require_g2d(tower: ImageTower, what: str) -> G2DModel:
 
 
 @torch.no_grad()
-def _score_split(model: TextImageModel, ds, pos: Tensor, neg: Tensor, args, device, desc: str
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    scale = model.logit_scale.exp()
+def _score_split(scorer: ZeroShotScorer, ds, args, device, desc: str) -> tuple[np.ndarray, np.ndarray]:
     scores, labels = [], []
     loader = make_loader(ds, args.batch_size, args.num_workers)
     for batch in progress_bar(loader, len(loader), desc, args.no_progress):
         if batch is None:
             continue
-        emb = model.encode_image(batch["image"].to(device))
-        scores.append(zero_shot_scores(emb, pos, neg, scale).cpu().numpy())
+        scores.append(scorer(batch["image"].to(device)).cpu().numpy())
         labels.append(batch["labels"].numpy())
-    k = pos.shape[0]
+    k = len(scorer.prompts)
     return (np.concatenate(scores) if scores else np.zeros((0, k)),
             np.concatenate(labels) if labels else np.zeros((0, k)))
 
@@ -129,8 +119,8 @@ def run(args: Args) -> dict[str, Any]:
     check_split(test_ds, f"{args.data} test")
     tasks = label_tasks(test_ds, args.data)
     prompts = class_prompts(tasks, load_prompts(args.prompts))
-    pos, neg = prompt_embeddings(model, prompts)
-    scores, labels = _score_split(model, test_ds, pos, neg, args, device, "test")
+    scorer = ZeroShotScorer(model, prompts)
+    scores, labels = _score_split(scorer, test_ds, args, device, "test")
     val_scores = val_labels = None
     n_val = 0
     if rule == "val":
@@ -140,7 +130,7 @@ def run(args: Args) -> dict[str, Any]:
         except DataError as err:
             raise DataError(f"{err}; --threshold val needs a validation split (or use --threshold "
                             "test-max-f1 / 0.5)") from None
-        val_scores, val_labels = _score_split(model, val_ds, pos, neg, args, device, "val")
+        val_scores, val_labels = _score_split(scorer, val_ds, args, device, "val")
         n_val = len(val_labels)
     m = threshold_metrics(scores, labels, tasks, rule, val_scores, val_labels)
     rule_name = rule if isinstance(rule, str) else "fixed"

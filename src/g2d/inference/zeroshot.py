@@ -16,7 +16,8 @@ from torch import Tensor
 from g2d.errors import DataError
 from g2d.inference.interface import TextImageModel
 
-__all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores"]
+__all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores",
+           "ZeroShotScorer"]
 
 
 def _norm(name: str) -> str:
@@ -132,3 +133,38 @@ def zero_shot_scores(image_emb: Tensor, pos: Tensor, neg: Tensor, logit_scale: T
     """
     logits = torch.stack([image_emb @ pos.T, image_emb @ neg.T], dim=-1) * logit_scale
     return logits.softmax(-1)[..., 0]
+
+
+class ZeroShotScorer:
+    """Zero-shot probabilities ``[B, K]`` of K classes for a batch of images, prompts embedded once.
+
+    The similarity of an image with a prompt is the cosine of their embeddings (a class's prompt
+    ensemble averaged as embeddings, :func:`prompt_embeddings`), or, for a model that scores image-
+    prompt pairs itself (``model.scores_pairs``: GLoRIA's global + local word-region score,
+    :class:`g2d.peer_vlm.PeerVLModel`), that score averaged over the class's prompts. Either way
+    ``p = softmax(scale * [s+, s-])[0]`` (:func:`zero_shot_scores`).
+    """
+
+    def __init__(self, model: TextImageModel, prompts: dict[str, list[tuple[str, str]]]):
+        self.model, self.prompts = model, prompts
+        self.pairs = bool(getattr(model, "scores_pairs", False))
+        if self.pairs:
+            self.texts = [t for pairs in prompts.values() for pair in pairs for t in pair]
+        else:
+            self.pos, self.neg = prompt_embeddings(model, prompts)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """:param images: [B, 1 or 3, H, W] in [0, 1] on the model's device. :return: [B, K] in (0, 1)."""
+        scale = self.model.logit_scale.exp()
+        if not self.pairs:
+            return zero_shot_scores(self.model.encode_image(images), self.pos, self.neg, scale)
+        sim = self.model.similarity(images, self.texts)          # type: ignore[attr-defined]  # [B, 2P]
+        s_pos, s_neg, i = [], [], 0
+        for pairs in self.prompts.values():
+            n = 2 * len(pairs)
+            s_pos.append(sim[:, i:i + n:2].mean(1))
+            s_neg.append(sim[:, i + 1:i + n:2].mean(1))
+            i += n
+        logits = torch.stack([torch.stack(s_pos, 1), torch.stack(s_neg, 1)], dim=-1) * scale
+        return logits.softmax(-1)[..., 0]
