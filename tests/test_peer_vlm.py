@@ -163,34 +163,9 @@ def peers(tmp_path_factory, bert_dir, roberta_dir):
              "gloria.img_encoder.local_embedder.weight": local.weight.data}
     torch.save({"state_dict": state}, root / "gloria.ckpt")
 
-    def gloria_text(texts):
-        """GLoRIA's text_model.py as written: last 4 layers; word pieces summed into words, [CLS] kept, [SEP]
-        appended, then zeros up to word_num; the sentence is the mean over the word_num positions, summed
-        over the layers."""
-        t = tok([" ".join(s.lower().split()) for s in texts], padding="max_length", truncation=True, max_length=97,
-                return_tensors="pt")
-        hs = bert3(**t, output_hidden_states=True).hidden_states[-4:]
-        sentences = []
-        for i, ids in enumerate(t["input_ids"]):
-            pieces = tok.convert_ids_to_tokens(ids.tolist())
-            per_layer = []
-            for h in hs:
-                words: list[torch.Tensor] = []
-                for j, piece in enumerate(pieces):
-                    if piece == "[SEP]":
-                        words.append(h[i, j])
-                        break
-                    if piece.startswith("##") and words:
-                        words[-1] = words[-1] + h[i, j]
-                    else:
-                        words.append(h[i, j])
-                padded = torch.zeros(97, 32)
-                padded[:len(words)] = torch.stack(words)
-                per_layer.append(padded.mean(0))
-            sentences.append(torch.stack(per_layer).sum(0))
-        return torch.stack(sentences)
     def gloria_words(texts):
-        """Word features as GLoRIA's aggregate_tokens builds them: [N, 97, 32], zeros after [SEP]."""
+        """Word features as GLoRIA's aggregate_tokens builds them from the last 4 layers summed: word pieces
+        summed into words, [CLS] kept, [SEP] appended, zeros up to word_num: [N, 97, 32]."""
         t = tok([" ".join(s.lower().split()) for s in texts], padding="max_length", truncation=True, max_length=97,
                 return_tensors="pt")
         h = sum(bert3(**t, output_hidden_states=True).hidden_states[-4:])
@@ -207,6 +182,11 @@ def peers(tmp_path_factory, bert_dir, roberta_dir):
                     words.append(h[i, j])
             out_words[i, :len(words)] = torch.stack(words)
         return out_words
+
+    def gloria_text(texts):
+        """GLoRIA's text_model.py: the sentence is the mean over the word_num word slots (zeros included) of
+        the layer-summed word features."""
+        return gloria_words(texts).mean(1)
 
     def gloria_similarity(x, texts):
         """gloria.py zero-shot: (global cosine + local) / 2; local from attention_fn (bmm / view / softmax as in

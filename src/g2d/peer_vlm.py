@@ -435,9 +435,11 @@ class PeerVLModel(nn.Module):
         :param images: [B, 1 or 3, H, W] in [0, 1]. :param texts: P prompts. :return: [B, P].
         """
         feats = self._features(images)
-        glob = F.normalize(self.image_head(feats[-1].mean((2, 3))), dim=-1) @ F.normalize(self.text(texts), dim=-1).T
-        regions = _per_vector(self.dense_head, feats[self.spec.dense_stage]).flatten(1, 2)     # [B, S, D]
         words, cap_lens = self.text.words(texts)
+        # the sentence is the sum of the word slots ([CLS]..[SEP], zeros after): one text pass for both
+        sent = self.text.head(words.sum(1))
+        glob = F.normalize(self.image_head(feats[-1].mean((2, 3))), dim=-1) @ F.normalize(sent, dim=-1).T
+        regions = _per_vector(self.dense_head, feats[self.spec.dense_stage]).flatten(1, 2)     # [B, S, D]
         local = []
         for p, n in enumerate(cap_lens):
             w = words[p, 1:n + 1]                                                               # [n, D]
