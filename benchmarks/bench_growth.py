@@ -14,8 +14,10 @@ allocator warm-up, compilation), the compiled-frame count with ``--compile``, an
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,6 +63,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="g2d_growth_"))
+    if not args.out:  # a folder the user did not ask for is not left behind
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
     cfg = get_config("tiny", {
         "model.text.model": "tiny", "model.text.freeze_layers": 1, "model.image_size": args.size,
         "model.pool.width": 48, "data.resize": args.size, "data.num_workers": 0,

@@ -21,8 +21,10 @@ updates themselves.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -110,6 +112,7 @@ def main() -> None:
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="g2d_scaling_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # checkpoints of two runs: hundreds of MB
     n_batches = 2
     data = SyntheticCXR(SyntheticCXRCfg(num_samples=args.batch * n_batches, image_size=args.size, seed=5))
     items = [data[i] for i in range(len(data))]

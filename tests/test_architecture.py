@@ -98,3 +98,9 @@ def test_import_g2d_loads_no_training_machinery():
             "'g2d.downstream', 'g2d.commands', 'g2d.reproduce', 'g2d.demo', 'tensorboard'))); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_passing_tests_leave_no_folders_behind(pytestconfig):
+    # The suite writes ~10 GB of checkpoints in all; pytest's default keeps every folder of the last
+    # three runs, which filled CI's disk (OSError 28 in the last tests). Pinned in pyproject.toml.
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"

@@ -268,3 +268,33 @@ def test_tiny_text_model_tokenizer_knows_its_corpus(tmp_path):
     ids = tok("small pneumothorax")["input_ids"]
     assert len(tok) > 20 and tok.unk_token_id not in ids
     assert json.loads((folder / "config.json").read_text())["vocab_size"] == len(tok)
+
+
+def test_tiny_text_model_is_the_same_in_every_process(tmp_path):
+    # tokenizers' WordPiece trainer numbers pieces in hash-map order (huggingface/tokenizers#1794): the
+    # tiny model built from one corpus differed from run to run, and so did training curves.
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import sys; from g2d.model.text_encoder import build_tiny_text_model as b; "
+              "b(sys.argv[1], ['Small left pleural effusion.', 'No pneumothorax. Heart size normal.'] * 3, "
+              "vocab_size=60, hidden=16, layers=1, heads=1)")
+    digests = []
+    for k in range(3):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(k))], check=True, timeout=300)
+        digests.append([hashlib.sha256((tmp_path / str(k) / name).read_bytes()).hexdigest()
+                        for name in ("vocab.txt", "tokenizer.json", "model.safetensors")])
+    assert digests[0] == digests[1] == digests[2]
+    vocab = (tmp_path / "0" / "vocab.txt").read_text().split()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and "##f" in vocab and "effusion" in vocab
+
+
+def test_tiny_vocabulary_keeps_every_character_then_the_most_frequent_words():
+    from g2d.model.text_encoder import tiny_vocabulary
+
+    corpus = ["b a b", "Ab ab AB", "cd ab"]
+    base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "d", "##a", "##b", "##c", "##d"]
+    assert tiny_vocabulary(corpus, vocab_size=4) == base  # every character, even past vocab_size
+    assert tiny_vocabulary(corpus, vocab_size=14) == base + ["ab"]  # 4 x "ab" (lower-cased), 1 x "cd"
+    assert tiny_vocabulary(corpus, vocab_size=99) == base + ["ab", "cd"]

@@ -111,7 +111,7 @@ def check_image_weights(image_cfg: ImageEncoderCfg) -> None:
 
 def prepare_text_model(cfg: G2DConfig, run_dir: str | Path, texts: Sequence[str], build: bool = True) -> None:
     """``model.text.model=tiny``: the small BERT the ``tiny`` preset trains, with a WordPiece
-    vocabulary learnt from ``texts``, written once to ``RUN/text_model`` (``build=False``: only point
+    vocabulary built from ``texts``, written once to ``RUN/text_model`` (``build=False``: only point
     the config there, for the ranks that wait for the main one). Sets ``cfg.model.text.model`` to
     that folder; any other text model is left as it is."""
     if cfg.model.text.model != "tiny":

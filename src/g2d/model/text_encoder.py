@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -205,9 +206,36 @@ class TextEncoder(nn.Module):
         return torch.cat(parts).index_select(0, plan["inverse"])
 
 
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_vocabulary(corpus: Iterable[str], vocab_size: int) -> list[str]:
+    """A WordPiece vocabulary for ``corpus``, the same for the same corpus in every process: BERT's
+    special tokens, every character seen (alone and as a ``##`` piece, so no word is ``[UNK]``), then
+    whole words by frequency (ties alphabetical) up to ``vocab_size`` tokens in all (more only when
+    the characters alone need more). Words are split by BERT's own lower-casing normaliser and
+    pre-tokeniser (``tokenizers``).
+
+    Written here because ``tokenizers``' WordPiece trainer is not deterministic across processes: it
+    numbers the ``##`` pieces in hash-map order and breaks merge ties by those numbers
+    (huggingface/tokenizers#1794), so one corpus gave a different vocabulary, hence a different tiny
+    model and different training curves, in every run.
+    """
+    from tokenizers import BertWordPieceTokenizer
+
+    pipeline = BertWordPieceTokenizer(lowercase=True)._tokenizer
+    counts = Counter(word for text in corpus for word, _ in
+                     pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    base = _SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    return base + words[:max(0, vocab_size - len(base))]
+
+
 def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_size: int = 1000,
                           hidden: int = 128, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
-    """Create a small randomly initialised BERT with a WordPiece vocabulary trained on ``corpus``.
+    """Create a small randomly initialised BERT with a WordPiece vocabulary (:func:`tiny_vocabulary`)
+    built from ``corpus``; the same corpus and seed give the same files in every process.
 
     Used by the ``tiny`` preset (demo, tests), where no pretrained text model can be downloaded.
     Writes a regular Hugging Face directory (``config.json``, weights, tokenizer files).
@@ -219,15 +247,14 @@ def build_tiny_text_model(out_dir: str | Path, corpus: Iterable[str], *, vocab_s
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=1,
-                                  show_progress=False)
+    vocab = tiny_vocabulary(corpus, vocab_size)
+    wordpiece = BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
     wordpiece.save_model(str(out_dir))
-    # from the trained tokenizer object: transformers 5 reads `vocab_file=` as 5 special tokens only
+    # from the tokenizer object: transformers 5 reads `vocab_file=` as 5 special tokens only
     tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True, unk_token="[UNK]",
                                   sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
     tokenizer.save_pretrained(out_dir)
-    check_tokenizer(tokenizer, wordpiece.get_vocab_size(), str(out_dir))
+    check_tokenizer(tokenizer, len(vocab), str(out_dir))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 4,
                         max_position_embeddings=512)
