@@ -427,3 +427,22 @@ def test_shipped_split_tables(name: str, counts: tuple[int, int, int]) -> None:
     assert set(one) <= set(ten) <= set(full) and len(full) == counts[0]
     ranks = sorted(r for s, r in table.values() if s == "train")
     assert ranks == list(range(counts[0]))
+
+
+def test_pad_square_geometry_keeps_image_mask_and_boxes_together(tmp_path: Path) -> None:
+    # a peer's padded pipeline (MGCA / GLoRIA / MedCLIP): image, mask and boxes go through one geometry
+    from g2d.data.labelled.dataset import BoxMask, LabelledCXR, Record
+
+    img = np.zeros((40, 100), np.uint8)
+    img[10:30, 60:80] = 255
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    box = (60.0, 10.0, 80.0, 30.0)
+    rec = Record("wide", str(tmp_path / "wide.png"), labels=np.ones(1, np.float32), boxes=np.array([box]),
+                 mask=BoxMask((box,)))
+    geometry = ImageTransformCfg(resize=50, crop=50, augment="none", pad_square=True)
+    s = LabelledCXR("t", [rec], ["finding"], geometry)[0]
+    bright = s["image"][0] > 0.5
+    assert s["image"].shape == (1, 50, 50) and s["mask"].shape == (1, 50, 50)
+    assert torch.equal(bright, s["mask"][0].bool())                  # long side /2, 15 rows of padding on top
+    assert s["boxes"].tolist() == [[30.0, 20.0, 40.0, 30.0]]
+    assert (s["image"][0, :15] == 0).all() and (s["image"][0, 35:] == 0).all()

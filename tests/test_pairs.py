@@ -391,3 +391,24 @@ def test_pairs_read_images_through_the_one_reader_dicom_included(tmp_path: Path)
     torch.testing.assert_close(ds[0]["image"], tf(read_image(tmp_path / "a.dcm")))
     assert ds[0]["image"][0, 0, 0] > ds[0]["image"][0, -1, -1]  # inverted: the first pixel (0) is brightest
     torch.testing.assert_close(ds[1]["image"], tf(Image.open(tmp_path / "b.png")))
+
+
+@pytest.mark.parametrize("hw", [(40, 100), (100, 40)])
+def test_pad_square_keeps_the_whole_image_and_maps_back(hw) -> None:
+    # MGCA / GLoRIA resize_img: longer side -> 50, zero padding to 50 x 50 (centred), centre crop 44
+    cfg = ImageTransformCfg(resize=50, crop=44, augment="none", pad_square=True)
+    h, w = hw
+    g = eval_geometry(hw, cfg)
+    assert g["resized_hw"] == ((20, 50) if h < w else (50, 20))
+    # canvas padding 15 before the image on the short axis, crop offset 3 on the canvas: -12 in the image
+    assert (g["crop_top"], g["crop_left"]) == ((-12, 3) if h < w else (3, -12))
+    out = build_transform(cfg, train=False)(np.ones(hw, np.float32))[0]
+    assert out.shape == (44, 44)
+    band = out.sum(1 if h < w else 0)                      # rows (wide image) / columns (tall) that hold image
+    assert (band[:12] == 0).all() and (band[32:] == 0).all() and (band[12:32] > 0).all()
+    img = np.zeros(hw, np.float32)
+    img[h // 2 - 2:h // 2 + 3, w // 2 - 2:w // 2 + 3] = 1.0   # a blob, mapped back by its centre of mass
+    out = build_transform(cfg, train=False)(img)[0].double()
+    yy, xx = torch.meshgrid(torch.arange(44).double(), torch.arange(44).double(), indexing="ij")
+    oy, ox = crop_to_original(float((yy * out).sum() / out.sum()), float((xx * out).sum() / out.sum()), g)
+    assert math.hypot(oy - h // 2, ox - w // 2) < 0.5

@@ -240,3 +240,35 @@ def test_a_file_that_is_not_a_checkpoint_is_not_sent_to_trust_pickle(tmp_path):
     with pytest.raises(CheckpointError, match=r"gloria: cannot read checkpoint .*not a PyTorch file") as err:
         load_peer_encoder("gloria", tmp_path / "notes.ckpt")
     assert "--trust-pickle" not in str(err.value)
+
+
+def test_mgca_gloria_medclip_inputs_are_their_own(peer_files, tmp_path):
+    # peer-checkpoints.md: MGCA / GLoRIA pad the long side to 256 and crop 224, and their forward
+    # upsamples to 299 (linear probe, fine-tuning) but their segmentation and detection do not;
+    # MedCLIP pads to a square of 224
+    for kind in ("mgca", "gloria"):
+        p = PEER_KINDS[kind].preprocess
+        assert (p.resize, p.crop, p.pad_square, PEER_KINDS[kind].global_input) == (256, 224, True, 299)
+    assert PEER_KINDS["medclip"].preprocess.pad_square and PEER_KINDS["medclip"].global_input is None
+
+    seen = []
+    tower = load_image_tower(f"mgca:{peer_files['mgca'][0]}")
+    tower.encoder.register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
+    from g2d.data.labelled.specs import open_dataset
+    from g2d.data.transforms import ImageTransformCfg
+    from g2d.downstream.features import extract_features
+    from g2d.downstream.finetune import Classifier
+
+    ds = open_dataset("synthetic:16", split="test", geometry=ImageTransformCfg(resize=64, crop=64, augment="none"))
+    _, feats = extract_features(tower, ds, "gap", torch.device("cpu"))
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    want = tower.encoder(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear",
+                                                         align_corners=True))[-1].mean((2, 3))
+    assert torch.allclose(feats, want, atol=1e-5)
+    Classifier(tower.encoder, 2, tower.global_input)(x)
+    assert set(seen) == {(299, 299)}
+    seen.clear()
+    from g2d.downstream.segmentation import build_unet
+
+    build_unet(tower)(x)                                 # the encoder is copied, its hook with it
+    assert seen == [(64, 64)]

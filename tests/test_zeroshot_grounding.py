@@ -234,3 +234,14 @@ def test_infer_commands_write_their_outputs(tiny_model, tmp_path, capsys):
     assert heat.shape == (48, 80) and np.isnan(heat[:, 0]).all() and np.isfinite(heat[:, 40]).all()
     assert np.nanmin(heat) >= -1 - 1e-5 and np.nanmax(heat) <= 1 + 1e-5
     assert not math.isnan(float(np.nanmean(heat)))
+
+
+def test_to_original_with_pad_square_covers_the_whole_image():
+    # a padded geometry (MGCA/GLoRIA/MedCLIP) cuts nothing off the short axis: no NaN there
+    cfg = ImageTransformCfg(resize=32, crop=32, augment="none", pad_square=True)
+    geom = eval_geometry((16, 64), cfg)                               # longer side 64 -> 32: image 8 x 32
+    heat = torch.zeros(32, 32)
+    heat[12:20, :] = 1.0                                              # exactly the image's rows of the crop
+    out = to_original(heat, geom)
+    assert out.shape == (16, 64) and not torch.isnan(out).any()
+    assert out.min() > 0.45                                           # every original row is image, none padding

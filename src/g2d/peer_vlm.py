@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from g2d.errors import CheckpointError, ConfigError, DataError
 from g2d.model.text_encoder import _offline, check_tokenizer
-from g2d.peers import PEER_KINDS, PeerEncoder, load_peer_encoder, read_peer_state
+from g2d.peers import PEER_KINDS, PeerEncoder, global_input, load_peer_encoder, read_peer_state
 
 __all__ = ["PeerText", "PEER_TEXT", "PeerVLModel", "load_peer_vl_model"]
 
@@ -64,7 +64,6 @@ class PeerText:
         every layer-4 cell and averaged (BioViL) rather than to the average-pooled vector.
     :ivar dense_head, dense_stage: the head and encoder stage (3 = layer3, 4 = layer4) of the
         grounding map (cosine of the prompt with each cell's projection).
-    :ivar upsample: the peer's forward resizes its input to this size first (MGCA, GLoRIA: 299).
     :ivar local_score: zero-shot adds GLoRIA's word-region score to the global cosine
         (:meth:`PeerVLModel.similarity`).
     :ivar positions_from_token_types: MGCA passes ``token_type_ids`` (all 0) where its BERT expects
@@ -80,7 +79,6 @@ class PeerText:
     dense_head: str
     dense_stage: int = 4
     image_head_on_grid: bool = False
-    upsample: int | None = None
     max_length: int | None = None
     pad_to_max: bool = False
     logit_scale: float | None = 1 / 0.07       # None: the checkpoint's ``logit_scale``
@@ -102,7 +100,7 @@ PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
                     "image/model/model.py (mean of the projected layer-4 grid)"),
     PeerText("mgca", "emilyalsentzer/Bio_ClinicalBERT", "text_encoder_q.model", "cls",
              "text_encoder_q.global_embed.head", "img_encoder_q.global_embed.head",
-             "img_encoder_q.global_embed.head", upsample=299, max_length=112, pad_to_max=True,
+             "img_encoder_q.global_embed.head", max_length=112, pad_to_max=True,
              clean=_words, positions_from_token_types=True,
              not_done="the grounding map applies the global image head to each layer-4 cell (MGCA has no "
                       "grounding code); MGCA's local (layer-3, word) alignment is not used",
@@ -110,7 +108,7 @@ PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
                     "no token-type table), mgca_module.py (temperature 0.07)"),
     PeerText("gloria", "emilyalsentzer/Bio_ClinicalBERT", "gloria.text_encoder.model", "last4", "",
              "gloria.img_encoder.global_embedder", "gloria.img_encoder.local_embedder", dense_stage=3,
-             upsample=299, max_length=97, pad_to_max=True, clean=_words, text_pooler=True, local_score=True,
+             max_length=97, pad_to_max=True, clean=_words, text_pooler=True, local_score=True,
              not_done="zero-shot scores image-prompt pairs as GLoRIA does (global cosine and local word-region "
                       "score averaged) inside g2d's positive-vs-negative protocol: GLoRIA's own max over a "
                       "class's prompts and z-scoring of each class over the batch are not applied; the grounding "
@@ -403,9 +401,7 @@ class PeerVLModel(nn.Module):
         self.eval()
 
     def _features(self, images: Tensor) -> list[Tensor]:
-        if self.spec.upsample:
-            images = F.interpolate(images, size=(self.spec.upsample,) * 2, mode="bilinear", align_corners=True)
-        return self.image_encoder(images)
+        return self.image_encoder(global_input(images, PEER_KINDS[self.spec.kind].global_input))
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -31,8 +32,8 @@ from g2d.errors import CheckpointError, PickledClassesError
 from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
-__all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "load_peer_encoder", "load_release_decoder", "read_peer_state",
-           "split_model_spec"]
+__all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "global_input", "load_peer_encoder", "load_release_decoder",
+           "read_peer_state", "split_model_spec"]
 
 log = logging.getLogger("g2d.peers")
 
@@ -52,6 +53,11 @@ class PeerKind:
         the caller) and are reported.
     :ivar mean, std: per-channel normalisation of the [0, 1] image (after 1 -> 3 channels).
     :ivar preprocess: the deterministic geometry of the peer's evaluation pipeline.
+    :ivar global_input: the peer's own forward resizes its input to this side before ``conv1``
+        (bilinear, ``align_corners=True``; MGCA ``encoder.py:115``, GLoRIA ``vision_model.py:60``: 299).
+        Applied where the peer's code runs that forward: linear probe, fine-tuning, zero-shot; not in
+        segmentation and detection, whose peer code calls the encoder on the 224 input directly (MGCA
+        ``segmentation_dataset.py``, ``detector_backbone.py``; GLoRIA's U-Net).
     :ivar zero_shot: how the peer scores zero-shot ("cosine" when an image-text cosine similarity,
         else a description of why g2d's zero-shot protocol cannot reproduce it).
     """
@@ -64,6 +70,7 @@ class PeerKind:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     preprocess: ImageTransformCfg = ImageTransformCfg(resize=256, crop=224, augment="none")
+    global_input: int | None = None
     needs_pickle: bool = False
     zero_shot: str = "cosine"
     source: str = ""
@@ -72,6 +79,8 @@ class PeerKind:
 _HALF = (0.5, 0.5, 0.5)
 _UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 _SQUARE_224 = ImageTransformCfg(resize=224, crop=224, augment="none", keep_aspect=False)
+# MGCA / GLoRIA resize_img: longer side 256, zero-padded to a square; centre crop 224 at test time
+_PADDED_256_224 = ImageTransformCfg(resize=256, crop=224, augment="none", pad_square=True)
 
 PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
     PeerKind("g2d-release", ("model_state_dict",), r"(encoder\.)?", mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -82,9 +91,10 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
     PeerKind("torchvision", (), "", zero_shot="a torchvision ResNet has no text tower",
              source="a torchvision ResNet state dict (ImageNet normalisation)"),
     PeerKind("mgca", ("state_dict",), r"img_encoder_q\.model\.", mean=_HALF, std=_HALF,
+             preprocess=_PADDED_256_224, global_input=299,
              source="MGCA resnet_50.ckpt (Lightning): img_encoder_q.model.*"),
     PeerKind("gloria", ("state_dict",), r"gloria\.img_encoder\.model\.", mean=_HALF, std=_HALF,
-             needs_pickle=True,
+             preprocess=_PADDED_256_224, global_input=299, needs_pickle=True,
              source="GLoRIA chexpert_resnet50.ckpt (Lightning, OmegaConf hyper-parameters): "
                     "gloria.img_encoder.model.*"),
     PeerKind("convirt", ("model",), r"visual\.model\.", index_names=True, preprocess=_SQUARE_224,
@@ -106,7 +116,7 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              source="PRIOR pretrained/prior_resnet50.pt (1-channel conv1, no prefix) or the whole model "
                     "(image_encoder.encoder.*)"),
     PeerKind("medclip", (), r"vision_model\.model\.", mean=(0.5863,) * 3, std=(0.2795,) * 3,
-             preprocess=ImageTransformCfg(resize=224, crop=224, augment="none"),
+             preprocess=ImageTransformCfg(resize=224, crop=224, augment="none", pad_square=True),
              source="MedCLIP pytorch_model.bin: vision_model.model.* (fc is its 512-d projection)"),
     PeerKind("xrv", (), "", mean=(0.5,) * 3, std=(0.5 / 1024,) * 3,
              preprocess=ImageTransformCfg(resize=512, crop=512, augment="none"),
@@ -114,6 +124,14 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              source="torchxrayvision pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt (1-channel conv1, "
                     "input in [-1024, 1024])"),
 )}
+
+
+def global_input(images: Tensor, size: int | None) -> Tensor:
+    """``[B, C, H, W]`` resized to ``size x size`` as the peer's own forward does
+    (:attr:`PeerKind.global_input`; bilinear, ``align_corners=True``); unchanged for ``None``."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import read_image
-from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry, inference_geometry
+from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry, inference_geometry, with_overrides
 from g2d.figures import heat_overlay
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
@@ -81,8 +81,7 @@ def _load(args: argparse.Namespace):
         geom = inference_geometry(args.resize or cfg.data.resize, args.image_size or cfg.model.image_size,
                                   cfg.data.augment)
     else:  # a peer's own evaluation pipeline
-        p = tower.preprocess or ImageTransformCfg()
-        geom = inference_geometry(args.resize or p.resize, args.image_size or p.output_size, "none", p.keep_aspect)
+        geom = with_overrides(tower.preprocess or ImageTransformCfg(), args.resize, args.image_size)
     return model, geom, device
 
 

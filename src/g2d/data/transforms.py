@@ -27,6 +27,10 @@ Two recipes are offered (``ImageTransformCfg.augment``):
 ``"none"``
     Paper geometry, no augmentation.
 
+``pad_square`` (a peer's evaluation pipeline: MGCA's and GLoRIA's ``resize_img``, MedCLIP)
+    The *longer* side resized to ``resize`` and the shorter one zero-padded, centred, to a
+    ``resize x resize`` square; then the centre crop. Nothing of the image is cut off by the resize.
+
 Evaluation (``train=False``) uses exactly the same deterministic resize + crop as training, and
 :func:`eval_geometry` returns the resize scale and crop offsets so a heat map on the crop can be mapped
 back to the original image.
@@ -52,7 +56,10 @@ __all__ = [
     "to_grayscale_float",
     "build_transform",
     "eval_geometry",
+    "apply_geometry",
     "crop_to_original",
+    "inference_geometry",
+    "with_overrides",
 ]
 
 _AUGMENTS = ("paper", "release", "none")
@@ -74,6 +81,9 @@ class ImageTransformCfg:
         augment: ``"paper"`` | ``"release"`` | ``"none"`` (see the module docstring).
         keep_aspect: ``None`` resolves to ``False`` for ``"release"`` (square resize, as the release's
             ``ext_data.py``) and ``True`` otherwise.
+        pad_square: resize the *longer* side to ``resize`` and zero-pad the shorter one, centred, to a
+            square (MGCA / GLoRIA ``resize_img``, MedCLIP's padding); the aspect ratio is kept and
+            ``keep_aspect`` is not read. The padding is black (0), as theirs.
         perspective_distortion: ``RandomPerspective`` distortion scale (``"paper"``). The paper names
             the torchvision transform without parameters, so torchvision's defaults (0.5, p=0.5) are
             the literal reading.
@@ -85,6 +95,7 @@ class ImageTransformCfg:
     crop: int | None = None
     augment: str = "paper"
     keep_aspect: bool | None = None
+    pad_square: bool = False
     perspective_distortion: float = 0.5
     perspective_p: float = 0.5
     autocontrast_p: float = 0.5
@@ -115,17 +126,31 @@ class ImageTransformCfg:
 
 
 def inference_geometry(resize: int, image_size: int, augment: str,
-                       keep_aspect: bool | None = None) -> ImageTransformCfg:
+                       keep_aspect: bool | None = None, pad_square: bool = False) -> ImageTransformCfg:
     """The deterministic geometry of a model pre-trained with ``data.resize``, ``model.image_size``
     and ``data.augment``: the same resize rule (square for ``"release"``, shorter side otherwise)
     and centre crop as its training transform, without the random augmentation. Inference,
     figures and evaluation defaults use it, so a model sees the pixels it was trained on.
 
     :param keep_aspect: a user's override of the resize rule (``None``: the recipe's).
+    :param pad_square: pad the resized image to a square instead (a peer's pipeline, see
+        :class:`ImageTransformCfg`).
     """
     trained = ImageTransformCfg(resize=max(resize, image_size), crop=image_size, augment=augment)
     return ImageTransformCfg(resize=trained.resize, crop=trained.crop, augment="none",
-                             keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect)
+                             keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect,
+                             pad_square=pad_square)
+
+
+def with_overrides(cfg: ImageTransformCfg, resize: int | None = None, image_size: int | None = None,
+                   square: bool | None = None) -> ImageTransformCfg:
+    """A deterministic geometry (e.g. a peer's own) with a user's ``--resize`` / ``--image-size`` /
+    ``--square`` applied; ``square=True`` squashes to a square (no padding, no aspect kept),
+    ``False`` resizes the shorter side (no padding)."""
+    size = image_size or cfg.output_size
+    keep, pad = (cfg.keep_aspect, cfg.pad_square) if square is None else (not square, False)
+    return ImageTransformCfg(resize=max(resize or cfg.resize, size), crop=size, augment="none",
+                             keep_aspect=keep, pad_square=pad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +279,8 @@ def eval_geometry(orig_hw: tuple[int, int], cfg: ImageTransformCfg) -> dict[str,
         ``orig_hw``: ``(H, W)`` of the input.
         ``resized_hw``: ``(h, w)`` after the resize.
         ``scale_yx``: ``(h / H, w / W)``, resized pixels per original pixel on each axis.
-        ``crop_top``, ``crop_left``: offsets of the crop inside the resized image.
+        ``crop_top``, ``crop_left``: offsets of the crop inside the resized image (negative where
+            ``pad_square`` pads: the crop starts in the padding).
         ``crop_hw``: ``(S, S)``.
         ``crop_box_orig``: ``(x1, y1, x2, y2)`` floats, the part of the original image the output
             covers (pixel-edge coordinates), e.g. for NaN-padding a heat map outside it.
@@ -266,7 +292,13 @@ def eval_geometry(orig_hw: tuple[int, int], cfg: ImageTransformCfg) -> dict[str,
     if h0 <= 0 or w0 <= 0:
         raise ValueError(f"image size must be positive, got {orig_hw}")
     r = cfg.resize
-    if cfg.keep_aspect:
+    if cfg.pad_square:
+        # Longer side -> r; the shorter one rounded, then padded to r x r, centred (extra pixel at the end).
+        if h0 >= w0:
+            h, w = r, max(1, int(math.floor(r * w0 / h0 + 0.5)))
+        else:
+            h, w = max(1, int(math.floor(r * h0 / w0 + 0.5))), r
+    elif cfg.keep_aspect:
         # Shorter side -> r; longer side rounded (torchvision truncates; rounding is closer).
         if h0 <= w0:
             h, w = r, max(r, int(math.floor(r * w0 / h0 + 0.5)))
@@ -275,9 +307,14 @@ def eval_geometry(orig_hw: tuple[int, int], cfg: ImageTransformCfg) -> dict[str,
     else:
         h, w = r, r
     s = cfg.output_size
-    # Same rounding as torchvision's center_crop.
-    top = int(round((h - s) / 2.0))
-    left = int(round((w - s) / 2.0))
+    # Same rounding as torchvision's center_crop; with padding, the crop of the r x r canvas, shifted
+    # by the canvas' padding before the image.
+    if cfg.pad_square:
+        top = int(round((r - s) / 2.0)) - (r - h) // 2
+        left = int(round((r - s) / 2.0)) - (r - w) // 2
+    else:
+        top = int(round((h - s) / 2.0))
+        left = int(round((w - s) / 2.0))
     sy, sx = h / h0, w / w0
     return {
         "orig_hw": (h0, w0),
@@ -302,16 +339,24 @@ def crop_to_original(y: Tensor | np.ndarray | float, x: Tensor | np.ndarray | fl
     return oy, ox
 
 
+def apply_geometry(x: Tensor, geom: dict[str, Any], interpolation: InterpolationMode = InterpolationMode.BILINEAR
+                   ) -> Tensor:
+    """``[C, H, W]`` -> ``[C, S, S]``: the resize and crop of ``geom`` (:func:`eval_geometry`); the
+    parts of the crop outside the resized image (``pad_square``) are 0. Bilinear resizing is
+    anti-aliased (a triangle filter: no overshoot beyond the input's range); ``NEAREST_EXACT`` for
+    masks."""
+    h, w = geom["resized_hw"]
+    if (h, w) != tuple(x.shape[-2:]):
+        x = TF.resize(x, [h, w], interpolation=interpolation,
+                      antialias=interpolation == InterpolationMode.BILINEAR)
+    s = geom["crop_hw"][0]
+    # torchvision's crop zero-pads where the window leaves the image
+    return TF.crop(x, geom["crop_top"], geom["crop_left"], s, s)
+
+
 def _resize_and_crop(x: Tensor, cfg: ImageTransformCfg) -> Tensor:
     """``[1, H, W]`` -> ``[1, S, S]`` with the geometry of :func:`eval_geometry`."""
-    g = eval_geometry((x.shape[-2], x.shape[-1]), cfg)
-    h, w = g["resized_hw"]
-    if (h, w) != tuple(x.shape[-2:]):
-        # Bilinear with anti-aliasing: a triangle filter, so no overshoot beyond [0, 1].
-        x = TF.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    s = g["crop_hw"][0]
-    top, left = g["crop_top"], g["crop_left"]
-    return x[..., top:top + s, left:left + s]
+    return apply_geometry(x, eval_geometry((x.shape[-2], x.shape[-1]), cfg))
 
 
 # --------------------------------------------------------------------------------------------------

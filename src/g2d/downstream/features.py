@@ -19,12 +19,13 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from g2d.checkpoint import atomic_write
-from g2d.data.transforms import ImageTransformCfg, inference_geometry
+from g2d.data.transforms import ImageTransformCfg, inference_geometry, with_overrides
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
 from g2d.downstream.towers import Frozen, ImageTower
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp, model_identity
+from g2d.peers import global_input
 
 __all__ = ["geometry_from_args", "POOLINGS", "extract_features", "cached_features", "model_key",
            "default_cache_dir", "label_tasks", "geometry_source"]
@@ -40,9 +41,7 @@ def geometry_from_args(args: GeometryArgs, tower: ImageTower | None = None) -> I
     else 256 / 224 with the shorter side resized. :func:`geometry_source` says which."""
     cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
     if cfg is None and tower is not None and tower.preprocess is not None:  # a peer's own pipeline
-        p = tower.preprocess
-        return inference_geometry(args.resize or p.resize, args.image_size or p.output_size, "none",
-                                  p.keep_aspect if args.square is None else not args.square)
+        return with_overrides(tower.preprocess, args.resize, args.image_size, args.square)
     resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
     keep = None if args.square is None else not args.square
@@ -91,7 +90,7 @@ def extract_features(tower: ImageTower, ds: Dataset, pooling: str, device: torch
         if model is not None:
             f = model.image_forward(x, decode=False, normalize=False).embedding
         else:
-            f = encoder(x)[-1].mean(dim=(2, 3))
+            f = encoder(global_input(x, tower.global_input))[-1].mean(dim=(2, 3))
         ids.extend(batch["id"])
         feats.append(f.float().cpu())
     width = feats[0].shape[1] if feats else 0
@@ -99,13 +98,13 @@ def extract_features(tower: ImageTower, ds: Dataset, pooling: str, device: torch
 
 
 def model_key(tower: ImageTower, seed: int) -> str:
-    """Identity of the weights: the files' paths, sizes and mtimes (:func:`g2d.fingerprint.model_identity`),
-    or the baseline + arch (+ seed)."""
+    """Identity of the weights: the files' paths, sizes and mtimes (:func:`g2d.fingerprint.model_identity`)
+    and a peer's own input size, or the baseline + arch (+ seed)."""
     if tower.name == "random":
         return f"random-{type(tower.encoder.layer4[0]).__name__}-{tower.encoder.channels[-1]}-seed{seed}"
     if tower.name == "imagenet":
         return f"imagenet-{tower.encoder.channels[-1]}-{sum(p.numel() for p in tower.encoder.parameters())}"
-    return model_identity(tower.name)
+    return model_identity(tower.name) + (f"@{tower.global_input}px" if tower.global_input else "")
 
 
 def _entry_keys(ds: Any) -> list[str]:

@@ -35,6 +35,7 @@ from g2d.fingerprint import dataset_identity, digest, model_identity
 from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
+from g2d.peers import global_input
 
 __all__ = ["run", "Classifier"]
 
@@ -62,15 +63,17 @@ class Classifier(nn.Module):
     """ResNet encoder + ``Linear(C_last, K)`` on the global-average-pooled last stage.
 
     :param encoder: five-stage :class:`ResNetEncoder`. ``forward``: ``[B, 1, H, W]`` -> logits ``[B, K]``.
+    :param input_size: resize the input to this side first, as a peer's own forward does
+        (:attr:`g2d.peers.PeerKind.global_input`: MGCA and GLoRIA fine-tune at 299).
     """
 
-    def __init__(self, encoder: ResNetEncoder, num_classes: int) -> None:
+    def __init__(self, encoder: ResNetEncoder, num_classes: int, input_size: int | None = None) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.input_size = encoder, input_size
         self.head = nn.Linear(encoder.channels[-1], num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder(images)[-1].mean(dim=(2, 3)))
+        return self.head(self.encoder(global_input(images, self.input_size))[-1].mean(dim=(2, 3)))
 
 
 def _signature(args: Args, geom: ImageTransformCfg) -> str:
@@ -106,7 +109,7 @@ def run(args: Args) -> dict[str, Any]:
         check_split(ds, f"{args.data} {s}")
     tasks = label_tasks(train_ds, args.data)
     multiclass = is_multiclass(train_ds.labels()) and is_multiclass(test_ds.labels())
-    model = Classifier(tower.encoder, len(tasks)).to(device)
+    model = Classifier(tower.encoder, len(tasks), tower.global_input).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     augment = None
     if args.augment != "none":
@@ -116,7 +119,8 @@ def run(args: Args) -> dict[str, Any]:
 
     # settings a checkpoint must share, plus the content behind them (Fit starts anew, with a warning,
     # when only the images or weights changed)
-    signature = {"settings": _signature(args, geom), "model_id": model_identity(str(args.model)),
+    model_id = model_identity(str(args.model)) + (f"@{tower.global_input}px" if tower.global_input else "")
+    signature = {"settings": _signature(args, geom), "model_id": model_id,
                  "data_id": digest([dataset_identity(d) for d in (train_ds, val_ds, test_ds)])}
     progress = not args.no_progress
     fit = Fit(model, opt, Path(args.out), signature, args.epochs, args.patience, progress)
@@ -156,6 +160,7 @@ def run(args: Args) -> dict[str, Any]:
         "n_train": len(train_ds), "n_val": len(val_ds), "n_test": int(len(labels)),
         "skipped": {"train": train_ds.skipped.total, "val": val_ds.skipped.total, "test": test_ds.skipped.total},
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
+        "encoder_input": tower.global_input or geom.output_size,
         "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
                      "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
                      "augment": args.augment, "trainable": "whole encoder + linear head",

@@ -172,6 +172,7 @@ def run(args: Args) -> dict[str, Any]:
         **test, **summary, "n_train": len(xs), "n_val": len(xv), "n_test": len(xt),
         "unknown_labels_test": int(np.isnan(yt.numpy()).sum()),
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
+        "encoder_input": tower.global_input or geom.output_size,
         "protocol": {"optimizer": "AdamW(0.9, 0.999)", "lr": args.lr, "weight_decay": args.weight_decay,
                      "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
                      "monitor": args.monitor, "encoder": "frozen, eval mode (BatchNorm statistics fixed)",

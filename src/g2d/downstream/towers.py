@@ -66,6 +66,7 @@ class ImageTower:
     name: str
     preprocess: ImageTransformCfg | None = None  # a peer's evaluation geometry (g2d models: model.preprocess)
     peer: dict[str, Any] | None = None  # what load_peer_encoder loaded (kind, arch, absent stages, ...)
+    global_input: int | None = None  # a peer's own forward resizes to this first (g2d.peers.PeerKind.global_input)
 
 
 def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = False) -> ImageTower:
@@ -81,7 +82,7 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
         encoder, report = load_peer_encoder(kind, path, state=state)
         decoder = load_release_decoder(state, encoder, path) if kind == "g2d-release" else None
         return ImageTower(encoder, decoder, None, spec, PEER_KINDS[kind].preprocess,
-                          {**report, "decoder": decoder is not None})
+                          {**report, "decoder": decoder is not None}, PEER_KINDS[kind].global_input)
     spec = path
     if spec in ("random", "imagenet"):
         # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
@@ -107,7 +108,7 @@ def load_text_image_model(spec: str, what: str, trust_pickle: bool = False, text
     if kind in PEER_KINDS:
         vl = load_peer_vl_model(kind, path, text_model, trust_pickle).to(device)
         return ImageTower(vl.image_encoder, None, None, spec, PEER_KINDS[kind].preprocess,
-                          {**vl.report, "decoder": False}), vl
+                          {**vl.report, "decoder": False}, PEER_KINDS[kind].global_input), vl
     if path in ("random", "imagenet"):
         raise ConfigError(f"{what} needs a model with a text tower: a G2D model (export, run folder or "
                           f"checkpoint) or a peer's (KIND:PATH); {path!r} is an image-only baseline")

@@ -35,7 +35,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from g2d.data.images import read_image
-from g2d.data.transforms import ImageTransformCfg, eval_geometry
+from g2d.data.transforms import ImageTransformCfg, apply_geometry, eval_geometry
 from g2d.errors import DataError, ImageReadError, LabelSpaceError
 
 __all__ = ["MaskSource", "FileMask", "BoxMask", "Record", "SkipLog", "LabelledCXR", "collate_labelled",
@@ -217,12 +217,7 @@ class SkipLog:
 
 def _resize_mask(mask: np.ndarray, geom: dict[str, Any]) -> Tensor:
     """bool ``[H, W]`` -> float ``[1, S, S]`` 0/1 with the image's resize + crop (nearest)."""
-    h, w = geom["resized_hw"]
-    t = torch.from_numpy(mask.astype(np.uint8))[None]
-    if (h, w) != tuple(mask.shape):
-        t = TF.resize(t, [h, w], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
-    s, top, left = geom["crop_hw"][0], geom["crop_top"], geom["crop_left"]
-    return t[:, top:top + s, left:left + s].float()
+    return apply_geometry(torch.from_numpy(mask.astype(np.uint8))[None], geom, InterpolationMode.NEAREST_EXACT).float()
 
 
 def boxes_to_output(boxes: np.ndarray | None, geom: dict[str, Any], min_side: float = 1.0) -> Tensor:
@@ -297,12 +292,8 @@ class LabelledCXR(torch.utils.data.Dataset):
         try:
             img = read_image(rec.image)
             geom = eval_geometry(img.shape, self.geometry)
-            h, w = geom["resized_hw"]
-            x = torch.from_numpy(img)[None]
-            if (h, w) != tuple(img.shape):
-                x = TF.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            s, top, left = geom["crop_hw"][0], geom["crop_top"], geom["crop_left"]
-            out: dict[str, Any] = {"image": x[:, top:top + s, left:left + s].clamp(0, 1).contiguous(),
+            x = apply_geometry(torch.from_numpy(img)[None], geom)
+            out: dict[str, Any] = {"image": x.clamp(0, 1).contiguous(),
                                    "id": rec.id, "orig_hw": tuple(img.shape), "index": i}
             boxes, m = labels_at(rec, img.shape) if self.with_mask or self.with_boxes else (None, None)
             if self.with_mask:
