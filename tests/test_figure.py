@@ -81,3 +81,31 @@ def test_grounding_panels_carry_a_colour_bar_of_the_cosine_scale(tmp_path, monke
     grounding_panels(torch.rand(2, 1, 32, 32), torch.rand(2, 32, 32), torch.zeros(2, 32, 32),
                      ["left effusion", "right nodule"], tmp_path / "g.png")
     assert [b.ax.get_ylabel() for b in labels] == ["cosine similarity"] * 2
+
+
+def test_figure_grounding_draws_the_maps_g2d_ground_writes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import g2d.figures
+
+    img = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(1).random((70, 90)) * 255).astype(np.uint8)).save(img)
+    assert main(["ground", str(img), "--model", str(tiny_model_dir), "--text", "left pleural effusion",
+                 "--out", str(tmp_path / "h.png"), "--npy", str(tmp_path / "h.npy"), "--device", "cpu"]) == 0
+    drawn = []
+    real = g2d.figures.prompt_panels
+    monkeypatch.setattr(g2d.figures, "prompt_panels", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    rc = main(["figure", "grounding", "--model", str(tiny_model_dir), "--images", str(img), str(img),
+               "--prompts", "left pleural effusion", "no finding", "--out", str(tmp_path / "g"), "--device", "cpu"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    originals, heats, prompts = drawn[0][:3]
+    assert len(heats) == 2 and len(heats[0]) == 2 and heats[0][0].shape == (70, 90)
+    np.testing.assert_allclose(heats[0][0], np.load(tmp_path / "h.npy"), atol=1e-5, equal_nan=True)
+    assert not np.allclose(heats[0][0], heats[0][1], equal_nan=True)     # another prompt, another map
+    assert (tmp_path / "g" / "grounding_panels.png").is_file() and (tmp_path / "g" / "wide.png").is_file()
+
+
+def test_figure_grounding_needs_a_text_tower(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(img)
+    assert main(["figure", "grounding", "--model", "imagenet", "--images", str(img), "--prompts", "x",
+                 "--out", str(tmp_path / "o")]) != 0
+    assert "text tower" in capsys.readouterr().err and not (tmp_path / "o").exists()

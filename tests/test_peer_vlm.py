@@ -333,7 +333,10 @@ def test_g2d_zero_shot_and_ground_commands_take_a_peer(peers, tmp_path, capsys):
     assert Image.open(tmp_path / "h.png").size[0] == 96
     assert main(["figure", "attention", "--model", f"mgca:{path}", "--images", str(img), "--out",
                  str(tmp_path / "f")]) != 0
-    assert "attention-pooling maps" in capsys.readouterr().err
+    assert "g2d figure grounding" in capsys.readouterr().err
+    assert main(["figure", "grounding", "--images", str(img), "--prompts", "small pneumothorax", "effusion",
+                 "--out", str(tmp_path / "g"), *spec]) == 0
+    assert (tmp_path / "g" / "grounding_panels.png").is_file() and (tmp_path / "g" / "cxr.png").is_file()
 
 
 def test_peers_without_a_cosine_zero_shot_say_why(tmp_path):

@@ -67,6 +67,31 @@ def grounding_panels(images: Tensor, heat: Tensor, targets: Tensor, prompts: Seq
     return _save(fig, path)
 
 
+def prompt_panels(images: Sequence[np.ndarray], heats: Sequence[Sequence[np.ndarray]], prompts: Sequence[str],
+                  path: str | Path, titles: Sequence[str] | None = None, unit: str = "cosine") -> Path:
+    """One row per image: the image, then its heat map for each prompt (:func:`heat_overlay`, at the
+    image's own pixels), titled by the prompt and the map's range.
+
+    :param images: ``[H_i, W_i]`` in [0, 1] each (sizes may differ). :param heats: per image, one
+        ``[H_i, W_i]`` map per prompt (NaN: no value, drawn without overlay).
+    :param titles: per image, for the first column (e.g. the file name).
+    """
+    n, k = len(images), len(prompts)
+    fig, axes = plt.subplots(n, k + 1, figsize=(3.2 * (k + 1), 3.4 * n), squeeze=False)
+    for i, img in enumerate(images):
+        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(titles[i] if titles else "image", fontsize=9)
+        for j, prompt in enumerate(prompts):
+            heat = heats[i][j]
+            axes[i, j + 1].imshow(heat_overlay(img, heat))
+            lo, hi = (np.nanmin(heat), np.nanmax(heat)) if np.isfinite(heat).any() else (np.nan, np.nan)
+            axes[i, j + 1].set_title(textwrap.fill(prompt, 34) + f"\n{lo:.3f} (blue) .. {hi:.3f} (red) {unit}",
+                                     fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    return _save(fig, path)
+
+
 def loss_curves(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel: str = "logged step"
                 ) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -98,7 +123,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["attention_panels", "grounding_panels", "loss_curves", "overlay_heatmap"]
+__all__ = ["attention_panels", "grounding_panels", "prompt_panels", "loss_curves", "overlay_heatmap", "heat_overlay"]
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legend: str | None = None,

@@ -1,8 +1,14 @@
-"""``g2d figure attention``: Fig.-4-style panels (image, aggregated attention, pseudo mask, report).
+"""Figures of a trained model (see docs/figure.md).
 
-Works with any G2D checkpoint or export; the images are preprocessed exactly as at evaluation time
+``g2d figure attention``: Fig.-4-style panels (image, aggregated attention, pseudo mask, report) of a
+G2D checkpoint or export; the images are preprocessed exactly as at evaluation time
 (:func:`g2d.data.transforms.build_transform` with the model's own resize and crop), and the pseudo
 masks are built with the model's own pseudo-mask settings.
+
+``g2d figure grounding``: for each image, the similarity map of each text prompt (zero-shot
+grounding, paper A.4.2), at the image's own pixels: for a G2D model or a peer's image-text model
+(``KIND:PATH`` of BioViL, MGCA, GLoRIA, ConVIRT, MedCLIP, with its own input pipeline), so a G2D
+run and a peer can be drawn side by side on the same images and prompts.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["attention_figure", "register"]
+__all__ = ["attention_figure", "grounding_figure", "register"]
 
 
 def _report(arg: str) -> str:
@@ -43,8 +49,8 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     if kind in PEER_KINDS:
         from g2d.peer_vlm import PEER_TEXT
 
-        hint = (f" For its image-text similarity map use: g2d ground IMAGE --model {model_path} [--text-model "
-                "NAME|DIR] --text '...' --out heat.png" if kind in PEER_TEXT else "")
+        hint = (f" For its prompt heat maps use: g2d figure grounding --model {model_path} [--text-model "
+                "NAME|DIR] --images ... --prompts '...' --out DIR" if kind in PEER_TEXT else "")
         raise ConfigError(f"g2d figure attention draws G2D's attention-pooling maps and pseudo masks; a {kind} "
                           f"model has neither.{hint}")
     if reports and len(reports) != len(images):
@@ -65,6 +71,54 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     return written
 
 
+def grounding_figure(model: str, images: Sequence[str | Path], prompts: Sequence[str], out_dir: str | Path, *,
+                     text_model: str | None = None, trust_pickle: bool = False, device: str = "auto",
+                     resize: int | None = None, image_size: int | None = None) -> list[Path]:
+    """Write ``OUT/grounding_panels.png`` (rows: images; columns: the image, then each prompt's
+    similarity map overlaid) and ``OUT/<image stem>.png`` (that row alone).
+
+    Each map is the cosine of the prompt's embedding with every dense image embedding
+    (:func:`g2d.inference.grounding.dense_similarity`), mapped back to the original pixels through
+    the model's resize and crop (:func:`g2d.inference.grounding.to_original`; NaN, drawn without
+    overlay, outside the crop) and colour-scaled per map from its lowest to its highest value.
+
+    :param model: a G2D export / run folder / checkpoint / ``hf-hub:NAME``, or ``KIND:PATH`` of a
+        peer with an image-text cosine (``text_model``: its text model, default the peer's own).
+    :raises g2d.errors.ConfigError: a model without a text tower (``random``, ``imagenet``, MedKLIP,
+        KAD, PRIOR, xrv, torchvision, g2d-release: the reason is named).
+    :raises FileNotFoundError: an image that does not exist (before the model is loaded).
+    :return: the written PNG paths, combined figure first.
+    """
+    from g2d.commands.infer import check_images, load_for_inference
+    from g2d.data.images import read_image
+    from g2d.data.transforms import build_transform, eval_geometry
+    from g2d.figures import prompt_panels
+    from g2d.inference.grounding import dense_similarity, to_original
+
+    if not prompts:
+        raise ValueError("give at least one prompt (--prompts)")
+    check_images([str(p) for p in images])
+    net, geom, dev = load_for_inference(model, "g2d figure grounding", text_model=text_model,
+                                        trust_pickle=trust_pickle, device=device, resize=resize,
+                                        image_size=image_size)
+    transform = build_transform(geom, train=False)
+    originals, heats = [], []
+    for path in images:
+        img = read_image(path)                                              # [H, W] in [0, 1]
+        x = transform(img)[None].expand(len(prompts), -1, -1, -1)
+        dense = dense_similarity(net, x.to(dev), list(prompts))             # [P, h, w]
+        g = eval_geometry(img.shape, geom)
+        originals.append(img)
+        heats.append([to_original(d, g).numpy() for d in dense])
+    out_dir = Path(out_dir)
+    names = [Path(p).name for p in images]
+    written = [prompt_panels(originals, heats, prompts, out_dir / "grounding_panels.png", names)]
+    for i, p in enumerate(images):
+        written.append(prompt_panels(originals[i:i + 1], heats[i:i + 1], prompts, out_dir / f"{Path(p).stem}.png",
+                                     names[i:i + 1]))
+    return written
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("figure", help="figures of a trained model", description=__doc__)
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -77,6 +131,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True)
     a.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     a.set_defaults(run=_run)
+    g = kinds.add_parser("grounding", help="prompt heat maps on images (zero-shot grounding), G2D or a peer",
+                         description=__doc__)
+    g.add_argument("--model", required=True,
+                   help="G2D export folder, run folder, checkpoint or hf-hub:NAME; or a peer's checkpoint as "
+                        "KIND:PATH (biovil, mgca, gloria, convirt, medclip; docs/peers.md)")
+    g.add_argument("--text-model", default=None,
+                   help="for KIND:PATH: the peer's text model, hub name (NAME@REV) or local folder "
+                        "(default: the peer's own)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="let a peer's checkpoint that needs pickled classes load (GLoRIA)")
+    g.add_argument("--images", nargs="+", required=True, help="image files (PNG/JPEG/DICOM)")
+    g.add_argument("--prompts", nargs="+", required=True, help="one column per prompt, e.g. 'left pleural effusion'")
+    g.add_argument("--out", required=True)
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--resize", type=int, default=None, help="default: the model's own geometry")
+    g.add_argument("--image-size", type=int, default=None)
+    g.set_defaults(run=_run_grounding)
+
+
+def _run_grounding(args: argparse.Namespace) -> int:
+    paths = grounding_figure(args.model, args.images, args.prompts, args.out, text_model=args.text_model,
+                             trust_pickle=args.trust_pickle, device=args.device, resize=args.resize,
+                             image_size=args.image_size)
+    print(f"wrote {paths[0]} and {len(paths) - 1} per-image panels in {Path(args.out)}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

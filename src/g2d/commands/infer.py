@@ -23,7 +23,7 @@ from g2d.data.images import read_image
 from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry, inference_geometry, with_overrides
 from g2d.figures import heat_overlay
 
-__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay"]
+__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images"]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -64,25 +64,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(run=run_ground)
 
 
-def _load(args: argparse.Namespace):
+def load_for_inference(spec: str, what: str, *, text_model: str | None = None, trust_pickle: bool = False,
+                       device: str = "auto", resize: int | None = None, image_size: int | None = None):
+    """A text-image model (G2D or a cosine peer's ``KIND:PATH``), the geometry its images get (the
+    model's own unless ``resize``/``image_size`` are given) and the device, for ``g2d zero-shot``,
+    ``g2d ground`` and ``g2d figure grounding``."""
     from g2d.downstream.towers import load_text_image_model, resolve_device
 
-    images = getattr(args, "images", None) or [args.image]
+    dev = resolve_device(device)
+    tower, model = load_text_image_model(spec, what, trust_pickle, text_model, dev)
+    if tower.model is not None:
+        cfg = tower.model.config
+        geom = inference_geometry(resize or cfg.data.resize, image_size or cfg.model.image_size, cfg.data.augment)
+    else:  # a peer's own evaluation pipeline
+        geom = with_overrides(tower.preprocess or ImageTransformCfg(), resize, image_size)
+    return model, geom, dev
+
+
+def check_images(images: list[str]) -> None:
+    """Stop before the (slow) model load when an image is missing."""
     missing = [p for p in images if not Path(p).is_file()]
-    if missing:  # before the (slow) model load
+    if missing:
         raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                    if len(missing) > 1 else ""))
 
-    device = resolve_device(args.device)
-    tower, model = load_text_image_model(args.model, f"g2d {args.command}", args.trust_pickle, args.text_model,
-                                         device)
-    if tower.model is not None:
-        cfg = tower.model.config
-        geom = inference_geometry(args.resize or cfg.data.resize, args.image_size or cfg.model.image_size,
-                                  cfg.data.augment)
-    else:  # a peer's own evaluation pipeline
-        geom = with_overrides(tower.preprocess or ImageTransformCfg(), args.resize, args.image_size)
-    return model, geom, device
+
+def _load(args: argparse.Namespace):
+    check_images(getattr(args, "images", None) or [args.image])
+    return load_for_inference(args.model, f"g2d {args.command}", text_model=args.text_model,
+                              trust_pickle=args.trust_pickle, device=args.device, resize=args.resize,
+                              image_size=args.image_size)
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
