@@ -126,20 +126,17 @@ class ImageTransformCfg:
 
 
 def inference_geometry(resize: int, image_size: int, augment: str,
-                       keep_aspect: bool | None = None, pad_square: bool = False) -> ImageTransformCfg:
+                       keep_aspect: bool | None = None) -> ImageTransformCfg:
     """The deterministic geometry of a model pre-trained with ``data.resize``, ``model.image_size``
     and ``data.augment``: the same resize rule (square for ``"release"``, shorter side otherwise)
     and centre crop as its training transform, without the random augmentation. Inference,
     figures and evaluation defaults use it, so a model sees the pixels it was trained on.
 
     :param keep_aspect: a user's override of the resize rule (``None``: the recipe's).
-    :param pad_square: pad the resized image to a square instead (a peer's pipeline, see
-        :class:`ImageTransformCfg`).
     """
     trained = ImageTransformCfg(resize=max(resize, image_size), crop=image_size, augment=augment)
     return ImageTransformCfg(resize=trained.resize, crop=trained.crop, augment="none",
-                             keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect,
-                             pad_square=pad_square)
+                             keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect)
 
 
 def with_overrides(cfg: ImageTransformCfg, resize: int | None = None, image_size: int | None = None,

@@ -24,7 +24,7 @@ from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
 from g2d.downstream.towers import Frozen, ImageTower
 from g2d.errors import DataError
-from g2d.fingerprint import digest, file_stamp, model_identity
+from g2d.fingerprint import digest, file_stamp
 from g2d.peers import global_input
 
 __all__ = ["geometry_from_args", "POOLINGS", "extract_features", "cached_features", "model_key",
@@ -104,7 +104,7 @@ def model_key(tower: ImageTower, seed: int) -> str:
         return f"random-{type(tower.encoder.layer4[0]).__name__}-{tower.encoder.channels[-1]}-seed{seed}"
     if tower.name == "imagenet":
         return f"imagenet-{tower.encoder.channels[-1]}-{sum(p.numel() for p in tower.encoder.parameters())}"
-    return model_identity(tower.name) + (f"@{tower.global_input}px" if tower.global_input else "")
+    return tower.identity
 
 
 def _entry_keys(ds: Any) -> list[str]:

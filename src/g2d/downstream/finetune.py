@@ -31,7 +31,7 @@ from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import load_image_tower, resolve_device
-from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.fingerprint import dataset_identity, digest
 from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
@@ -119,8 +119,7 @@ def run(args: Args) -> dict[str, Any]:
 
     # settings a checkpoint must share, plus the content behind them (Fit starts anew, with a warning,
     # when only the images or weights changed)
-    model_id = model_identity(str(args.model)) + (f"@{tower.global_input}px" if tower.global_input else "")
-    signature = {"settings": _signature(args, geom), "model_id": model_id,
+    signature = {"settings": _signature(args, geom), "model_id": tower.identity,
                  "data_id": digest([dataset_identity(d) for d in (train_ds, val_ds, test_ds)])}
     progress = not args.no_progress
     fit = Fit(model, opt, Path(args.out), signature, args.epochs, args.patience, progress)

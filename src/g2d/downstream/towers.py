@@ -14,6 +14,7 @@ from g2d.config import ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import ConfigError
 from g2d.factory import create_image_encoder, load_model
+from g2d.fingerprint import model_identity
 from g2d.inference.interface import TextImageModel
 from g2d.model import G2DModel
 from g2d.model.decoder import UNetDecoder
@@ -67,6 +68,11 @@ class ImageTower:
     preprocess: ImageTransformCfg | None = None  # a peer's evaluation geometry (g2d models: model.preprocess)
     peer: dict[str, Any] | None = None  # what load_peer_encoder loaded (kind, arch, absent stages, ...)
     global_input: int | None = None  # a peer's own forward resizes to this first (g2d.peers.PeerKind.global_input)
+
+    @property
+    def identity(self) -> str:
+        """The weights' identity (:func:`g2d.fingerprint.model_identity`) and a peer's own input size."""
+        return model_identity(self.name) + (f"@{self.global_input}px" if self.global_input else "")
 
 
 def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = False) -> ImageTower:
