@@ -28,7 +28,7 @@ def test_figure_attention_rejects_report_count_mismatch(tiny_model_dir, tmp_path
     rc = main(["figure", "attention", "--model", str(tiny_model_dir), "--images", str(img),
                "--reports", "a", "b", "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "g2d figure: error: got 1 images but 2 reports" in capsys.readouterr().err
+    assert "g2d figure attention: error: got 1 images but 2 reports" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -93,8 +93,10 @@ def test_figure_grounding_draws_the_maps_g2d_ground_writes(tiny_model_dir, tmp_p
     drawn = []
     real = g2d.figures.prompt_panels
     monkeypatch.setattr(g2d.figures, "prompt_panels", lambda *a, **k: drawn.append(a) or real(*a, **k))
-    rc = main(["figure", "grounding", "--model", str(tiny_model_dir), "--images", str(img), str(img),
-               "--prompts", "left pleural effusion", "no finding", "--out", str(tmp_path / "g"), "--device", "cpu"])
+    Image.open(img).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "flipped.png")
+    rc = main(["figure", "grounding", "--model", str(tiny_model_dir), "--images", str(img),
+               str(tmp_path / "flipped.png"), "--prompts", "left pleural effusion", "no finding",
+               "--out", str(tmp_path / "g"), "--device", "cpu"])
     assert rc == 0 and "wrote" in capsys.readouterr().out
     originals, heats, prompts = drawn[0][:3]
     assert len(heats) == 2 and len(heats[0]) == 2 and heats[0][0].shape == (70, 90)
@@ -109,3 +111,28 @@ def test_figure_grounding_needs_a_text_tower(tmp_path, capsys):
     assert main(["figure", "grounding", "--model", "imagenet", "--images", str(img), "--prompts", "x",
                  "--out", str(tmp_path / "o")]) != 0
     assert "text tower" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_figure_refuses_bad_input_in_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / sub / "x.png")
+    (tmp_path / "file").write_text("")
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    cases = [
+        # two images with one stem: the second panel would replace the first
+        (["--images", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), "--prompts", "x"], "x.png"),
+        (["--images", str(tmp_path / "a" / "x.png"), "--prompts", "  "], "every prompt must have words"),
+        (["--images", str(tmp_path / "a" / "x.png"), "--prompts", "x", "--resize", "64", "--image-size", "96"],
+         "--resize 64 is smaller than the 96-px crop"),
+        (["--images", str(tmp_path / "a" / "x.png"), "--prompts", "x", "--image-size", "0"], "positive"),
+    ]
+    for extra, words in cases:
+        assert main(["figure", "grounding", *model, *extra, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("g2d figure grounding: error: ") and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+    # an --out that is a file: one line, not a traceback
+    assert main(["figure", "grounding", *model, "--images", str(tmp_path / "a" / "x.png"), "--prompts", "x",
+                 "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.startswith("g2d figure grounding: error: ")

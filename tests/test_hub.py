@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -107,3 +108,24 @@ def test_push_saves_the_hub_folder_and_uploads_it_through_the_file_api(tiny_mode
     assert calls[1][0] == "upload" and {"model.safetensors", "config.json", CARD_FILE, PREPROCESS_FILE,
                                         "text"} <= set(calls[1][2])
     assert url.endswith("/commit/abc") and (tmp_path / "folder" / CARD_FILE).is_file()
+
+
+def test_commands_and_result_keys_take_hub_names(saved, tmp_path):
+    # `hf-hub:` was read as a peer's KIND: every command taking --model refused hub names
+    from PIL import Image
+
+    _, out = saved
+    cache = tmp_path / "cache"
+    _hub_cache(out, cache)
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "g2d", "ground", str(tmp_path / "a.png"), "--model", f"hf-hub:{REPO}",
+                           "--text", "effusion", "--out", str(tmp_path / "h.png"), "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = ("from g2d.fingerprint import model_identity as m; import sys; "
+            f"print(m('hf-hub:{REPO}') == m(sys.argv[1]), m('hf-hub:g2d-org/not-there'))")
+    snapshot = next((cache / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir())
+    done = subprocess.run([sys.executable, "-c", code, str(snapshot)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.split() == ["True", "hf-hub:g2d-org/not-there"], done.stderr[-2000:]

@@ -179,6 +179,7 @@ def test_a_wrong_file_names_the_kind_and_the_first_mismatching_key(peer_files, t
 def test_model_specs():
     assert split_model_spec("mgca:/x/resnet_50.ckpt") == ("mgca", "/x/resnet_50.ckpt")
     assert split_model_spec("g2d:runs/a") == ("g2d", "runs/a")
+    assert split_model_spec("hf-hub:org/name@v1") == ("g2d", "hf-hub:org/name@v1")  # a hub name, not a kind
     assert split_model_spec("runs/demo/g2d/export") == ("g2d", "runs/demo/g2d/export")
     assert split_model_spec("random") == ("g2d", "random")
     assert split_model_spec("C:/models/x.pt") == ("g2d", "C:/models/x.pt")

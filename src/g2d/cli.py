@@ -32,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `g2d eval segmentation`, `g2d figure grounding`, `g2d prepare ...`: the command as typed
+    name = " ".join(str(v) for v in (args.command, getattr(args, "task", None) or getattr(args, "kind", None)) if v)
     try:
         return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, ImageReadError) as err:
-        # Bad input is a one-line message; --verbose shows the traceback.
+    except (ConfigError, DataError, ValueError, ImageReadError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # Bad input (paths included) is a one-line message; --verbose shows the traceback.
         if args.verbose:
             raise
-        print(f"g2d {args.command}: error: {err}", file=sys.stderr)
+        print(f"g2d {name}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
         from g2d.errors import CheckpointWriteError
@@ -47,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(err, (CheckpointWriteError, NonFiniteLossError)) and not args.verbose:
             # the run cannot go on (no checkpoints / diverged); the last checkpoint is intact
-            print(f"g2d {args.command}: error: {err}", file=sys.stderr)
+            print(f"g2d {name}: error: {err}", file=sys.stderr)
             return 1
         # Under torchrun every rank prints this, so the log says which rank failed first and why.
-        print(f"g2d {args.command}: rank {world_info_from_env()[0]}: fatal: {type(err).__name__}: "
+        print(f"g2d {name}: rank {world_info_from_env()[0]}: fatal: {type(err).__name__}: "
               f"{' '.join(str(err).split())[:500]}", file=sys.stderr, flush=True)
         raise

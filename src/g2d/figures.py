@@ -85,8 +85,8 @@ def prompt_panels(images: Sequence[np.ndarray], heats: Sequence[Sequence[np.ndar
             heat = heats[i][j]
             axes[i, j + 1].imshow(heat_overlay(img, heat))
             lo, hi = (np.nanmin(heat), np.nanmax(heat)) if np.isfinite(heat).any() else (np.nan, np.nan)
-            axes[i, j + 1].set_title(textwrap.fill(prompt, 34) + f"\n{lo:.3f} (blue) .. {hi:.3f} (red) {unit}",
-                                     fontsize=8)
+            title = textwrap.fill(textwrap.shorten(prompt, 120, placeholder=" …"), 34)
+            axes[i, j + 1].set_title(f"{title}\n{lo:.3f} (blue) .. {hi:.3f} (red) {unit}", fontsize=8)
         for ax in axes[i]:
             ax.axis("off")
     return _save(fig, path)

@@ -44,9 +44,19 @@ def model_identity(spec: str) -> str:
     """``random`` / ``imagenet`` as they are; a model path by the stamps of the files
     :func:`g2d.load_model` reads (an export's weights and config, else the run's last checkpoint, or
     the file itself), so retraining into the same folder, or the same relative path elsewhere, is
-    another model, while results written into the folder are not."""
+    another model, while results written into the folder are not. ``hf-hub:ORG/NAME[@REV]``: the
+    cached snapshot's files (its folder names the commit, so a new revision is another model); the
+    name alone when it is not cached."""
     if spec in ("random", "imagenet"):
         return spec
+    if spec.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = spec[len("hf-hub:"):].partition("@")
+        try:
+            return model_identity(snapshot_download(repo, revision=revision or None, local_files_only=True))
+        except Exception:  # not cached (yet): loading it will say why
+            return spec
     kind = re.fullmatch(r"([a-z][a-z0-9-]+):(.+)", spec)  # a peer's KIND:PATH (g2d.peers)
     if kind is not None:
         return digest([kind.group(1), model_identity(kind.group(2))])

@@ -468,8 +468,9 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     """
     if kind_name not in PEER_TEXT:
         why = PEER_KINDS[kind_name].zero_shot if kind_name in PEER_KINDS else "not a peer kind"
-        raise ConfigError(f"zero-shot with {kind_name}: not supported ({why}); supported peers: "
-                          f"{', '.join(sorted(PEER_TEXT))}; see docs/peers.md")
+        raise ConfigError(f"{kind_name}: no image-text model g2d can build ({why}), which zero-shot "
+                          f"classification and grounding need; peers with one: {', '.join(sorted(PEER_TEXT))}; "
+                          "see docs/peers.md")
     spec = PEER_TEXT[kind_name]
     path = Path(path)
     state = read_peer_state(kind_name, path, trust_pickle)

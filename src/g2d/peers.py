@@ -29,6 +29,7 @@ from g2d.checkpoint import load_checkpoint
 from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import CheckpointError, PickledClassesError
+from g2d.hub import HUB_PREFIX
 from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
@@ -135,10 +136,11 @@ def global_input(images: Tensor, size: int | None) -> Tensor:
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:
-    """``KIND:PATH`` -> (kind, path); anything else (``random``, ``imagenet``, a path) -> ("g2d", spec).
+    """``KIND:PATH`` -> (kind, path); anything else (``random``, ``imagenet``, a path,
+    ``hf-hub:ORG/NAME``) -> ("g2d", spec).
     An unknown ``KIND:`` prefix is an error that lists the kinds."""
     m = re.fullmatch(r"([a-z][a-z0-9-]*):(.+)", spec)
-    if m is None or len(m.group(1)) == 1:  # a Windows drive letter is not a kind
+    if m is None or len(m.group(1)) == 1 or spec.startswith(HUB_PREFIX):  # a drive letter, a hub name
         return "g2d", spec
     kind, path = m.groups()
     if kind != "g2d" and kind not in PEER_KINDS:

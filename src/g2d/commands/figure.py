@@ -22,6 +22,19 @@ import torch
 __all__ = ["attention_figure", "grounding_figure", "register"]
 
 
+def _panel_paths(images: Sequence[str | Path], out_dir: Path, combined: str) -> list[Path]:
+    """``OUT/<stem>.png`` per image; refused before anything is written when two images share a stem
+    or one is named like the combined figure (one file would silently replace the other)."""
+    paths = [out_dir / f"{Path(p).stem}.png" for p in images]
+    seen: dict[Path, str] = {}
+    for image, path in zip(images, paths):
+        if path in seen or path.name == combined:
+            clash = seen.get(path, f"the combined figure {combined}")
+            raise ValueError(f"{image} and {clash} would both be written to {path}; rename or copy one of them")
+        seen[path] = str(image)
+    return paths
+
+
 def _report(arg: str) -> str:
     """A report is a path to a text file, or the text itself."""
     p = Path(arg)
@@ -56,6 +69,8 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     if reports and len(reports) != len(images):
         raise ValueError(f"got {len(images)} images but {len(reports)} reports; give one report per "
                          "image or none")
+    out_dir = Path(out_dir)
+    panels = _panel_paths(images, out_dir, "attention_panels.png")
     model = load_model(model_path, device=device)
     tf = build_transform(model.preprocess, train=False)
     batch = torch.stack([tf(read_image(p)) for p in images]).to(device)
@@ -63,11 +78,10 @@ def attention_figure(model_path: str | Path, images: Sequence[str | Path], repor
     with torch.no_grad():
         out = model.image_forward(batch, decode=False)
         masks = build_pseudo_masks(out.attention, batch, model.cfg.pseudo_mask)
-    out_dir = Path(out_dir)
     written = [attention_panels(batch, out.attention, masks, texts, out_dir / "attention_panels.png")]
-    for i, p in enumerate(images):
+    for i, path in enumerate(panels):
         written.append(attention_panels(batch[i:i + 1], out.attention[i:i + 1], masks[i:i + 1],
-                                        texts[i:i + 1], out_dir / f"{Path(p).stem}.png"))
+                                        texts[i:i + 1], path))
     return written
 
 
@@ -89,15 +103,16 @@ def grounding_figure(model: str, images: Sequence[str | Path], prompts: Sequence
     :raises FileNotFoundError: an image that does not exist (before the model is loaded).
     :return: the written PNG paths, combined figure first.
     """
-    from g2d.commands.infer import check_images, load_for_inference
+    from g2d.commands.infer import check_images, check_prompts, load_for_inference
     from g2d.data.images import read_image
     from g2d.data.transforms import build_transform, eval_geometry
     from g2d.figures import prompt_panels
     from g2d.inference.grounding import dense_similarity, to_original
 
-    if not prompts:
-        raise ValueError("give at least one prompt (--prompts)")
+    check_prompts(list(prompts), "--prompts")
     check_images([str(p) for p in images])
+    out_dir = Path(out_dir)
+    panels = _panel_paths(images, out_dir, "grounding_panels.png")
     net, geom, dev = load_for_inference(model, "g2d figure grounding", text_model=text_model,
                                         trust_pickle=trust_pickle, device=device, resize=resize,
                                         image_size=image_size)
@@ -110,12 +125,10 @@ def grounding_figure(model: str, images: Sequence[str | Path], prompts: Sequence
         g = eval_geometry(img.shape, geom)
         originals.append(img)
         heats.append([to_original(d, g).numpy() for d in dense])
-    out_dir = Path(out_dir)
     names = [Path(p).name for p in images]
     written = [prompt_panels(originals, heats, prompts, out_dir / "grounding_panels.png", names)]
-    for i, p in enumerate(images):
-        written.append(prompt_panels(originals[i:i + 1], heats[i:i + 1], prompts, out_dir / f"{Path(p).stem}.png",
-                                     names[i:i + 1]))
+    for i, path in enumerate(panels):
+        written.append(prompt_panels(originals[i:i + 1], heats[i:i + 1], prompts, path, names[i:i + 1]))
     return written
 
 

@@ -20,10 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import read_image
-from g2d.data.transforms import ImageTransformCfg, build_transform, eval_geometry, inference_geometry, with_overrides
+from g2d.data.transforms import (
+    ImageTransformCfg,
+    build_transform,
+    check_sizes,
+    eval_geometry,
+    inference_geometry,
+    with_overrides,
+)
 from g2d.figures import heat_overlay
 
-__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images"]
+__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images",
+           "check_prompts"]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +83,7 @@ def load_for_inference(spec: str, what: str, *, text_model: str | None = None, t
     tower, model = load_text_image_model(spec, what, trust_pickle, text_model, dev)
     if tower.model is not None:
         cfg = tower.model.config
+        check_sizes(resize, image_size, image_size or cfg.model.image_size)
         geom = inference_geometry(resize or cfg.data.resize, image_size or cfg.model.image_size, cfg.data.augment)
     else:  # a peer's own evaluation pipeline
         geom = with_overrides(tower.preprocess or ImageTransformCfg(), resize, image_size)
@@ -87,6 +96,12 @@ def check_images(images: list[str]) -> None:
     if missing:
         raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                    if len(missing) > 1 else ""))
+
+
+def check_prompts(prompts: list[str], flag: str) -> None:
+    """A blank prompt embeds as [CLS][SEP] alone: a map of nothing, so refuse it."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError(f"{flag}: every prompt must have words, got {list(prompts)!r}")
 
 
 def _load(args: argparse.Namespace):
@@ -129,6 +144,7 @@ def run_ground(args: argparse.Namespace) -> int:
 
     from g2d.inference.grounding import dense_similarity, to_original
 
+    check_prompts([args.text], "--text")
     model, geom_cfg, device = _load(args)
     img = read_image(args.image)                                             # [H, W] in [0, 1]
     x = build_transform(geom_cfg, train=False)(img)[None]

@@ -60,6 +60,7 @@ __all__ = [
     "crop_to_original",
     "inference_geometry",
     "with_overrides",
+    "check_sizes",
 ]
 
 _AUGMENTS = ("paper", "release", "none")
@@ -139,15 +140,31 @@ def inference_geometry(resize: int, image_size: int, augment: str,
                              keep_aspect=trained.keep_aspect if keep_aspect is None else keep_aspect)
 
 
+def check_sizes(resize: int | None, image_size: int | None, crop: int) -> None:
+    """A user's ``--resize`` / ``--image-size`` (``None``: not given): positive, and a resize not
+    below the ``crop`` it feeds, rather than silently changed.
+
+    :raises ValueError: naming the flag.
+    """
+    for flag, value in (("--resize", resize), ("--image-size", image_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive number of pixels, got {value}")
+    if resize is not None and resize < crop:
+        raise ValueError(f"--resize {resize} is smaller than the {crop}-px crop it feeds (--image-size, else the "
+                         f"model's own): give --resize >= {crop} or a smaller --image-size")
+
+
 def with_overrides(cfg: ImageTransformCfg, resize: int | None = None, image_size: int | None = None,
                    square: bool | None = None) -> ImageTransformCfg:
     """A deterministic geometry (e.g. a peer's own) with a user's ``--resize`` / ``--image-size`` /
-    ``--square`` applied; ``square=True`` squashes to a square (no padding, no aspect kept),
-    ``False`` resizes the shorter side (no padding)."""
-    size = image_size or cfg.output_size
+    ``--square`` applied (:func:`check_sizes`); ``square=True`` squashes to a square (no padding, no
+    aspect kept), ``False`` resizes the shorter side (no padding). Without ``--resize``, a larger
+    ``--image-size`` raises the resize to it (no crop)."""
+    size = image_size if image_size is not None else cfg.output_size
+    check_sizes(resize, image_size, size)
     keep, pad = (cfg.keep_aspect, cfg.pad_square) if square is None else (not square, False)
-    return ImageTransformCfg(resize=max(resize or cfg.resize, size), crop=size, augment="none",
-                             keep_aspect=keep, pad_square=pad)
+    return ImageTransformCfg(resize=resize if resize is not None else max(cfg.resize, size), crop=size,
+                             augment="none", keep_aspect=keep, pad_square=pad)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from g2d.checkpoint import atomic_write
-from g2d.data.transforms import ImageTransformCfg, inference_geometry, with_overrides
+from g2d.data.transforms import ImageTransformCfg, check_sizes, inference_geometry, with_overrides
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
 from g2d.downstream.towers import Frozen, ImageTower
@@ -42,8 +42,9 @@ def geometry_from_args(args: GeometryArgs, tower: ImageTower | None = None) -> I
     cfg = getattr(tower.model, "config", None) if tower is not None and tower.model is not None else None
     if cfg is None and tower is not None and tower.preprocess is not None:  # a peer's own pipeline
         return with_overrides(tower.preprocess, args.resize, args.image_size, args.square)
-    resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     size = args.image_size or (cfg.model.image_size if cfg is not None else 224)
+    check_sizes(args.resize, args.image_size, size)
+    resize = args.resize or (cfg.data.resize if cfg is not None else 256)
     keep = None if args.square is None else not args.square
     return inference_geometry(resize, size, cfg.data.augment if cfg is not None else "none", keep)
 
