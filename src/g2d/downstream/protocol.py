@@ -152,8 +152,23 @@ def module(name: str) -> ModuleType:
 
 
 def make(name: str, **values: Any) -> ProtocolArgs:
-    """The protocol's ``Args`` from Python values (``TypeError`` names an unknown field)."""
-    return module(name).Args(**values)
+    """The protocol's ``Args`` from Python values (``TypeError`` names an unknown field). A string
+    for an ``int``/``float`` field is converted as its flag would be: YAML 1.1 (PyYAML) reads ``2e-3``
+    as a string, and a scale's or a user's YAML must not hand the optimizer ``'2e-3'``.
+
+    :raises ValueError: a string that is not a number of the field's type, naming the field.
+    """
+    cls = module(name).Args
+    for f in dataclasses.fields(cls):
+        typ = str(f.type).replace(" | None", "").replace("None | ", "")
+        value = values.get(f.name)
+        if isinstance(value, str) and typ in ("int", "float"):
+            try:
+                values[f.name] = _TYPES[typ](value)
+            except ValueError:
+                raise ValueError(f"{name}: {f.name} must be {'an' if typ == 'int' else 'a'} {typ}, "
+                                 f"got {value!r}") from None
+    return cls(**values)
 
 
 def parse(name: str, argv: list[str]) -> ProtocolArgs:
