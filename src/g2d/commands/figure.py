@@ -133,6 +133,8 @@ def grounding_figure(model: str, images: Sequence[str | Path], prompts: Sequence
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from g2d.commands.infer import add_model_args
+
     p = sub.add_parser("figure", help="figures of a trained model", description=__doc__)
     kinds = p.add_subparsers(dest="kind", required=True)
     a = kinds.add_parser("attention", help="attention maps and pseudo masks (paper Fig. 4)",
@@ -146,20 +148,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(run=_run)
     g = kinds.add_parser("grounding", help="prompt heat maps on images (zero-shot grounding), G2D or a peer",
                          description=__doc__)
-    g.add_argument("--model", required=True,
-                   help="G2D export folder, run folder, checkpoint or hf-hub:NAME; or a peer's checkpoint as "
-                        "KIND:PATH (biovil, mgca, gloria, convirt, medclip; docs/peers.md)")
-    g.add_argument("--text-model", default=None,
-                   help="for KIND:PATH: the peer's text model, hub name (NAME@REV) or local folder "
-                        "(default: the peer's own)")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="let a peer's checkpoint that needs pickled classes load (GLoRIA)")
     g.add_argument("--images", nargs="+", required=True, help="image files (PNG/JPEG/DICOM)")
     g.add_argument("--prompts", nargs="+", required=True, help="one column per prompt, e.g. 'left pleural effusion'")
     g.add_argument("--out", required=True)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--resize", type=int, default=None, help="default: the model's own geometry")
-    g.add_argument("--image-size", type=int, default=None)
+    add_model_args(g)
     g.set_defaults(run=_run_grounding)
 
 

@@ -31,10 +31,11 @@ from g2d.data.transforms import (
 from g2d.figures import heat_overlay
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images",
-           "check_prompts"]
+           "check_prompts", "add_model_args"]
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model (G2D or a cosine peer's KIND:PATH), --text-model, --trust-pickle, --device, --resize, --image-size."""
     p.add_argument("--model", required=True,
                    help="G2D export folder, run folder, checkpoint or hf-hub:NAME; or a peer's checkpoint as "
                         "KIND:PATH (biovil, mgca, gloria, convirt, medclip; docs/peers.md)")
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--findings", required=True, help="comma-separated findings, e.g. 'pneumonia,pleural effusion'")
     z.add_argument("--prompts", default=None, help="prompt file (see g2d eval zeroshot); default: shipped default")
     z.add_argument("--csv", default=None, help="also write the table to this CSV file")
-    _model_args(z)
+    add_model_args(z)
     z.set_defaults(run=run_zero_shot)
     g = sub.add_parser("ground", help="heat map of a text prompt on an image",
                        description="Similarity of a text prompt with every pixel embedding, overlaid on "
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-legend", action="store_true",
                    help="the overlay alone, at the image's size (default: a strip below names the prompt and "
                         "shows the colour bar of the similarity scale)")
-    _model_args(g)
+    add_model_args(g)
     g.set_defaults(run=run_ground)
 
 
