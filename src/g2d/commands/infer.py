@@ -31,7 +31,8 @@ from g2d.data.transforms import (
 from g2d.figures import heat_overlay
 
 __all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images",
-           "check_prompts", "add_model_args"]
+           "check_prompts", "add_model_args",
+           "prompt_maps"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -140,17 +141,24 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     return 0
 
 
+def prompt_maps(model, geom: ImageTransformCfg, img: np.ndarray, prompts: list[str]) -> list[np.ndarray]:
+    """Each prompt's similarity map ``[H, W]`` on the original image ``img`` ``[H, W]`` (NaN outside
+    the model's crop), for ``g2d ground`` and ``g2d figure grounding``."""
+    from g2d.inference.grounding import dense_similarity, to_original
+
+    x = build_transform(geom, train=False)(img)[None].expand(len(prompts), -1, -1, -1)
+    dense = dense_similarity(model, x, prompts)                              # [P, h, w]
+    g = eval_geometry(img.shape, geom)
+    return [to_original(d, g).numpy() for d in dense]
+
+
 def run_ground(args: argparse.Namespace) -> int:
     from PIL import Image
-
-    from g2d.inference.grounding import dense_similarity, to_original
 
     check_prompts([args.text], "--text")
     model, geom_cfg, device = _load(args)
     img = read_image(args.image)                                             # [H, W] in [0, 1]
-    x = build_transform(geom_cfg, train=False)(img)[None]
-    dense = dense_similarity(model, x, [args.text])[0]
-    heat = to_original(dense, eval_geometry(img.shape, geom_cfg)).numpy()
+    heat = prompt_maps(model, geom_cfg, img, [args.text])[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     legend = None if args.no_legend else args.text
