@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +354,54 @@ def test_finished_segmentation_run_is_not_reused_for_other_images(tmp_path, capl
     assert main(argv) == 0
     assert "already holds the finished run" not in caplog.text
     assert "other inputs" in caplog.text                      # the checkpoint is not resumed either
+
+
+def test_finished_segmentation_run_is_reused_however_its_data_path_is_spelled(tmp_path, caplog, monkeypatch):
+    """The same set named by a relative and an absolute path is the same run (the resume and
+    "finished" signatures key on absolute paths, g2d.fingerprint.absolute_paths)."""
+    import logging
+
+    table = _images_table(tmp_path / "set")
+    argv = ["eval", "segmentation", "--model", "random", "--arch", "resnet18", "--epochs", "1", "--batch-size",
+            "4", "--image-size", "32", "--out", str(tmp_path / "out"), "--no-progress", "--figures", "0",
+            "--num-workers", "0"]
+    assert main([*argv, "--data", f"csv:{table}"]) == 0
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="g2d.downstream")
+    assert main([*argv, "--data", f"csv:{table.relative_to(tmp_path)}"]) == 0
+    assert "already holds the finished run" in caplog.text
+
+
+def test_a_set_is_the_same_set_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """dataset_identity leaves out the mask paths as spelled (their files' stamps stay in); a
+    reproduce store that kept the identity of before (mask paths as spelled) is still accepted."""
+    from g2d.fingerprint import dataset_identity, digest
+    from g2d.reproduce import Column, Experiment, Row, Runner, Scale, _LazyFill
+
+    table = _images_table(tmp_path / "set")
+    monkeypatch.chdir(tmp_path)
+    absolute, relative = (open_dataset(f"csv:{t}", "train") for t in (table, table.relative_to(tmp_path)))
+    assert dataset_identity(absolute) == dataset_identity(relative)
+    assert dataset_identity(absolute, mask_form=repr) != dataset_identity(relative, mask_form=repr)
+
+    spec = f"csv:{table}"
+    exp = Experiment("s", "S", [Column("Seg", "segmentation", "own", "dice")], [Row("R", model="random")])
+    scale = Scale("t", "tiny", {}, _LazyFill({"own": spec}, lambda v: v), {}, 1)
+
+    def task(name, args):
+        Path(args.out).mkdir(parents=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"dice": 0.5}))
+        return {}
+
+    Runner(exp, scale, tmp_path / "store", run_task=task).run()
+    inputs_file = next((tmp_path / "store" / "cells").glob("*/inputs.json"))
+    inputs = json.loads(inputs_file.read_text())
+    old = digest([dataset_identity(open_dataset(spec, s, max_skip_fraction=1.0), mask_form=repr)
+                  for s in ("train", "val", "test")])
+    for data_id, found in ((old, [50.0]), ("another set", [])):
+        inputs_file.write_text(json.dumps({**inputs, "data_id": data_id}))
+        res = Runner(exp, scale, tmp_path / "store", run_task=task, collect_only=True).run()[0]
+        assert res.values == found and bool(res.errors) == (not found)
 
 
 def test_model_identity_follows_the_weight_files(tmp_path):

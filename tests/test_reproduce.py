@@ -331,6 +331,53 @@ def test_pretrain_seeds_train_once_per_seed_and_gates_judge_each_seed(tmp_path):
     assert format_gates(_toy(), results) is None
 
 
+def _spelling_probe(exp, scale, out, calls):
+    """A Runner over ``out`` whose fake pre-training and tasks count their calls."""
+    def pre(cfg, d):
+        calls.append("pretrain")
+        (d / "export").mkdir(parents=True)
+        (d / "export" / "model.safetensors").write_bytes(b"w")
+        return d / "export"
+
+    def task(name, args):
+        calls.append(name)
+        Path(args.out).mkdir(parents=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"dice": 0.5}))
+        return {}
+
+    return Runner(exp, scale, out, seeds=1, run_task=task, run_pretrain=pre)
+
+
+def test_a_store_is_found_however_its_paths_are_spelled(tmp_path, monkeypatch):
+    """--out runs/x from the parent folder and --out /abs/runs/x (and data specs likewise) key the
+    same pre-training and cells; a store written before keys were made absolute is still found when
+    the command spells its paths as it did then (g2d.fingerprint.absolute_paths)."""
+    import g2d.reproduce as rp
+
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / "labels.csv").write_text("image,label\n")
+    exp = Experiment("s", "S", [Column("Seg", "segmentation", "own", "dice")], [Row("Ours", pretrain={})])
+    scale = Scale("t", "tiny", {"data.spec": "csv:sets/labels.csv"}, _LazyFill({"own": "csv:sets/labels.csv?x=1"},
+                                                                               lambda v: v), {}, 1)
+    monkeypatch.chdir(tmp_path)
+    calls: list[str] = []
+    first = _spelling_probe(exp, scale, "store", calls).run()
+    assert calls == ["pretrain", "segmentation"] and first[0].values == [50.0]
+    absolute = Scale("t", "tiny", {"data.spec": f"csv:{tmp_path}/sets/labels.csv"},
+                     _LazyFill({"own": f"csv:{tmp_path}/sets/labels.csv?x=1"}, lambda v: v), {}, 1)
+    again = _spelling_probe(exp, absolute, tmp_path / "store", calls).run()
+    assert calls == ["pretrain", "segmentation"] and again[0].values == [50.0]  # nothing ran again
+
+    # an old store (keys of the paths as spelled) is found by the same spelling
+    monkeypatch.setattr(rp, "absolute_paths", lambda key: key)
+    _spelling_probe(exp, scale, "old", calls).run()
+    assert calls == ["pretrain", "segmentation"] * 2
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _spelling_probe(exp, scale, "old", calls).run()
+    assert calls == ["pretrain", "segmentation"] * 2
+
+
 def test_gates_must_name_columns_of_their_table(tmp_path):
     import yaml
 

@@ -17,17 +17,42 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["file_stamp", "model_identity", "dataset_identity", "digest"]
+__all__ = ["file_stamp", "model_identity", "dataset_identity", "digest", "absolute_paths"]
 
 
 def digest(obj: Any) -> str:
     """A short stable hash of JSON-able data."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def absolute_paths(obj: Any) -> Any:
+    """``obj`` (JSON-able: dicts, lists, strings) with every string that names an existing file or
+    folder made absolute: alone, after a ``KIND:`` prefix (``csv:data/x.csv``, ``mgca:ckpt.pt``) or
+    before a ``?query``. Result stores key on this, so ``--out runs/x`` run from ``/work`` and
+    ``--out /work/runs/x`` find the same results. Strings that name nothing on disk (``random``,
+    ``synthetic:160``, a hub name) are kept as written."""
+    if isinstance(obj, dict):
+        return {k: absolute_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [absolute_paths(v) for v in obj]
+    if not isinstance(obj, str) or not obj or obj.startswith("hf-hub:"):
+        return obj
+    m = re.fullmatch(r"([a-z][a-z0-9-]+:)?([^?]+)(\?.*)?", obj, flags=re.DOTALL)
+    if m is None:
+        return obj
+    prefix, path, query = m.group(1) or "", m.group(2), m.group(3) or ""
+    try:
+        if not Path(path).expanduser().exists():
+            return obj
+    except OSError:  # a name too long for the file system, say
+        return obj
+    return prefix + str(Path(path).expanduser().resolve()) + query
 
 
 def file_stamp(path: str | Path) -> list[Any]:
@@ -80,10 +105,13 @@ def _mask_files(mask: Any) -> list[str]:
     return [f for part in getattr(mask, "parts", ()) for f in _mask_files(part)]
 
 
-def dataset_identity(ds: Any) -> str:
+def dataset_identity(ds: Any, mask_form: Callable[[Any], Any] | None = None) -> str:
     """Identity of a labelled set's content: per record its id, the image file's stamp, its
     labels, boxes, label space, mask source and the stamps of the mask files it reads. Sets made by
-    a generator (``synthetic``) are identified by their name, size and generator settings."""
+    a generator (``synthetic``) are identified by their name, size and generator settings.
+    ``mask_form=repr`` gives the identity stores kept before 2026-12-01, which held the mask files'
+    paths as spelled (so the same set named another way was another set)."""
+    mask_form = mask_form or _mask_content
     records = getattr(ds, "records", None)
     if records is None:  # generated data: deterministic given its class and configuration
         source = getattr(ds, "source", None)
@@ -96,5 +124,15 @@ def dataset_identity(ds: Any) -> str:
         rows.append([r.id, file_stamp(r.image),
                      None if r.labels is None else np.asarray(r.labels).tolist(),
                      None if r.boxes is None else np.asarray(r.boxes).tolist(),
-                     r.label_hw, repr(r.mask), [file_stamp(f) for f in _mask_files(r.mask)]])
+                     r.label_hw, mask_form(r.mask), [file_stamp(f) for f in _mask_files(r.mask)]])
     return digest([getattr(ds, "name", ""), list(getattr(ds, "tasks", [])), rows])
+
+
+def _mask_content(mask: Any) -> Any:
+    """A mask source without the path and message fields that depend on how the set was named
+    (``path`` is covered by the mask files' stamps, ``where`` is a ``file:line`` for messages)."""
+    if mask is None or not dataclasses.is_dataclass(mask):
+        return None if mask is None else repr(mask)
+    return [type(mask).__name__] + [
+        [_mask_content(p) for p in v] if f.name == "parts" else v
+        for f in dataclasses.fields(mask) if f.name not in ("path", "where") for v in [getattr(mask, f.name)]]

@@ -37,7 +37,7 @@ from g2d.config import get_config
 from g2d.data.labelled.specs import open_dataset
 from g2d.downstream import protocol
 from g2d.downstream.protocol import ProtocolArgs
-from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.fingerprint import absolute_paths, dataset_identity, digest, model_identity
 from g2d.peers import PEER_KINDS, split_model_spec
 
 __all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
@@ -272,6 +272,7 @@ class Runner:
         self.device, self.progress = device, progress
         self.run_task = run_task or protocol.run
         self._data_ids: dict[str, str] = {}
+        self._legacy_data_ids: dict[str, str] = {}
         self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
 
     # ------------------------------------------------------------------ pre-training variants
@@ -282,7 +283,16 @@ class Runner:
         return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {}), **seeded})
 
     def pretrain_dir(self, row: Row, seed: int = 0) -> Path:
-        return self.out / "pretrain" / digest(self.pretrain_config(row, seed).to_dict())
+        """Keyed by the config with its paths absolute, however the command spelled them."""
+        return self._stored(self.out / "pretrain", self.pretrain_config(row, seed).to_dict())
+
+    @staticmethod
+    def _stored(parent: Path, key: Any) -> Path:
+        """``parent / digest(key with absolute paths)``; a folder a store written before keys were
+        made absolute (2026-12-01) keeps, found by the key as this command spells it."""
+        folder = parent / digest(absolute_paths(key))
+        spelled = parent / digest(key)
+        return spelled if not folder.exists() and spelled.exists() else folder
 
     def model_for(self, row: Row, seed: int = 0) -> str:
         if row.model is not None:
@@ -343,15 +353,22 @@ class Runner:
         set's records and files (once per spec and run) and the model's weight files."""
         if spec not in self._data_ids:
             try:
-                self._data_ids[spec] = digest([dataset_identity(open_dataset(spec, s, max_skip_fraction=1.0))
-                                               for s in ("train", "val", "test")])
+                splits = [open_dataset(spec, s, max_skip_fraction=1.0) for s in ("train", "val", "test")]
+                self._data_ids[spec] = digest([dataset_identity(d) for d in splits])
+                self._legacy_data_ids[spec] = digest([dataset_identity(d, mask_form=repr) for d in splits])
             except Exception as e:  # the task itself reports what is wrong with the data
                 self._data_ids[spec] = f"unreadable: {type(e).__name__}"
         return {"data_id": self._data_ids[spec], "model_id": model_identity(model)}
 
+    def _same_inputs(self, stored: dict[str, str], inputs: dict[str, str], spec: str) -> bool:
+        """Stored inputs equal ``inputs``, or differ only by the data identity stores kept before
+        2026-12-01 (mask paths as spelled; :func:`g2d.fingerprint.dataset_identity`)."""
+        legacy = self._legacy_data_ids.get(spec)
+        return stored == inputs or (legacy is not None and stored == {**inputs, "data_id": legacy})
+
     def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
         """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``)."""
-        return self.out / "cells" / digest([col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
+        return self._stored(self.out / "cells", [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:
@@ -368,7 +385,8 @@ class Runner:
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
-        if metrics_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) != inputs:
+        if metrics_file.is_file() and not self._same_inputs(json.loads(inputs_file.read_text(encoding="utf-8")),
+                                                            inputs, args.data):
             if not compute:
                 res.errors.append(f"seed {seed}: {metrics_file} was computed from other images or weights")
                 return

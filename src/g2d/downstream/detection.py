@@ -43,6 +43,7 @@ from g2d.downstream.yolo import (
     scaled_anchors,
     yolo_loss,
 )
+from g2d.fingerprint import absolute_paths
 from g2d.metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
 
 __all__ = ["run", "fit_and_test", "Detector", "detect"]
@@ -155,7 +156,8 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     out = Path(args.out)
     batch_size, lr = _defaults(args)
     splits = open_splits(args)
-    signature = {"task": "detection", "data": args.data, "model": str(args.model), "fraction": args.fraction,
+    signature = {"task": "detection", **absolute_paths({"data": args.data, "model": str(args.model)}),
+                 "fraction": args.fraction,
                  "seed": args.seed, "arch": args.arch, "batch_size": batch_size, "lr": lr,
                  "weight_decay": args.weight_decay, "image_size": args.image_size,
                  "train_encoder": args.train_encoder, "update_bn": args.update_bn,

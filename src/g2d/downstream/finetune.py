@@ -31,7 +31,7 @@ from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import load_image_tower, resolve_device
-from g2d.fingerprint import dataset_identity, digest
+from g2d.fingerprint import absolute_paths, dataset_identity, digest
 from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
@@ -79,7 +79,7 @@ class Classifier(nn.Module):
 def _signature(args: Args, geom: ImageTransformCfg) -> str:
     """What a checkpoint must share with the run that resumes it (``--epochs`` may grow)."""
     keys = ("data", "model", "arch", "fraction", "seed", "batch_size", "lr", "weight_decay", "augment")
-    return digest({k: getattr(args, k) for k in keys} | {"geometry": asdict(geom)})
+    return digest(absolute_paths({k: getattr(args, k) for k in keys}) | {"geometry": asdict(geom)})
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.errors import DataError
+from g2d.fingerprint import absolute_paths
 from g2d.losses import classification_loss
 from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean
 
@@ -138,7 +139,7 @@ def _features(args: Args, tower, split: str, geom, device) -> tuple[Tensor, Tens
     ds = open_dataset(args.data, split, args.fraction if split == "train" else 1.0, geom)
     check_split(ds, f"{args.data} {split}")
     cache = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
-    key = {"model": model_key(tower, args.seed), "data": args.data, "split": split,
+    key = {"model": model_key(tower, args.seed), "data": absolute_paths(args.data), "split": split,
            "geometry": asdict(geom), "pool": args.pool}
     ids, feats = cached_features(tower, ds, key=key, cache_dir=cache, pooling=args.pool, device=device,
                                  batch_size=args.extract_batch_size, num_workers=args.num_workers,

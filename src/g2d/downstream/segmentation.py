@@ -35,7 +35,7 @@ from g2d.downstream.harness import Fit, batches, finished_metrics, make_loader, 
 from g2d.downstream.protocol import DenseArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import Frozen, ImageTower, load_image_tower, resolve_device
-from g2d.fingerprint import dataset_identity, digest, model_identity
+from g2d.fingerprint import absolute_paths, dataset_identity, digest, model_identity
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SMP_DECODER_CHANNELS, SegmentationHead, UNetDecoder
 from g2d.seeding import seed_everything
@@ -220,7 +220,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def _signature(args: Args, batch_size: int) -> dict[str, Any]:
-    return {"task": "segmentation", "data": args.data, "model": str(args.model), "fraction": args.fraction,
+    return {"task": "segmentation", **absolute_paths({"data": args.data, "model": str(args.model)}),
+            "fraction": args.fraction,
             "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
             "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss,
