@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from g2d.data.labelled.specs import open_dataset
 from g2d.reproduce import (
     PRETRAIN_METRICS,
     CellResult,
@@ -83,8 +84,12 @@ def test_every_shipped_experiment_loads_and_fits_its_scales(tmp_path):
         load_scale("paper").data.spec("siim")
 
 
-def test_prepare_jsrt_tables(jsrt_dir, tmp_path):
-    tables = prepare_jsrt(jsrt_dir.parent, tmp_path)
+def test_prepare_jsrt_tables(jsrt_dir, tmp_path, monkeypatch):
+    """Image and mask paths are absolute, also for a relative --shared (the documented
+    `--shared ../shared/data`): a relative path would be read from the table's own folder."""
+    monkeypatch.chdir(jsrt_dir.parent.parent)
+    tables = prepare_jsrt(Path(jsrt_dir.parent.name), tmp_path)
+    assert len(open_dataset(f"csv:{tables['jsrt-heart']}", "test")) == 37
     rows = tables["jsrt-lungs"].read_text().splitlines()
     assert rows[0] == "image,mask,split" and len(rows) == 248
     assert sum(r.endswith(",train") for r in rows) == 173

@@ -222,6 +222,15 @@ class CellResult:
         return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
 
 
+def _keyed(parent: Path, key: Any) -> tuple[Path, list[Path]]:
+    """Where a result is written, ``parent / digest(key with absolute paths)``
+    (:func:`g2d.fingerprint.absolute_paths`), and where to look for it first: the folder a store
+    from before 2026-12-01 used (the key with its paths as this command spells them; such a store
+    may hold the same run under two spellings, and this command found this one before), then that."""
+    new, spelled = parent / digest(absolute_paths(key)), parent / digest(key)
+    return new, ([new] if new == spelled else [spelled, new])
+
+
 class Runner:
     """Runs (or reuses) every cell of an experiment at a scale, writing under ``out``.
 
@@ -284,15 +293,9 @@ class Runner:
 
     def pretrain_dir(self, row: Row, seed: int = 0) -> Path:
         """Keyed by the config with its paths absolute, however the command spelled them."""
-        return self._stored(self.out / "pretrain", self.pretrain_config(row, seed).to_dict())
-
-    @staticmethod
-    def _stored(parent: Path, key: Any) -> Path:
-        """``parent / digest(key with absolute paths)``; a folder a store written before keys were
-        made absolute (2026-12-01) keeps, found by the key as this command spells it."""
-        folder = parent / digest(absolute_paths(key))
-        spelled = parent / digest(key)
-        return spelled if not folder.exists() and spelled.exists() else folder
+        new, found = _keyed(self.out / "pretrain", self.pretrain_config(row, seed).to_dict())
+        return next((d for d in found if (d / "export" / "model.safetensors").is_file()),
+                    next((d for d in found if d.exists()), new))
 
     def model_for(self, row: Row, seed: int = 0) -> str:
         if row.model is not None:
@@ -360,15 +363,23 @@ class Runner:
                 self._data_ids[spec] = f"unreadable: {type(e).__name__}"
         return {"data_id": self._data_ids[spec], "model_id": model_identity(model)}
 
+    def _finished(self, cell_dir: Path, inputs: dict[str, str], spec: str) -> bool:
+        """``cell_dir`` holds a result for these inputs (or from before inputs were tracked)."""
+        if not (cell_dir / "metrics.json").is_file():
+            return False
+        stored = cell_dir / "inputs.json"
+        return not stored.is_file() or self._same_inputs(json.loads(stored.read_text(encoding="utf-8")), inputs, spec)
+
     def _same_inputs(self, stored: dict[str, str], inputs: dict[str, str], spec: str) -> bool:
         """Stored inputs equal ``inputs``, or differ only by the data identity stores kept before
         2026-12-01 (mask paths as spelled; :func:`g2d.fingerprint.dataset_identity`)."""
         legacy = self._legacy_data_ids.get(spec)
         return stored == inputs or (legacy is not None and stored == {**inputs, "data_id": legacy})
 
-    def cell_dir(self, row: Row, col: Column, model: str, seed: int) -> Path:
-        """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``)."""
-        return self._stored(self.out / "cells", [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
+    def cell_dirs(self, row: Row, col: Column, model: str, seed: int) -> tuple[Path, list[Path]]:
+        """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``):
+        where the cell runs, and where to look for its result (:func:`_keyed`)."""
+        return _keyed(self.out / "cells", [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:
@@ -377,11 +388,13 @@ class Runner:
         if col.task == "pretrain":  # the pre-training run's own numbers, written when it ended
             self._add(res, col, seed, Path(model).parent / PRETRAIN_METRICS)
             return
-        cell_dir = self.cell_dir(row, col, model, seed)
+        new, found = self.cell_dirs(row, col, model, seed)
+        args = self.cell_args(row, col, model, seed, out=new)
+        inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
+        cell_dir = next((d for d in found if self._finished(d, inputs, args.data)), new)
         args = self.cell_args(row, col, model, seed, out=cell_dir)
         metrics_file = cell_dir / "metrics.json"
         inputs_file = cell_dir / "inputs.json"
-        inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
@@ -638,7 +651,7 @@ def prepare_jsrt(shared: str | Path, out: str | Path) -> dict[str, Path]:
     """Write ``csv:`` tables for JSRT lungs, heart and clavicles with the shipped image-level split
     (``g2d/experiments/jsrt_split.csv``, seeded 70/15/15). Paths are absolute, so the tables can live
     anywhere. Returns ``{"jsrt-lungs": path, "jsrt-heart": path, "jsrt-clavicles": path}``."""
-    root = Path(shared) / "jsrt"
+    root = Path(shared).expanduser().resolve() / "jsrt"  # the reader takes relative paths from the table's folder
     if not (root / "images").is_dir():
         raise FileNotFoundError(f"JSRT images not found under {root}")
     with open(EXPERIMENT_DIR / "jsrt_split.csv", newline="", encoding="utf-8") as f:
