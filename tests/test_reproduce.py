@@ -381,6 +381,12 @@ def test_a_store_is_found_however_its_paths_are_spelled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _spelling_probe(exp, scale, "old", calls).run()
     assert calls == ["pretrain", "segmentation"] * 2
+    # a stale result under the old key is reported as stale, not as "not run"
+    inputs = next((tmp_path / "old" / "cells").glob("*/inputs.json"))
+    inputs.write_text(json.dumps({"data_id": "other", "model_id": "other"}))
+    stale = _spelling_probe(exp, scale, "old", calls)
+    stale.collect_only = True
+    assert "computed from other images" in stale.run()[0].errors[0]
 
 
 def test_gates_must_name_columns_of_their_table(tmp_path):

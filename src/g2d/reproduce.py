@@ -391,7 +391,8 @@ class Runner:
         new, found = self.cell_dirs(row, col, model, seed)
         args = self.cell_args(row, col, model, seed, out=new)
         inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
-        cell_dir = next((d for d in found if self._finished(d, inputs, args.data)), new)
+        cell_dir = next((d for d in found if self._finished(d, inputs, args.data)),  # else a stale one, said below
+                        next((d for d in found if (d / "metrics.json").is_file()), new))
         args = self.cell_args(row, col, model, seed, out=cell_dir)
         metrics_file = cell_dir / "metrics.json"
         inputs_file = cell_dir / "inputs.json"
