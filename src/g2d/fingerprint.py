@@ -133,6 +133,10 @@ def _mask_content(mask: Any) -> Any:
     (``path`` is covered by the mask files' stamps, ``where`` is a ``file:line`` for messages)."""
     if mask is None or not dataclasses.is_dataclass(mask):
         return None if mask is None else repr(mask)
-    return [type(mask).__name__] + [
-        [_mask_content(p) for p in v] if f.name == "parts" else v
-        for f in dataclasses.fields(mask) if f.name not in ("path", "where") for v in [getattr(mask, f.name)]]
+    out: list[Any] = [type(mask).__name__]
+    for f in dataclasses.fields(mask):
+        if f.name in ("path", "where"):
+            continue
+        value = getattr(mask, f.name)
+        out.append([_mask_content(p) for p in value] if f.name == "parts" else value)
+    return out

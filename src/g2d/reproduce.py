@@ -20,6 +20,7 @@ every pre-trained seed must pass for the table to mean anything (``format_gates`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -356,9 +357,7 @@ class Runner:
         set's records and files (once per spec and run) and the model's weight files."""
         if spec not in self._data_ids:
             try:
-                splits = [open_dataset(spec, s, max_skip_fraction=1.0) for s in ("train", "val", "test")]
-                self._data_ids[spec] = digest([dataset_identity(d) for d in splits])
-                self._legacy_data_ids[spec] = digest([dataset_identity(d, mask_form=repr) for d in splits])
+                self._data_ids[spec] = self._data_id(spec)
             except Exception as e:  # the task itself reports what is wrong with the data
                 self._data_ids[spec] = f"unreadable: {type(e).__name__}"
         return {"data_id": self._data_ids[spec], "model_id": model_identity(model)}
@@ -370,11 +369,23 @@ class Runner:
         stored = cell_dir / "inputs.json"
         return not stored.is_file() or self._same_inputs(json.loads(stored.read_text(encoding="utf-8")), inputs, spec)
 
+    @staticmethod
+    def _data_id(spec: str, mask_form: Callable[[Any], Any] | None = None) -> str:
+        return digest([dataset_identity(open_dataset(spec, s, max_skip_fraction=1.0), mask_form=mask_form)
+                       for s in ("train", "val", "test")])
+
     def _same_inputs(self, stored: dict[str, str], inputs: dict[str, str], spec: str) -> bool:
         """Stored inputs equal ``inputs``, or differ only by the data identity stores kept before
-        2026-12-01 (mask paths as spelled; :func:`g2d.fingerprint.dataset_identity`)."""
-        legacy = self._legacy_data_ids.get(spec)
-        return stored == inputs or (legacy is not None and stored == {**inputs, "data_id": legacy})
+        2026-12-01 (mask paths as spelled; :func:`g2d.fingerprint.dataset_identity`), computed only
+        for such a store."""
+        if stored == inputs or {**stored, "data_id": ""} != {**inputs, "data_id": ""}:
+            return stored == inputs
+        if spec not in self._legacy_data_ids:
+            try:
+                self._legacy_data_ids[spec] = self._data_id(spec, mask_form=repr)
+            except Exception:  # unreadable: no store can match it
+                self._legacy_data_ids[spec] = ""
+        return stored.get("data_id") == self._legacy_data_ids[spec] != ""
 
     def cell_dirs(self, row: Row, col: Column, model: str, seed: int) -> tuple[Path, list[Path]]:
         """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``):
@@ -393,14 +404,13 @@ class Runner:
         inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
         cell_dir = next((d for d in found if self._finished(d, inputs, args.data)),  # else a stale one, said below
                         next((d for d in found if (d / "metrics.json").is_file()), new))
-        args = self.cell_args(row, col, model, seed, out=cell_dir)
+        args = dataclasses.replace(args, out=str(cell_dir))
         metrics_file = cell_dir / "metrics.json"
         inputs_file = cell_dir / "inputs.json"
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
-        if metrics_file.is_file() and not self._same_inputs(json.loads(inputs_file.read_text(encoding="utf-8")),
-                                                            inputs, args.data):
+        if metrics_file.is_file() and not self._finished(cell_dir, inputs, args.data):
             if not compute:
                 res.errors.append(f"seed {seed}: {metrics_file} was computed from other images or weights")
                 return
