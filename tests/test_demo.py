@@ -25,7 +25,7 @@ def test_demo_writes_results_figures_and_model(tmp_path):
     assert again["models"]["G2D"] == results["models"]["G2D"]
 
 
-def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tmp_path):
+def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tmp_path, monkeypatch):
     models = {"G2D": str(tiny_model_dir), "random init": "random"}
     table = run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu")
     assert table["seg Dice 10% enc-dec"]["random init"] is None  # no decoder to transfer
@@ -41,6 +41,10 @@ def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tm
     assert len(written) == 9  # zero-shot AUC and F1 share one run
     assert run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
     assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are not recomputed
+    monkeypatch.chdir(tiny_model_dir.parent)  # the same model named by a relative path is the same model
+    relative = {"G2D": tiny_model_dir.name, "random init": "random"}
+    assert run_downstream(relative, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
     # the same model folder with other weights (here: only the file's stamp moves) is another model
     import os

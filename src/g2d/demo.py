@@ -36,7 +36,7 @@ from g2d.downstream import protocol
 from g2d.downstream.results import write_json
 from g2d.factory import create_model, load_model
 from g2d.figures import attention_panels, grounding_panels, loss_curves
-from g2d.fingerprint import model_identity
+from g2d.fingerprint import absolute_paths, model_identity
 from g2d.inference.grounding import binarize, similarity_maps
 from g2d.inference.retrieval import embed_pairs
 from g2d.metrics import dice_per_image, image_to_text_top1
@@ -205,10 +205,12 @@ def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, e
                                  **_task_fields(task, size, epochs), **fields)
             # not every task reuses its own finished run, so the demo keys each cell by its arguments
             # and the model's weight files (a re-trained model in the same folder is another model)
+            # (paths absolute, so runs/x and /abs/runs/x are one model; cells of before 2026-12-01 held them as spelled)
             done = cell / "demo_args.json"
-            key = {"args": protocol.key_fields(args), "model_id": model_identity(model),
+            key = {"args": absolute_paths(protocol.key_fields(args)), "model_id": model_identity(model),
                    **protocol.content_inputs(args)}
-            if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) == key:
+            keys = (key, {**key, "args": protocol.key_fields(args)})
+            if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) in keys:
                 metrics = json.loads((cell / "metrics.json").read_text())
             else:
                 log.info("downstream: %s | %s", label, name)
