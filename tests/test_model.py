@@ -241,6 +241,22 @@ def test_token_norm_lowers_saturation():
         assert low < peak < high, (norm, peak)
 
 
+def test_key_position_false_keeps_positions_out_of_the_attention():
+    """Without positions in the keys, the same tokens give the same map wherever the table moves;
+    with them (CLIP, the default) the map moves with it. The pooled output uses positions either way."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4)
+    for key_position in (True, False):
+        torch.manual_seed(1)
+        pool = AttentionPool2d(8, 12, 3, 12, 4, key_position=key_position)
+        out, att = pool(x)
+        with torch.no_grad():
+            pool.pos[1:] += torch.randn_like(pool.pos[1:])
+        out2, att2 = pool(x)
+        assert torch.allclose(att, att2) is not key_position
+        assert not torch.allclose(out, out2)
+
+
 def test_mean_pooling_ignores_padding(tiny_cfg):
     tiny_cfg.model.text.pooling = "mean"
     tiny_cfg.model.text.length_buckets = 1

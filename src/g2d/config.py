@@ -64,6 +64,9 @@ class AttentionPoolCfg:
     token_norm: bool = False
     # Keys from each pixel token minus that position's mean over images (see AttentionPool2d).
     key_center: bool = False
+    # Add the learned positional embedding to the keys (CLIP, release). False: the logits see the
+    # tokens' content only, so a head cannot keep a fixed place as its default (docs/attention.md).
+    key_position: bool = True
 
 
 @dataclass

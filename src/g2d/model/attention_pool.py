@@ -30,10 +30,13 @@ class AttentionPool2d(nn.Module):
         images (the batch's mean in training, a running mean in eval, as BatchNorm keeps it), so
         attention responds to what differs from the usual anatomy at that place rather than to
         the anatomy itself. Values and the query are unchanged. Not in CLIP or the release.
+    :param key_position: add the positional embedding to the keys (CLIP, release). Without it the
+        attention logits depend on the tokens' content only (values and query keep their positions).
     """
 
     def __init__(self, in_dim: int, width: int, heads: int, out_dim: int, spatial: int,
-                 keys_include_query: bool = False, token_norm: bool = False, key_center: bool = False):
+                 keys_include_query: bool = False, token_norm: bool = False, key_center: bool = False,
+                 key_position: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads={heads} does not divide attention width={width}")
@@ -46,7 +49,7 @@ class AttentionPool2d(nn.Module):
         self.out = nn.Linear(width, out_dim)
         self.norm: nn.LayerNorm | None = nn.LayerNorm(in_dim) if token_norm else None
         self.position_mean: Tensor  # a buffer, with key_center
-        self.key_center = key_center
+        self.key_center, self.key_position = key_center, key_position
         if key_center:
             self.register_buffer("position_mean", torch.zeros(spatial * spatial, in_dim))
 
@@ -78,7 +81,7 @@ class AttentionPool2d(nn.Module):
             else:
                 mean = self._resample(self.position_mean, h, w).to(pix.dtype)
             key_pix = pix - mean
-        return query, pix + pos[1:], key_pix + pos[1:]
+        return query, pix + pos[1:], key_pix + pos[1:] if self.key_position else key_pix
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pool a dense map.

@@ -75,16 +75,16 @@ class G2DModel(nn.Module):
         dense_ch = self.image_encoder.channels[-1]
         spatial = cfg.image_size // cfg.image.output_stride
         d = cfg.embed_dim
+        pool_options = dict(keys_include_query=cfg.pool.keys_include_query, token_norm=cfg.pool.token_norm,
+                            key_center=cfg.pool.key_center, key_position=cfg.pool.key_position)
         if cfg.pool.pool_on == "features":
             self.pixel_proj = None
             self.pool = AttentionPool2d(dense_ch, cfg.pool.width, cfg.pool.heads, cfg.pool.width,
-                                        spatial, cfg.pool.keys_include_query, cfg.pool.token_norm,
-                                        cfg.pool.key_center)
+                                        spatial, **pool_options)
             self.image_proj = Projector(cfg.pool.width, d)
         else:  # release: per-pixel projection to d, attention pooling on the d-dim map
             self.pixel_proj = Projector(dense_ch, d)
-            self.pool = AttentionPool2d(d, d, cfg.pool.heads, d, spatial, cfg.pool.keys_include_query,
-                                        cfg.pool.token_norm, cfg.pool.key_center)
+            self.pool = AttentionPool2d(d, d, cfg.pool.heads, d, spatial, **pool_options)
             self.image_proj = None
 
         self.text_encoder = TextEncoder(cfg.text, text_backbone, tokenizer)
