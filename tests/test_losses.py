@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from g2d.config import LossCfg
-from g2d.losses import contrastive_loss, dice_loss, pixel_alignment_loss
+from g2d.losses import attention_concentration_loss, contrastive_loss, dice_loss, pixel_alignment_loss
 
 
 def _reference_infonce(img, txt, scale):
@@ -44,6 +44,40 @@ def test_dice_and_bce_match_hand_computation():
     dice_logits = 1 - (2 * sum(a * b for a, b in zip(z, t)) + 1e-5) / (sum(z) + sum(t) + 1e-5)
     release = LossCfg(dice_input="logits", dice_weight=1.0, bce_weight=0.2)
     assert pixel_alignment_loss(logits, target, release).item() == pytest.approx(dice_logits + 0.2 * bce, rel=1e-5)
+
+
+def test_attention_concentration_by_hand():
+    """One cell: 0. Uniform on h x w: (1 - 1/h^2) / 12 + (1 - 1/w^2) / 12. Two cells at the ends of a
+    row: var_x = ((w - 1) / (2 w))^2."""
+    one = torch.zeros(2, 3, 4, 4)
+    one[..., 1, 2] = 1
+    assert attention_concentration_loss(one).item() == 0.0
+    uniform = torch.full((1, 2, 4, 8), 0.5)  # unnormalised: the loss renormalises
+    expected = (1 - 1 / 16) / 12 + (1 - 1 / 64) / 12
+    assert math.isclose(attention_concentration_loss(uniform).item(), expected, rel_tol=1e-6)
+    ends = torch.zeros(1, 1, 4, 4)
+    ends[0, 0, 2, 0] = ends[0, 0, 2, 3] = 0.5
+    assert math.isclose(attention_concentration_loss(ends).item(), (3 / 8) ** 2, rel_tol=1e-6)
+
+
+def test_attention_concentration_is_off_by_default_and_adds_to_the_total(tiny_cfg):
+    from g2d.factory import create_model
+    from g2d.objective import compute_losses
+
+    assert LossCfg().attention_concentration == 0.0
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg)
+    images = torch.rand(4, 1, 64, 64)
+    tokens = model.tokenize(["a", "b", "c", "d"])
+    totals = []
+    for weight in (0.0, 2.0):
+        tiny_cfg.loss.attention_concentration = weight
+        torch.manual_seed(1)
+        totals.append(compute_losses(model.eval(), images, tokens, tiny_cfg, step=0).total)
+    with torch.no_grad():
+        conc = attention_concentration_loss(model.image_forward(images, decode=False).attention)
+    assert conc > 0
+    torch.testing.assert_close(totals[1] - totals[0], 2.0 * conc)
 
 
 def test_soft_dice_is_minimal_at_the_target():

@@ -125,6 +125,9 @@ class LossCfg:
     pa_weight: float = 1.0  # total = VLA + pa_weight * PA (Eq. 5: 1)
     # Steps at the start during which only the contrastive loss counts (release: 200).
     contrastive_only_steps: int = 0
+    # Weight of a concentration loss on the attention maps (each head's spatial variance; SCOPS,
+    # Hung et al. 2019): asks every head to look at one compact place. Not in the paper or release.
+    attention_concentration: float = 0.0
 
 
 @dataclass

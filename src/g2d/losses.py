@@ -100,3 +100,21 @@ def classification_loss(logits: Tensor, y: Tensor, multiclass: bool) -> Tensor:
     """Downstream classification: cross-entropy on one-hot rows (``multiclass``, e.g. COVIDx) or
     BCE over the known labels (multi-label sets with NaN for unknown)."""
     return F.cross_entropy(logits, y.argmax(1)) if multiclass else masked_bce(logits, y)
+
+
+def attention_concentration_loss(attention: Tensor) -> Tensor:
+    """Mean spatial variance of each head's attention map (the concentration loss of SCOPS, Hung et
+    al., CVPR 2019): 0 for a map on one cell, about 1/6 for a uniform one.
+
+    :param attention: [B, heads, h, w] non-negative maps (renormalised to sum to 1 per head).
+    :return: scalar, the mean over images and heads of var_y + var_x, with cell centres at
+        coordinates in (0, 1) (units: squared map side).
+    """
+    p = attention.float().flatten(2)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    h, w = attention.shape[-2:]
+    ys = ((torch.arange(h, device=p.device) + 0.5) / h).repeat_interleave(w)
+    xs = ((torch.arange(w, device=p.device) + 0.5) / w).repeat(h)
+    var = sum((p * c ** 2).sum(-1) - (p * c).sum(-1) ** 2 for c in (ys, xs))
+    return var.mean()
+

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from g2d.config import G2DConfig
-from g2d.losses import contrastive_loss, pixel_alignment_loss, reconstruction_loss
+from g2d.losses import attention_concentration_loss, contrastive_loss, pixel_alignment_loss, reconstruction_loss
 from g2d.model import G2DModel
 from g2d.model.g2d import G2DOutput
 from g2d.pseudo_mask import build_pseudo_masks, shuffle_masks
@@ -56,7 +56,8 @@ def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], c
                    forward: Callable[..., G2DOutput] | None = None, phase: Phase | None = None,
                    build_masks: MaskBuilder | None = None) -> StepLosses:
     """One pre-training forward and its losses: ``vla + w * pa`` with ``w = loss.pa_weight`` after
-    ``loss.contrastive_only_steps`` (0 before: the decoder still runs, so DDP sees every parameter).
+    ``loss.contrastive_only_steps`` (0 before: the decoder still runs, so DDP sees every parameter),
+    plus ``loss.attention_concentration`` times the attention's concentration loss when set.
 
     :param images: [B, C, H, W] model input. ``tokens``: the tokenizer's output for B reports.
     :param forward: the callable that runs the model (the DDP wrapper when distributed).
@@ -83,7 +84,10 @@ def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], c
         elif masks is not None and logits is not None:
             pa, fg = pixel_alignment_loss(logits, masks, cfg.loss), masks.mean()
         pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
+        total = vla + pa_weight * pa
+        if cfg.loss.attention_concentration:
+            total = total + cfg.loss.attention_concentration * attention_concentration_loss(out.image.attention)
         with torch.no_grad():
             acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(
                 torch.arange(images.shape[0], device=images.device)).float().mean()
-    return StepLosses(vla + pa_weight * pa, vla.detach(), pa.detach(), acc, fg)
+    return StepLosses(total, vla.detach(), pa.detach(), acc, fg)
