@@ -66,6 +66,7 @@ def test_overrides_are_typed():
     (["model.decoder.mode=magic"], "model.decoder.mode"),
     (["data.spec=csv:/does/not/exist.csv"], "data.spec"),
     (["train.batch_size=1"], "train.batch_size"),
+    (["loss.attention_concentration=-1"], "loss.attention_concentration"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field):

@@ -466,7 +466,7 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     _choice("loss.negatives", loss.negatives, ("global", "local"))
     _choice("loss.contrastive_reduction", loss.contrastive_reduction, ("mean", "sum"))
     _choice("loss.dice_input", loss.dice_input, ("probs", "logits"))
-    for name in ("dice_weight", "bce_weight", "pa_weight"):
+    for name in ("dice_weight", "bce_weight", "pa_weight", "attention_concentration"):
         if getattr(loss, name) < 0:
             raise ConfigError(f"loss.{name}={getattr(loss, name)} must be >= 0")
     if loss.contrastive_only_steps < 0:
