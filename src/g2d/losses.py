@@ -115,6 +115,6 @@ def attention_concentration_loss(attention: Tensor) -> Tensor:
     h, w = attention.shape[-2:]
     ys = ((torch.arange(h, device=p.device) + 0.5) / h).repeat_interleave(w)
     xs = ((torch.arange(w, device=p.device) + 0.5) / w).repeat(h)
-    var = sum((p * c ** 2).sum(-1) - (p * c).sum(-1) ** 2 for c in (ys, xs))
-    return var.mean()
+    var_y, var_x = ((p * c ** 2).sum(-1) - (p * c).sum(-1) ** 2 for c in (ys, xs))
+    return (var_y + var_x).mean()
 
