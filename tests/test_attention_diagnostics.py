@@ -12,6 +12,7 @@ import torch
 from g2d.attention_diagnostics import (
     collapse_r,
     diagnose_attention,
+    iou_ratio_interval,
     pointing_hits,
     synthetic_probe,
 )
@@ -91,6 +92,33 @@ def test_shifted_maps_miss():
     assert d.mean.collapse_r < 0.5          # not collapsed, yet wrong: collapse alone proves nothing
 
 
+def test_iou_ratio_interval_holds_the_ratio_and_narrows_with_more_images():
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n):  # per-image IoUs whose true mean ratio is 2: 0.2 / 0.1
+        prior = 0.1 + 0.05 * torch.rand(n, generator=gen) - 0.025
+        return 2 * prior + 0.1 * torch.rand(n, generator=gen) - 0.05, prior
+
+    few, many = iou_ratio_interval(*draw(20)), iou_ratio_interval(*draw(2000))
+    for ratio, low, high in (few, many):
+        assert low < ratio < high
+        assert low < 2.0 < high
+    assert many[2] - many[1] < (few[2] - few[1]) / 3
+    # the ratio of means (not the mean of ratios), and no interval without a prior to divide by
+    assert iou_ratio_interval(torch.tensor([0.3, 0.1]), torch.tensor([0.1, 0.1]))[0] == pytest.approx(2.0)
+    assert all(math.isnan(v) for v in iou_ratio_interval(torch.rand(5), torch.zeros(5)))
+
+
+def test_interval_is_reported_only_when_asked():
+    images, targets, cells = _findings()
+    assert "iou_ratio" not in diagnose_attention(_peaks(cells), images, targets, PLAIN).as_dict()
+    # half followed, half shifted, so the per-image IoUs vary and the interval has a width
+    att = torch.cat([_peaks(cells[:6]), _peaks(cells[6:], shift=(4, 4))])
+    d = diagnose_attention(att, images, targets, PLAIN, interval=0.9).as_dict()
+    assert d["iou_ratio"] == pytest.approx(d["iou"] / d["iou_prior"], rel=1e-5)
+    assert d["iou_ratio_low"] < d["iou_ratio"] < d["iou_ratio_high"] and d["interval"] == 0.9
+
+
 def test_per_group_scores():
     """Half the images followed, half shifted: each group gets its own hit rate, the set's prior."""
     images, targets, cells = _findings()
@@ -151,5 +179,6 @@ def test_eval_attention_command(tmp_path, tiny_cfg):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] > 0 and metrics["skipped"]
     assert 0.0 <= metrics["pointing"] <= 1.0 and "head0/pointing" in metrics
+    assert metrics["interval"] == 0.95 and {"iou_ratio", "iou_ratio_low", "iou_ratio_high"} <= set(metrics)
     assert sum(v for k, v in metrics.items() if k.endswith("/n_images")) == metrics["n_images"]
     assert (out / "figures" / "attention.png").is_file()

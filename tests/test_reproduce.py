@@ -328,12 +328,29 @@ def test_pretrain_seeds_train_once_per_seed_and_gates_judge_each_seed(tmp_path):
     assert by["Ours", "loss/lnB"].values == [0.4, 0.7] and by["Ours", "loss/lnB"].seeds == [0, 1]
     assert by["Random", "Seg"].values == [50.0, 50.0]
     gates = format_gates(exp, results)
-    assert "| Ours | 0 | pass |" in gates and "| Ours | 1 | FAIL |" in gates and "Random" not in gates
+    assert "| Ours | 0 | pass (0.4) |" in gates and "| Ours | 1 | FAIL (0.7) |" in gates and "Random" not in gates
     assert "NOT every pre-trained seed passes" in gates
+    # nothing finished, or a seed short: "missing", never a valid verdict
+    empty = format_gates(exp, [CellResult(r.name, c.name, [], []) for r in rows for c in cols])
+    assert "| Ours | 0 | missing |" in empty and "| Ours | 1 | missing |" in empty
+    assert "NOT every" in empty
+    assert "| Ours | 2 | missing |" in format_gates(exp, results, seeds=3)
     paths = runner.write(results)
     assert "| Ours | 0.550 ± 0.212 (n=2) |" in paths["markdown"].read_text()
     assert "## Validity gates" in paths["markdown"].read_text()
     assert format_gates(_toy(), results) is None
+
+
+def test_gates_show_what_they_compared():
+    """A times gate shows the ratio, a plus gate the margin, a bound the value (validity.yaml's kinds)."""
+    values = {"iou": 0.157, "iou prior": 0.085, "pointing": 0.9, "pointing prior": 0.35, "loss": 0.36}
+    ratio = Gate("IoU >= 2x prior", "iou", than="iou prior", times=2.0)
+    margin = Gate("pointing >= prior + 0.2", "pointing", than="pointing prior", plus=0.2)
+    bound = Gate("loss <= 0.5", "loss", max=0.5)
+    assert (ratio.check(values), ratio.measured(values)) == (False, "1.85x")
+    assert (margin.check(values), margin.measured(values)) == (True, "+0.55")
+    assert (bound.check(values), bound.measured(values)) == (True, "0.36")
+    assert ratio.measured({"iou": 0.1}) == "" and ratio.check({"iou": 0.1}) is None
 
 
 def _spelling_probe(exp, scale, out, calls):

@@ -15,6 +15,9 @@ set with finding masks (or boxes filled into masks):
 - **position-only prior**: the same scores when every image's attention is replaced by the set's
   mean map (pointing) and the pseudo mask is built from that mean map with each image's own body
   mask (overlap). A mechanism that uses the image must beat its prior; a collapsed one equals it.
+- **uncertainty** (``interval``): a paired bootstrap interval over images of the head mean's IoU
+  ratio (pseudo-mask IoU / prior IoU), so that a gate such as "IoU >= 2 x prior" can be read
+  against the noise of a finite set.
 - **saturation** (``peak_mass``, ``same_argmax``): per head, the mean attention weight on the
   arg-max cell (1.0 = one-hot softmax) and the share of images whose arg-max cell is the set's most
   common one.
@@ -37,7 +40,7 @@ from torch import Tensor
 from g2d.metrics import dice_per_image, iou_per_image
 from g2d.pseudo_mask import PseudoMaskCfg, _dilate, build_pseudo_masks
 
-__all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits",
+__all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits", "iou_ratio_interval",
            "diagnose_attention", "collect_attention", "POINTING_DILATION"]
 
 #: Dilation of the finding mask for the pointing game, as a fraction of the image side.
@@ -155,9 +158,33 @@ def _scores(maps: Tensor, pseudo: Tensor, prior: Tensor, targets: Tensor,
     )
 
 
+def iou_ratio_interval(iou: Tensor, iou_prior: Tensor, confidence: float = 0.95,
+                       n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The ratio of mean IoUs ``mean(iou) / mean(iou_prior)`` and its BCa bootstrap interval,
+    resampling images with their pairs (``scipy.stats.bootstrap``, paired).
+
+    :param iou, iou_prior: [N] per-image IoU of the pseudo masks and of the prior's masks.
+    :return: (ratio, low, high); NaNs when the prior's IoU is 0 on every image or N < 2.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = iou.double().numpy(), iou_prior.double().numpy()
+    if len(a) < 2 or not b.any():
+        return float("nan"), float("nan"), float("nan")
+
+    def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return x.mean(axis) / np.maximum(y.mean(axis), 1e-12)
+
+    res = bootstrap((a, b), ratio, paired=True, vectorized=True, n_resamples=n_resamples,
+                    confidence_level=confidence, rng=np.random.default_rng(seed))
+    return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
                        cfg: PseudoMaskCfg | None = None,
-                       groups: Sequence[str] | None = None) -> AttentionDiagnostics:
+                       groups: Sequence[str] | None = None,
+                       interval: float | None = None) -> AttentionDiagnostics:
     """Score attention maps against finding masks (see the module docstring).
 
     :param attention: [N, heads, h, w] attention-pooling weights (:attr:`ImageOutput.attention`).
@@ -166,6 +193,8 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
         empty should be left out by the caller (they cannot be pointed at).
     :param cfg: the pseudo-mask options the model was trained with (default: the paper's).
     :param groups: N names (e.g. each image's finding) to score the head mean per group as well.
+    :param interval: a confidence level (e.g. 0.95): adds ``iou_ratio``, ``iou_ratio_low`` and
+        ``iou_ratio_high`` (:func:`iou_ratio_interval` of the head mean) to ``extra``.
     :raises ValueError: shapes that do not match, or no images.
     """
     if attention.ndim != 4 or images.ndim != 4 or targets.ndim != 3:
@@ -194,8 +223,13 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
             idx = torch.tensor([i for i, g in enumerate(groups) if g == name])
             per_group[name] = (len(idx), _scores(maps[idx, -1], masks[idx, k - 1], masks[idx, -1],
                                                  targets[idx], mean_map=prior[0, -1]))
+    extra = {}
+    if interval is not None:
+        ratio, low, high = iou_ratio_interval(iou_per_image(masks[:, k - 1] > 0.5, targets),
+                                              iou_per_image(masks[:, -1] > 0.5, targets), interval)
+        extra = {"iou_ratio": ratio, "iou_ratio_low": low, "iou_ratio_high": high, "interval": interval}
     return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]),
-                                per_group=per_group)
+                                extra, per_group)
 
 
 @torch.no_grad()

@@ -108,6 +108,19 @@ class Gate:
             ok &= v >= self.times * ref + self.plus
         return bool(ok)
 
+    def measured(self, values: dict[str, float | None]) -> str:
+        """What the check compares, for the table: the value, ``v / ref`` as ``1.85x`` for a
+        ``times`` gate, ``v - ref`` for a ``plus`` gate; "" when a value is missing."""
+        v = values.get(self.column)
+        ref = values.get(self.than) if self.than is not None else None
+        if v is None or (self.than is not None and ref is None):
+            return ""
+        if ref is None:
+            return f"{v:.3g}"
+        if self.times != 1.0:
+            return f"{v / ref:.2f}x" if ref else "inf"
+        return f"{v - ref:+.3g}"
+
 
 @dataclass
 class Experiment:
@@ -448,7 +461,7 @@ class Runner:
         """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.md`` / ``.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
         md = format_markdown(self.exp, results, info or {})
-        gates = format_gates(self.exp, results)
+        gates = format_gates(self.exp, results, self.seeds)
         if gates:
             md += "\n" + gates
         paths = {"markdown": self.out / f"{self.exp.name}.md", "csv": self.out / f"{self.exp.name}.csv"}
@@ -475,10 +488,12 @@ def _fmt(res: CellResult, skipped: bool, digits: int = 1, not_given: bool = Fals
     return f"{res.mean:.{digits}f} ± {res.std:.{digits}f} (n={n})" if n > 1 else f"{res.mean:.{digits}f} (n=1)"
 
 
-def format_gates(exp: Experiment, results: list[CellResult]) -> str | None:
-    """The validity gates per pre-trained row and seed: a table of pass / FAIL / missing and a verdict
-    (issue 16: a comparison of pre-training variants means something only where every seed of every
-    variant clearly learned). ``None`` for an experiment without gates."""
+def format_gates(exp: Experiment, results: list[CellResult], seeds: int | None = None) -> str | None:
+    """The validity gates per pre-trained row and seed: a table of pass / FAIL / missing, each with the
+    quantity it compared (:meth:`Gate.measured`), and a verdict (issue 16: a comparison of
+    pre-training variants means something only where every seed of every variant clearly learned).
+    ``seeds``: the seeds expected (default ``exp.seeds``); one that has not finished is "missing" and
+    fails the verdict. ``None`` for an experiment without gates."""
     if not exp.gates:
         return None
     by = {(r.row, r.column): r for r in results}
@@ -486,20 +501,20 @@ def format_gates(exp: Experiment, results: list[CellResult]) -> str | None:
              "| method | seed | " + " | ".join(g.name for g in exp.gates) + " |",
              "|---|---|" + "---|" * len(exp.gates)]
     verdict = True
-    for row in exp.rows:
-        if row.pretrain is None:
-            continue
-        seeds = sorted({s for c in exp.columns for s in by[(row.name, c.name)].seeds})
-        for seed in seeds:
+    pretrained = [row for row in exp.rows if row.pretrain is not None]
+    expected = set(range(exp.seeds if seeds is None else seeds))
+    for row in pretrained:
+        for seed in sorted(expected | {s for c in exp.columns for s in by[(row.name, c.name)].seeds}):
             values = {c.name: dict(zip(by[(row.name, c.name)].seeds, by[(row.name, c.name)].values)).get(seed)
                       for c in exp.columns}
             marks = []
             for g in exp.gates:
                 ok = g.check(values)
                 verdict &= ok is True
-                marks.append("missing" if ok is None else "pass" if ok else "FAIL")
+                marks.append("missing" if ok is None else f"{'pass' if ok else 'FAIL'} ({g.measured(values)})")
             lines.append(f"| {row.name} | {seed} | " + " | ".join(marks) + " |")
-    lines += ["", "Verdict: " + ("every pre-trained seed passes every gate; the comparison is valid." if verdict
+    lines += ["", "Verdict: " + ("every pre-trained seed passes every gate; the comparison is valid."
+                                 if verdict and pretrained
                                  else "NOT every pre-trained seed passes every gate (or some are missing): "
                                       "read the comparison as not valid where a row fails."), ""]
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 Runs :func:`g2d.attention_diagnostics.diagnose_attention` on the positive images of a set with
 finding masks or boxes (boxes are filled), at the model's input crop: attention collapse (Pearson r
 with the set's mean map), pointing game and pseudo-mask IoU / Dice, each against the position-only
-prior of the same set, for the head mean and per head. On ``synthetic`` sets only images with
-exactly one finding are scored (their mask is that finding's), and the head mean is scored per
+prior of the same set, for the head mean and per head, with a 95 % bootstrap interval of the head
+mean's IoU ratio (``iou_ratio_low`` / ``_high``). On ``synthetic`` sets only images with exactly one
+finding are scored (their mask is that finding's), and the head mean is scored per
 finding too (``nodule/pointing``, ...; prior: the whole set's mean map). Writes ``metrics.json``,
 ``results.md`` and ``figures/attention.png`` (image, attention, pseudo mask; the finding outlined).
 """
@@ -102,7 +103,7 @@ def run(args: Args) -> dict[str, Any]:
     cfg = model.config.model.pseudo_mask
     findings = findings[:args.max_images]
     named = [f for f in findings if f is not None]
-    diag = diagnose_attention(attention, x, t, cfg, named if len(named) == len(findings) else None)
+    diag = diagnose_attention(attention, x, t, cfg, named if len(named) == len(findings) else None, interval=0.95)
     out = Path(args.out)
     if args.figures:
         from g2d.figures import attention_panels
@@ -119,6 +120,8 @@ def run(args: Args) -> dict[str, Any]:
             "pointing": f"centre of the map's arg-max cell inside the finding mask dilated by "
                         f"{POINTING_DILATION:.4g} of the side",
             "prior": "the same score with every image's attention replaced by the set's mean map",
+            "iou_ratio": "head-mean pseudo-mask IoU / prior IoU; _low/_high: 95 % paired BCa bootstrap "
+                         "interval over images",
         },
     }
     m = diag.mean
