@@ -45,6 +45,16 @@ def test_demo_downstream_runs_every_protocol_and_reuses_cells(tiny_model_dir, tm
     relative = {"G2D": tiny_model_dir.name, "random init": "random"}
     assert run_downstream(relative, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
     assert {p: p.stat().st_mtime_ns for p in written} == written
+    # cells recorded before a protocol flag existed (here: two flags dropped from the records of tasks
+    # that do not reuse their own runs) are reused: the flag takes its default, the old behaviour
+    dropped = 0
+    for done in (tmp_path / "downstream").rglob("demo_args.json"):
+        key = json.loads(done.read_text())
+        dropped += sum(key["args"].pop(f, None) is not None for f in ("monitor", "threshold"))  # linear, zero-shot
+        done.write_text(json.dumps(key))
+    assert dropped
+    assert run_downstream(models, tmp_path, size=64, n_train=24, epochs=1, seed=0, device="cpu") == table
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
     # the same model folder with other weights (here: only the file's stamp moves) is another model
     import os

@@ -328,7 +328,7 @@ def test_pretrain_seeds_train_once_per_seed_and_gates_judge_each_seed(tmp_path):
     assert by["Ours", "loss/lnB"].values == [0.4, 0.7] and by["Ours", "loss/lnB"].seeds == [0, 1]
     assert by["Random", "Seg"].values == [50.0, 50.0]
     gates = format_gates(exp, results)
-    assert "| Ours | 0 | pass (0.4) |" in gates and "| Ours | 1 | FAIL (0.7) |" in gates and "Random" not in gates
+    assert "| Ours | 0 | pass (0.400) |" in gates and "| Ours | 1 | FAIL (0.700) |" in gates and "Random" not in gates
     assert "NOT every pre-trained seed passes" in gates
     # nothing finished, or a seed short: "missing", never a valid verdict
     empty = format_gates(exp, [CellResult(r.name, c.name, [], []) for r in rows for c in cols])
@@ -348,8 +348,8 @@ def test_gates_show_what_they_compared():
     margin = Gate("pointing >= prior + 0.2", "pointing", than="pointing prior", plus=0.2)
     bound = Gate("loss <= 0.5", "loss", max=0.5)
     assert (ratio.check(values), ratio.measured(values)) == (False, "1.85x")
-    assert (margin.check(values), margin.measured(values)) == (True, "+0.55")
-    assert (bound.check(values), bound.measured(values)) == (True, "0.36")
+    assert (margin.check(values), margin.measured(values)) == (True, "+0.550")
+    assert (bound.check(values), bound.measured(values)) == (True, "0.360")
     assert ratio.measured({"iou": 0.1}) == "" and ratio.check({"iou": 0.1}) is None
 
 
@@ -404,6 +404,44 @@ def test_a_store_is_found_however_its_paths_are_spelled(tmp_path, monkeypatch):
     stale = _spelling_probe(exp, scale, "old", calls)
     stale.collect_only = True
     assert "computed from other images" in stale.run()[0].errors[0]
+
+
+def test_a_store_survives_fields_added_since_it_ran(tmp_path, monkeypatch):
+    """A config field or protocol flag added after a store was written (at its default: the old
+    behaviour) changes the keys; the pre-training run is found by its config.yaml and the cell by its
+    key.json, each read with the new field at its default. A changed value still reruns."""
+    from g2d.config import G2DConfig, save_config
+    from g2d.downstream import protocol
+
+    exp = Experiment("s", "S", [Column("Seg", "segmentation", "siim", "dice")], [Row("Ours", pretrain={})])
+    calls: list[str] = []
+
+    def probe(scale):
+        runner = _spelling_probe(exp, scale, tmp_path, calls)
+        trained = runner.run_pretrain
+        runner.run_pretrain = lambda cfg, d: (save_config(cfg, d / "config.yaml"), trained(cfg, d))[1]
+        return runner
+
+    scale = load_scale("small")
+    with monkeypatch.context() as m:  # the code before model.pool.key_position and a protocol flag existed
+        to_dict, key_fields = G2DConfig.to_dict, protocol.key_fields
+
+        def old_dict(cfg):
+            d = to_dict(cfg)
+            del d["model"]["pool"]["key_position"]
+            return d
+
+        m.setattr(G2DConfig, "to_dict", old_dict)
+        m.setattr(protocol, "key_fields", lambda a: {k: v for k, v in key_fields(a).items() if k != "update_bn"})
+        assert probe(scale).run()[0].values == [50.0] and calls == ["pretrain", "segmentation"]
+    assert "key_position" not in (next((tmp_path / "pretrain").iterdir()) / "config.yaml").read_text()
+    again = probe(scale).run()
+    assert calls == ["pretrain", "segmentation"] and again[0].values == [50.0]  # nothing ran again
+    # a value that differs is another run
+    other = Scale(scale.name, scale.preset, {**scale.pretrain, "model.pool.key_position": False}, scale.data,
+                  scale.eval_args, scale.seeds)
+    probe(other).run()
+    assert calls == ["pretrain", "segmentation"] * 2
 
 
 def test_gates_must_name_columns_of_their_table(tmp_path):

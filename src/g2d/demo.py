@@ -210,7 +210,7 @@ def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, e
             key = {"args": absolute_paths(protocol.key_fields(args)), "model_id": model_identity(model),
                    **protocol.content_inputs(args)}
             keys = (key, {**key, "args": protocol.key_fields(args)})
-            if (cell / "metrics.json").is_file() and done.is_file() and json.loads(done.read_text()) in keys:
+            if (cell / "metrics.json").is_file() and done.is_file() and _stored_key(task, done) in keys:
                 metrics = json.loads((cell / "metrics.json").read_text())
             else:
                 log.info("downstream: %s | %s", label, name)
@@ -219,6 +219,15 @@ def run_downstream(models: dict[str, str], out: Path, size: int, n_train: int, e
             value = metrics.get(metric)
             table[label][name] = None if value is None else float(value)
     return table
+
+
+def _stored_key(task: str, done: Path) -> dict[str, Any] | None:
+    """A cell's recorded key with the protocol's fields added since at their defaults; None if unreadable."""
+    try:
+        key = json.loads(done.read_text())
+        return {**key, "args": protocol.completed_key_fields(task, key["args"])}
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def run_demo(out_dir: str | Path, steps: int = 256, train_samples: int = 1536, eval_samples: int = 256,

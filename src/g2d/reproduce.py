@@ -34,10 +34,11 @@ from typing import Any
 
 import yaml
 
-from g2d.config import get_config
+from g2d.config import config_from_dict, get_config
 from g2d.data.labelled.specs import open_dataset
 from g2d.downstream import protocol
 from g2d.downstream.protocol import ProtocolArgs
+from g2d.errors import ConfigError
 from g2d.fingerprint import absolute_paths, dataset_identity, digest, model_identity
 from g2d.peers import PEER_KINDS, split_model_spec
 
@@ -116,10 +117,10 @@ class Gate:
         if v is None or (self.than is not None and ref is None):
             return ""
         if ref is None:
-            return f"{v:.3g}"
+            return f"{v:.3f}"
         if self.times != 1.0:
             return f"{v / ref:.2f}x" if ref else "inf"
-        return f"{v - ref:+.3g}"
+        return f"{v - ref:+.3f}"
 
 
 @dataclass
@@ -296,6 +297,8 @@ class Runner:
         self.run_task = run_task or protocol.run
         self._data_ids: dict[str, str] = {}
         self._legacy_data_ids: dict[str, str] = {}
+        self._runs: dict[str, Path] | None = None
+        self._cells: dict[str, Path] | None = None
         self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
 
     # ------------------------------------------------------------------ pre-training variants
@@ -306,10 +309,32 @@ class Runner:
         return get_config(self.scale.preset, {**self.scale.pretrain, **(row.pretrain or {}), **seeded})
 
     def pretrain_dir(self, row: Row, seed: int = 0) -> Path:
-        """Keyed by the config with its paths absolute, however the command spelled them."""
-        new, found = _keyed(self.out / "pretrain", self.pretrain_config(row, seed).to_dict())
-        return next((d for d in found if (d / "export" / "model.safetensors").is_file()),
-                    next((d for d in found if d.exists()), new))
+        """Keyed by the config with its paths absolute, however the command spelled them. A run
+        stored before a config field was added (so under another key) is found by its config.yaml
+        read with that field at its default (:meth:`_stored_runs`)."""
+        wanted = self.pretrain_config(row, seed).to_dict()
+        new, found = _keyed(self.out / "pretrain", wanted)
+        done = next((d for d in found if (d / "export" / "model.safetensors").is_file()), None)
+        if done is None:
+            done = self._stored_runs().get(digest(absolute_paths(wanted)))
+        return done or next((d for d in found if d.exists()), new)
+
+    def _stored_runs(self) -> dict[str, Path]:
+        """Finished pre-training runs of the store by the digest of their config.yaml as this code
+        reads it: fields added since they ran take their defaults, which by this project's rule
+        are the behaviour before the field existed. A config this code cannot read is skipped."""
+        if self._runs is None:
+            self._runs = {}
+            for cfg_file in sorted((self.out / "pretrain").glob("*/config.yaml")):
+                if not (cfg_file.parent / "export" / "model.safetensors").is_file():
+                    continue
+                try:
+                    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")))
+                except (ConfigError, ValueError, TypeError, yaml.YAMLError) as err:
+                    log.debug("%s: not read (%s)", cfg_file, err)
+                    continue
+                self._runs.setdefault(digest(absolute_paths(cfg.to_dict())), cfg_file.parent)
+        return self._runs
 
     def model_for(self, row: Row, seed: int = 0) -> str:
         if row.model is not None:
@@ -400,10 +425,34 @@ class Runner:
                 self._legacy_data_ids[spec] = ""
         return stored.get("data_id") == self._legacy_data_ids[spec] != ""
 
+    def cell_key(self, row: Row, col: Column, model: str, seed: int) -> list[Any]:
+        """The protocol's arguments, less the display-only ones (``protocol.key_fields``)."""
+        return [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))]
+
     def cell_dirs(self, row: Row, col: Column, model: str, seed: int) -> tuple[Path, list[Path]]:
-        """Keyed by the protocol's arguments, less the display-only ones (``protocol.key_fields``):
-        where the cell runs, and where to look for its result (:func:`_keyed`)."""
-        return _keyed(self.out / "cells", [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))])
+        """Where the cell runs, and where to look for its result (:func:`_keyed`), then a cell
+        stored before a protocol field was added (:meth:`_stored_cells`)."""
+        key = self.cell_key(row, col, model, seed)
+        new, found = _keyed(self.out / "cells", key)
+        if not any((d / "metrics.json").is_file() for d in found):
+            old = self._stored_cells().get(digest(absolute_paths(key)))
+            found = found + [old] if old is not None else found
+        return new, found
+
+    def _stored_cells(self) -> dict[str, Path]:
+        """Finished cells by the digest of their recorded key (``key.json``) with fields added to
+        the protocol since they ran at their defaults; an unreadable key is skipped."""
+        if self._cells is None:
+            self._cells = {}
+            for key_file in sorted((self.out / "cells").glob("*/key.json")):
+                try:
+                    task, fields = json.loads(key_file.read_text(encoding="utf-8"))
+                    key = [task, protocol.completed_key_fields(task, fields)]
+                except (TypeError, ValueError, KeyError) as err:
+                    log.debug("%s: not read (%s)", key_file, err)
+                    continue
+                self._cells.setdefault(digest(absolute_paths(key)), key_file.parent)
+        return self._cells
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:
@@ -423,6 +472,10 @@ class Runner:
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
+        key_file = cell_dir / "key.json"
+        if metrics_file.is_file() and not key_file.is_file():  # recorded for _stored_cells
+            key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed)), default=str),
+                                encoding="utf-8")
         if metrics_file.is_file() and not self._finished(cell_dir, inputs, args.data):
             if not compute:
                 res.errors.append(f"seed {seed}: {metrics_file} was computed from other images or weights")
@@ -440,6 +493,8 @@ class Runner:
                 res.errors.append(f"seed {seed}: {e}")
                 return
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
+            key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed)), default=str),
+                                encoding="utf-8")
         self._add(res, col, seed, metrics_file)
 
     @staticmethod

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "TextImageArgs", "DenseArgs", "arg", "add_flags", "parse",
-           "make", "run", "module", "key_fields", "content_inputs"]
+           "make", "run", "module", "key_fields", "completed_key_fields", "content_inputs"]
 
 # name -> (module, one-line description): the protocols ``g2d eval`` runs
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -185,6 +185,13 @@ def run(name: str, args: ProtocolArgs) -> dict[str, Any]:
 def key_fields(args: ProtocolArgs) -> dict[str, Any]:
     """The fields that decide a result (display-only ones left out): what result stores key on."""
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in DISPLAY_ONLY}
+
+
+def completed_key_fields(name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A stored ``key_fields`` record as this code keys it: fields the protocol gained since it was
+    written take their defaults (new fields default to the old behaviour), so a stored result is
+    still found. :raises TypeError, ValueError: a field the protocol no longer has, or a bad value."""
+    return key_fields(make(name, **{"out": "", **fields}))
 
 
 def content_inputs(args: ProtocolArgs) -> dict[str, str]:
