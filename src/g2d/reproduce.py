@@ -472,10 +472,6 @@ class Runner:
         if metrics_file.is_file() and not inputs_file.is_file():
             # a cell finished before inputs were tracked: taken as is, and tracked from now on
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
-        key_file = cell_dir / "key.json"
-        if metrics_file.is_file() and not key_file.is_file():  # recorded for _stored_cells
-            key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed)), default=str),
-                                encoding="utf-8")
         if metrics_file.is_file() and not self._finished(cell_dir, inputs, args.data):
             if not compute:
                 res.errors.append(f"seed {seed}: {metrics_file} was computed from other images or weights")
@@ -493,6 +489,8 @@ class Runner:
                 res.errors.append(f"seed {seed}: {e}")
                 return
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
+        key_file = cell_dir / "key.json"  # what it was computed for, read by _stored_cells
+        if metrics_file.is_file() and not key_file.is_file():
             key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed)), default=str),
                                 encoding="utf-8")
         self._add(res, col, seed, metrics_file)
