@@ -54,6 +54,16 @@ def test_markdown_matches_hand_written_table():
                                        "2.0000", "3"]
 
 
+def test_the_one_head_validity_scale_differs_from_validity_by_heads_and_steps_only():
+    from g2d.reproduce import list_scales
+
+    base, one = load_scale("validity"), load_scale("validity-one-head")
+    assert {"small", "shared", "paper", "validity", "validity-one-head"} <= set(list_scales())
+    assert one.pretrain == {**base.pretrain, "model.pool.heads": 1, "train.max_steps": 480}
+    assert (one.preset, one.seeds, one.eval_args) == (base.preset, base.seeds, base.eval_args)
+    assert dict(one.data) == dict(base.data)
+
+
 def test_every_shipped_experiment_loads_and_fits_its_scales(tmp_path):
     names = list_experiments()
     assert {"table1", "table4", "table5a", "table5f", "table8", "jsrt"} <= set(names)

@@ -42,9 +42,9 @@ from g2d.errors import ConfigError
 from g2d.fingerprint import absolute_paths, dataset_identity, digest, model_identity
 from g2d.peers import PEER_KINDS, split_model_spec
 
-__all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_experiments",
-           "Runner", "CellResult", "format_markdown", "format_gates", "format_csv", "format_fraction_tables",
-           "pretrain_metrics", "prepare_jsrt"]
+__all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_scales",
+           "list_experiments", "Runner", "CellResult", "format_markdown", "format_gates", "format_csv",
+           "format_fraction_tables", "pretrain_metrics", "prepare_jsrt"]
 
 log = logging.getLogger("g2d.reproduce")
 
@@ -178,6 +178,11 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
             raise ValueError(f"{p}: gate {g.name!r} names columns {sorted(missing)} the table does not have")
     return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)),
                       bool(d.get("pretrain_seeds", False)), gates)
+
+
+def list_scales() -> list[str]:
+    """The scales of ``scales.yaml``."""
+    return list(_read_yaml(EXPERIMENT_DIR / "scales.yaml"))
 
 
 def load_scale(name: str, data_root: str | Path | None = None, shared: str | Path | None = None,

@@ -9,14 +9,15 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from g2d.reproduce import list_experiments
+    from g2d.reproduce import list_experiments, list_scales
 
     p = sub.add_parser("reproduce", help="run a paper table's cells and print it beside the paper's",
                        description=__doc__)
     p.add_argument("table", choices=list_experiments())
-    p.add_argument("--scale", default="small", choices=("small", "shared", "paper", "validity"),
+    p.add_argument("--scale", default="small", choices=list_scales(),
                    help="small: synthetic data on CPU; shared: covid-notes + JSRT; paper: real sets; "
-                        "validity: the validity experiment's longer synthetic pre-training")
+                        "validity: the validity experiment's longer synthetic pre-training; "
+                        "validity-one-head: the same with one attention head and 480 steps")
     p.add_argument("--out", required=True, help="results store and tables (reused when rerun)")
     p.add_argument("--data-root", help="folder holding the public sets (scale paper)")
     p.add_argument("--shared", help="folder holding jsrt/ and covid-notes/ (scale shared)")
