@@ -94,12 +94,17 @@ class Gate:
     times: float = 1.0
     plus: float = 0.0
 
-    def check(self, values: dict[str, float | None]) -> bool | None:
-        """``None`` when a value it needs is missing (not run or failed)."""
+    def _operands(self, values: dict[str, float | None]) -> tuple[float, float | None] | None:
+        """``(value, reference)``; ``None`` when a value it needs is missing (not run or failed)."""
         v = values.get(self.column)
         ref = values.get(self.than) if self.than is not None else None
-        if v is None or (self.than is not None and ref is None):
+        return None if v is None or (self.than is not None and ref is None) else (v, ref)
+
+    def check(self, values: dict[str, float | None]) -> bool | None:
+        """``None`` when a value it needs is missing (not run or failed)."""
+        if (operands := self._operands(values)) is None:
             return None
+        v, ref = operands
         ok = True
         if self.min is not None:
             ok &= v >= self.min
@@ -112,10 +117,9 @@ class Gate:
     def measured(self, values: dict[str, float | None]) -> str:
         """What the check compares, for the table: the value, ``v / ref`` as ``1.85x`` for a
         ``times`` gate, ``v - ref`` for a ``plus`` gate; "" when a value is missing."""
-        v = values.get(self.column)
-        ref = values.get(self.than) if self.than is not None else None
-        if v is None or (self.than is not None and ref is None):
+        if (operands := self._operands(values)) is None:
             return ""
+        v, ref = operands
         if ref is None:
             return f"{v:.3f}"
         if self.times != 1.0:
@@ -302,8 +306,7 @@ class Runner:
         self.run_task = run_task or protocol.run
         self._data_ids: dict[str, str] = {}
         self._legacy_data_ids: dict[str, str] = {}
-        self._runs: dict[str, Path] | None = None
-        self._cells: dict[str, Path] | None = None
+        self._indexes: dict[str, dict[str, Path]] = {}  # _index: folder -> key digest -> entry
         self.run_pretrain = run_pretrain or (lambda cfg, d: _pretrain(cfg, d, device, progress))
 
     # ------------------------------------------------------------------ pre-training variants
@@ -325,21 +328,32 @@ class Runner:
         return done or next((d for d in found if d.exists()), new)
 
     def _stored_runs(self) -> dict[str, Path]:
-        """Finished pre-training runs of the store by the digest of their config.yaml as this code
-        reads it: fields added since they ran take their defaults, which by this project's rule
-        are the behaviour before the field existed. A config this code cannot read is skipped."""
-        if self._runs is None:
-            self._runs = {}
-            for cfg_file in sorted((self.out / "pretrain").glob("*/config.yaml")):
-                if not (cfg_file.parent / "export" / "model.safetensors").is_file():
-                    continue
+        """Finished pre-training runs by their config.yaml as this code reads it: fields added since
+        they ran take their defaults, which by this project's rule are the behaviour before the field
+        existed."""
+        def read(cfg_file: Path) -> dict[str, Any] | None:
+            if not (cfg_file.parent / "export" / "model.safetensors").is_file():
+                return None
+            return config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8"))).to_dict()
+
+        return self._index("pretrain", "config.yaml", read)
+
+    def _index(self, folder: str, name: str, read: Callable[[Path], Any]) -> dict[str, Path]:
+        """Entries of ``OUT/folder`` by the digest (paths absolute) of the key ``read`` rebuilds from
+        each entry's file ``name`` (``None``: not finished), built once per Runner; a file this code
+        cannot read is skipped."""
+        if folder not in self._indexes:
+            index: dict[str, Path] = {}
+            for file in sorted((self.out / folder).glob(f"*/{name}")):
                 try:
-                    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")))
-                except (ConfigError, ValueError, TypeError, yaml.YAMLError) as err:
-                    log.debug("%s: not read (%s)", cfg_file, err)
+                    key = read(file)
+                except (ConfigError, ValueError, TypeError, KeyError, yaml.YAMLError) as err:
+                    log.debug("%s: not read (%s)", file, err)
                     continue
-                self._runs.setdefault(digest(absolute_paths(cfg.to_dict())), cfg_file.parent)
-        return self._runs
+                if key is not None:
+                    index.setdefault(digest(absolute_paths(key)), file.parent)
+            self._indexes[folder] = index
+        return self._indexes[folder]
 
     def model_for(self, row: Row, seed: int = 0) -> str:
         if row.model is not None:
@@ -445,19 +459,13 @@ class Runner:
         return new, found
 
     def _stored_cells(self) -> dict[str, Path]:
-        """Finished cells by the digest of their recorded key (``key.json``) with fields added to
-        the protocol since they ran at their defaults; an unreadable key is skipped."""
-        if self._cells is None:
-            self._cells = {}
-            for key_file in sorted((self.out / "cells").glob("*/key.json")):
-                try:
-                    task, fields = json.loads(key_file.read_text(encoding="utf-8"))
-                    key = [task, protocol.completed_key_fields(task, fields)]
-                except (TypeError, ValueError, KeyError) as err:
-                    log.debug("%s: not read (%s)", key_file, err)
-                    continue
-                self._cells.setdefault(digest(absolute_paths(key)), key_file.parent)
-        return self._cells
+        """Finished cells by their recorded key (``key.json``) with fields added to the protocol
+        since they ran at their defaults."""
+        def read(key_file: Path) -> list[Any]:
+            task, fields = json.loads(key_file.read_text(encoding="utf-8"))
+            return [task, protocol.completed_key_fields(task, fields)]
+
+        return self._index("cells", "key.json", read)
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
                   compute: bool = True) -> None:
