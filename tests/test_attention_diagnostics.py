@@ -13,6 +13,7 @@ from g2d.attention_diagnostics import (
     collapse_r,
     diagnose_attention,
     iou_ratio_interval,
+    oracle_maps,
     pointing_hits,
     synthetic_probe,
 )
@@ -117,6 +118,25 @@ def test_interval_is_reported_only_when_asked():
     d = diagnose_attention(att, images, targets, PLAIN, interval=0.9).as_dict()
     assert d["iou_ratio"] == pytest.approx(d["iou"] / d["iou_prior"], rel=1e-5)
     assert d["iou_ratio_low"] < d["iou_ratio"] < d["iou_ratio_high"] and d["interval"] == 0.9
+
+
+def test_oracle_maps_point_at_each_finding_and_score_like_following_maps():
+    images, targets, cells = _findings()
+    best = oracle_maps(targets, (8, 8))
+    assert best.shape == (12, 1, 8, 8)
+    assert best.sum((-1, -2)).flatten().tolist() == pytest.approx([1.0] * 12)
+    assert pointing_hits(best[:, 0], targets).tolist() == [1.0] * 12
+    assert [divmod(int(i), 8) for i in best.flatten(1).argmax(1)] == cells
+    d = diagnose_attention(_peaks(cells), images, targets, PLAIN, oracle=True).extra
+    # the top 15 % of 64 cells is about the 3 x 3 block around the centroid: the finding itself
+    assert d["oracle_iou"] > 0.8 and d["oracle_iou_prior"] < 0.3
+    assert d["oracle_iou_ratio"] == pytest.approx(d["oracle_iou"] / d["oracle_iou_prior"])
+    # it depends on the targets only, not on the model's maps
+    shifted = diagnose_attention(_peaks(cells, shift=(4, 4)), images, targets, PLAIN, oracle=True).extra
+    assert shifted["oracle_iou"] == d["oracle_iou"]
+    assert "oracle_iou" not in diagnose_attention(_peaks(cells), images, targets, PLAIN).extra
+    with pytest.raises(ValueError, match="empty"):
+        oracle_maps(torch.zeros(1, 8, 8, dtype=torch.bool), (4, 4))
 
 
 def test_per_group_scores():

@@ -18,6 +18,10 @@ set with finding masks (or boxes filled into masks):
 - **uncertainty** (``interval``): a paired bootstrap interval over images of the head mean's IoU
   ratio (pseudo-mask IoU / prior IoU), so that a gate such as "IoU >= 2 x prior" can be read
   against the noise of a finite set.
+- **oracle** (``oracle``): the same overlap for a map centred on each image's finding (its
+  centroid, falling off with distance) and for that map's own prior: what a map that points perfectly
+  reaches with these pseudo-mask settings, so that an IoU ratio can be read against what the
+  percentile threshold leaves possible on this set.
 - **saturation** (``peak_mass``, ``same_argmax``): per head, the mean attention weight on the
   arg-max cell (1.0 = one-hot softmax) and the share of images whose arg-max cell is the set's most
   common one.
@@ -41,7 +45,7 @@ from g2d.metrics import dice_per_image, iou_per_image
 from g2d.pseudo_mask import PseudoMaskCfg, _dilate, build_pseudo_masks
 
 __all__ = ["AttentionScores", "AttentionDiagnostics", "collapse_r", "pointing_hits", "iou_ratio_interval",
-           "diagnose_attention", "collect_attention", "POINTING_DILATION"]
+           "diagnose_attention", "collect_attention", "oracle_maps", "POINTING_DILATION"]
 
 #: Dilation of the finding mask for the pointing game, as a fraction of the image side.
 POINTING_DILATION = 1.0 / 16.0
@@ -181,10 +185,38 @@ def iou_ratio_interval(iou: Tensor, iou_prior: Tensor, confidence: float = 0.95,
     return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def oracle_maps(targets: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Maps that point perfectly: each peaks on its finding's centroid and falls off with distance.
+
+    The pseudo mask keeps a percentile of the map (Eq. 2), so any map that decreases with distance
+    from the centroid gives the same mask: a disc around the finding, cut by the body mask. It is
+    a reference, not an upper bound (a map shaped like the finding and the body can overlap more).
+
+    :param targets: [N, H, W] bool finding masks, none empty.
+    :param hw: (h, w), the attention map's size.
+    :return: [N, 1, h, w], each summing to 1.
+    :raises ValueError: an empty target (it has no centroid).
+    """
+    t = targets.float()
+    area = t.sum((1, 2))
+    if (area == 0).any():
+        raise ValueError("oracle_maps: an empty finding mask has no centroid")
+    H, W = t.shape[-2:]
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    cy, cx = (t.sum(2) * ys).sum(1) / area, (t.sum(1) * xs).sum(1) / area
+    # cell centres in input pixels
+    gy = (torch.arange(hw[0], dtype=torch.float32) + 0.5) * H / hw[0] - 0.5
+    gx = (torch.arange(hw[1], dtype=torch.float32) + 0.5) * W / hw[1] - 0.5
+    d = ((gy[None, :, None] - cy[:, None, None]) ** 2 + (gx[None, None, :] - cx[:, None, None]) ** 2).sqrt()
+    maps = 1.0 / (1.0 + d / max(H, W))   # positive and strictly decreasing: no ties, no underflow
+    return (maps / maps.sum((1, 2), keepdim=True))[:, None]
+
+
 def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
                        cfg: PseudoMaskCfg | None = None,
                        groups: Sequence[str] | None = None,
-                       interval: float | None = None) -> AttentionDiagnostics:
+                       interval: float | None = None,
+                       oracle: bool = False) -> AttentionDiagnostics:
     """Score attention maps against finding masks (see the module docstring).
 
     :param attention: [N, heads, h, w] attention-pooling weights (:attr:`ImageOutput.attention`).
@@ -195,6 +227,9 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
     :param groups: N names (e.g. each image's finding) to score the head mean per group as well.
     :param interval: a confidence level (e.g. 0.95): adds ``iou_ratio``, ``iou_ratio_low`` and
         ``iou_ratio_high`` (:func:`iou_ratio_interval` of the head mean) to ``extra``.
+    :param oracle: adds ``oracle_iou``, ``oracle_iou_prior`` and ``oracle_iou_ratio`` to ``extra``:
+        the pseudo-mask IoU of :func:`oracle_maps` at the attention's size, of their mean map (their
+        prior), and the ratio of the two.
     :raises ValueError: shapes that do not match, or no images.
     """
     if attention.ndim != 4 or images.ndim != 4 or targets.ndim != 3:
@@ -228,6 +263,12 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
         ratio, low, high = iou_ratio_interval(iou_per_image(masks[:, k - 1] > 0.5, targets),
                                               iou_per_image(masks[:, -1] > 0.5, targets), interval)
         extra = {"iou_ratio": ratio, "iou_ratio_low": low, "iou_ratio_high": high, "interval": interval}
+    if oracle:
+        best = oracle_maps(targets, (attention.shape[-2], attention.shape[-1]))
+        both = build_pseudo_masks(torch.cat([best, best.mean(0, keepdim=True).expand_as(best)], 1), images,
+                                  dataclasses.replace(cfg, aggregate_heads=False)) > 0.5
+        iou, iou_prior = (float(iou_per_image(both[:, i], targets).mean()) for i in (0, 1))
+        extra.update(oracle_iou=iou, oracle_iou_prior=iou_prior, oracle_iou_ratio=iou / max(iou_prior, 1e-12))
     return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]),
                                 extra, per_group)
 

@@ -103,7 +103,8 @@ def run(args: Args) -> dict[str, Any]:
     cfg = model.config.model.pseudo_mask
     findings = findings[:args.max_images]
     named = [f for f in findings if f is not None]
-    diag = diagnose_attention(attention, x, t, cfg, named if len(named) == len(findings) else None, interval=0.95)
+    diag = diagnose_attention(attention, x, t, cfg, named if len(named) == len(findings) else None, interval=0.95,
+                              oracle=True)
     out = Path(args.out)
     if args.figures:
         from g2d.figures import attention_panels
@@ -122,6 +123,8 @@ def run(args: Args) -> dict[str, Any]:
             "prior": "the same score with every image's attention replaced by the set's mean map",
             "iou_ratio": "head-mean pseudo-mask IoU / prior IoU; _low/_high: 95 % paired BCa bootstrap "
                          "interval over images",
+            "oracle_iou": "pseudo-mask IoU of maps centred on each finding (falling off with distance), "
+                          "at the attention's size; _prior: of their mean map; _ratio: the two's ratio",
         },
     }
     m = diag.mean
