@@ -129,8 +129,7 @@ def test_oracle_maps_point_at_each_finding_and_score_like_following_maps():
     assert [divmod(int(i), 8) for i in best.flatten(1).argmax(1)] == cells
     d = diagnose_attention(_peaks(cells), images, targets, PLAIN, oracle=True).extra
     # the top 15 % of 64 cells is about the 3 x 3 block around the centroid: the finding itself
-    assert d["oracle_iou"] > 0.8 and d["oracle_iou_prior"] < 0.3
-    assert d["oracle_iou_ratio"] == pytest.approx(d["oracle_iou"] / d["oracle_iou_prior"])
+    assert d["oracle_iou"] > 0.8
     # it depends on the targets only, not on the model's maps
     shifted = diagnose_attention(_peaks(cells, shift=(4, 4)), images, targets, PLAIN, oracle=True).extra
     assert shifted["oracle_iou"] == d["oracle_iou"]

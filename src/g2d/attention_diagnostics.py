@@ -18,10 +18,9 @@ set with finding masks (or boxes filled into masks):
 - **uncertainty** (``interval``): a paired bootstrap interval over images of the head mean's IoU
   ratio (pseudo-mask IoU / prior IoU), so that a gate such as "IoU >= 2 x prior" can be read
   against the noise of a finite set.
-- **oracle** (``oracle``): the same overlap for a map centred on each image's finding (its
-  centroid, falling off with distance) and for that map's own prior: what a map that points perfectly
-  reaches with these pseudo-mask settings, so that an IoU ratio can be read against what the
-  percentile threshold leaves possible on this set.
+- **oracle** (``oracle``): the pseudo-mask IoU of a map centred on each image's finding (its
+  centroid, falling off with distance): what a map that points perfectly reaches with these
+  pseudo-mask settings, since the percentile threshold makes the mask larger than a small finding.
 - **saturation** (``peak_mass``, ``same_argmax``): per head, the mean attention weight on the
   arg-max cell (1.0 = one-hot softmax) and the share of images whose arg-max cell is the set's most
   common one.
@@ -227,9 +226,9 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
     :param groups: N names (e.g. each image's finding) to score the head mean per group as well.
     :param interval: a confidence level (e.g. 0.95): adds ``iou_ratio``, ``iou_ratio_low`` and
         ``iou_ratio_high`` (:func:`iou_ratio_interval` of the head mean) to ``extra``.
-    :param oracle: adds ``oracle_iou``, ``oracle_iou_prior`` and ``oracle_iou_ratio`` to ``extra``:
-        the pseudo-mask IoU of :func:`oracle_maps` at the attention's size, of their mean map (their
-        prior), and the ratio of the two.
+    :param oracle: adds ``oracle_iou`` to ``extra``: the pseudo-mask IoU of :func:`oracle_maps` at
+        the attention's size. (No oracle prior: the mean of the oracle maps, unlike their masks,
+        depends on how fast they fall off, which is arbitrary.)
     :raises ValueError: shapes that do not match, or no images.
     """
     if attention.ndim != 4 or images.ndim != 4 or targets.ndim != 3:
@@ -264,11 +263,8 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
                                               iou_per_image(masks[:, -1] > 0.5, targets), interval)
         extra = {"iou_ratio": ratio, "iou_ratio_low": low, "iou_ratio_high": high, "interval": interval}
     if oracle:
-        best = oracle_maps(targets, (attention.shape[-2], attention.shape[-1]))
-        both = build_pseudo_masks(torch.cat([best, best.mean(0, keepdim=True).expand_as(best)], 1), images,
-                                  dataclasses.replace(cfg, aggregate_heads=False)) > 0.5
-        iou, iou_prior = (float(iou_per_image(both[:, i], targets).mean()) for i in (0, 1))
-        extra.update(oracle_iou=iou, oracle_iou_prior=iou_prior, oracle_iou_ratio=iou / max(iou_prior, 1e-12))
+        best = build_pseudo_masks(oracle_maps(targets, (attention.shape[-2], attention.shape[-1])), images, cfg)
+        extra["oracle_iou"] = float(iou_per_image(best[:, 0] > 0.5, targets).mean())
     return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]),
                                 extra, per_group)
 

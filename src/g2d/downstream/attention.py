@@ -123,8 +123,8 @@ def run(args: Args) -> dict[str, Any]:
             "prior": "the same score with every image's attention replaced by the set's mean map",
             "iou_ratio": "head-mean pseudo-mask IoU / prior IoU; _low/_high: 95 % paired BCa bootstrap "
                          "interval over images",
-            "oracle_iou": "pseudo-mask IoU of maps centred on each finding (falling off with distance), "
-                          "at the attention's size; _prior: of their mean map; _ratio: the two's ratio",
+            "oracle_iou": "pseudo-mask IoU of maps centred on each finding (falling off with distance) "
+                          "at the attention's size: what a map that points perfectly reaches",
         },
     }
     m = diag.mean
