@@ -120,7 +120,7 @@ def test_interval_is_reported_only_when_asked():
     assert d["iou_ratio_low"] < d["iou_ratio"] < d["iou_ratio_high"] and d["interval"] == 0.9
 
 
-def test_oracle_maps_point_at_each_finding_and_score_like_following_maps():
+def test_oracle_maps_point_at_each_finding_and_depend_on_the_targets_only():
     images, targets, cells = _findings()
     best = oracle_maps(targets, (8, 8))
     assert best.shape == (12, 1, 8, 8)

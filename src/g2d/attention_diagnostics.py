@@ -239,6 +239,7 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
         raise ValueError(f"need N > 0 and matching sizes: attention {tuple(attention.shape)}, images "
                          f"{tuple(images.shape)}, targets {tuple(targets.shape)}")
     cfg = cfg or PseudoMaskCfg()
+    hw = (attention.shape[-2], attention.shape[-1])
     attention, images, targets = attention.float().cpu(), images.float().cpu(), targets.bool().cpu()
     # Every map scored, as channels of one stack: each head, the head mean (Eq. 2 averages before
     # upsampling, as here), and the same for the set's mean maps (the prior). One pseudo-mask call
@@ -263,10 +264,9 @@ def diagnose_attention(attention: Tensor, images: Tensor, targets: Tensor,
                                               iou_per_image(masks[:, -1] > 0.5, targets), interval)
         extra = {"iou_ratio": ratio, "iou_ratio_low": low, "iou_ratio_high": high, "interval": interval}
     if oracle:
-        best = build_pseudo_masks(oracle_maps(targets, (attention.shape[-2], attention.shape[-1])), images, cfg)
+        best = build_pseudo_masks(oracle_maps(targets, hw), images, cfg)
         extra["oracle_iou"] = float(iou_per_image(best[:, 0] > 0.5, targets).mean())
-    return AttentionDiagnostics(scores[-1], scores[:-1], n, (attention.shape[-2], attention.shape[-1]),
-                                extra, per_group)
+    return AttentionDiagnostics(scores[-1], scores[:-1], n, hw, extra, per_group)
 
 
 @torch.no_grad()
