@@ -136,6 +136,16 @@ def test_release_encoder_decoder_file_brings_its_decoder(tmp_path):
         torch.testing.assert_close(v, ref[k])
     enc = {k[len("encoder."):]: v for k, v in unet.state_dict().items() if k.startswith("encoder.")}
     torch.testing.assert_close(tower.encoder.state_dict()["layer3.1.conv2.weight"], enc["layer3.1.conv2.weight"])
+    # the pseudo-mask head comes with it (g2d eval segmentation --transfer encoder-decoder-head)
+    assert tower.head is not None
+    torch.testing.assert_close(tower.head[0].weight, unet.state_dict()["segmentation_head.0.weight"])
+    torch.testing.assert_close(tower.head[0].bias, unet.state_dict()["segmentation_head.0.bias"])
+    # a head that does not fit is refused by name
+    state = unet.state_dict()
+    state["segmentation_head.0.weight"] = state["segmentation_head.0.weight"][:, :8]
+    torch.save(state, tmp_path / "bad_encoder_decoder.pth")
+    with pytest.raises(CheckpointError, match="segmentation_head.0.weight"):
+        load_image_tower(f"g2d-release:{tmp_path / 'bad_encoder_decoder.pth'}")
 
 
 class _Runs:

@@ -9,6 +9,7 @@ from g2d.reproduce import (
     PRETRAIN_METRICS,
     CellResult,
     Column,
+    Difference,
     Experiment,
     Gate,
     Row,
@@ -16,6 +17,7 @@ from g2d.reproduce import (
     Scale,
     _LazyFill,
     format_csv,
+    format_differences,
     format_fraction_tables,
     format_gates,
     format_markdown,
@@ -71,16 +73,17 @@ def test_every_shipped_experiment_loads_and_fits_its_scales(tmp_path):
     shared = load_scale("shared", shared=tmp_path, jsrt_tables=tmp_path)
     paper = load_scale("paper", data_root=tmp_path)
     validity = load_scale("validity")
+    own = {"jsrt": shared, "decoder-transfer": shared, "validity": validity}  # tables of one scale
     for name in names:
         exp = load_experiment(name)
-        scale = {"jsrt": shared, "validity": validity}.get(name, paper)
+        scale = own.get(name, paper)
         for c in exp.columns:
             if c.task == "pretrain":  # reads the pre-training run, no data set
                 continue
             assert scale.data.spec(c.data)
-            if name not in ("jsrt", "validity"):
+            if name not in own:
                 assert small.data.spec(c.data).startswith("synthetic")
-            for sc in [scale, small] if name not in ("jsrt", "validity") else [scale]:
+            for sc in [scale, small] if name not in own else [scale]:
                 # every cell's numbers are numbers (PyYAML reads `lr: 2e-3` as a string; the
                 # validity experiment's segmentation cells all failed on it)
                 args = Runner(exp, sc, tmp_path).cell_args(exp.rows[0], c, "random", 0)
@@ -560,3 +563,97 @@ def test_baselines_file_errors_are_one_line(tmp_path, capsys):
         assert main(["reproduce", "table2b", "--scale", "small", "--out", str(tmp_path / "o"), "--collect-only",
                      "--baselines", str(bad)]) == 2
         assert words in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ label subsets and paired differences
+
+
+def test_subsets_run_paired_cells_and_differences_give_intervals(tmp_path):
+    """A column with ``subsets: 3`` runs --subset 0, 1, 2 per seed; a difference between rows pairs
+    the cells by (seed, subset) and reads their per-image scores; one between columns compares within
+    each row. Hand-made scores: row A is 0.1 above row B on every image, so the difference is +10
+    with an interval of exactly [+10, +10]; columns that differ by noise only are 'not resolved'."""
+    cols = [Column("Seg 10%", "segmentation", "siim", "dice", 0.1, subsets=3),
+            Column("Seg 10% other", "segmentation", "siim", "dice", 0.1, subsets=3, args={"lr": 1.0})]
+    rows = [Row("A", model="random"), Row("B", model="imagenet")]
+    exp = Experiment("d", "D", cols, rows, seeds=2, differences=[
+        Difference("A", "B"), Difference("Seg 10%", "Seg 10% other", between="columns", rows=["A"])])
+    calls = []
+
+    def task(name, args):
+        calls.append((args.model, args.seed, args.subset, args.lr))
+        import numpy as np
+
+        rng = np.random.default_rng([args.seed, args.subset, int(args.lr * 1000)])
+        base = np.linspace(0.2, 0.8, 12) + 0.05 * rng.standard_normal(12) * (args.lr == 1.0)
+        scores = base + (0.1 if args.model == "random" else 0.0)
+        Path(args.out).mkdir(parents=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps(
+            {"dice": float(scores.mean()), "per_image": {"dice": scores.tolist(), "ids_digest": "same"}}))
+        return {}
+
+    runner = Runner(exp, load_scale("small"), tmp_path, seeds=2, run_task=task)
+    results = runner.run()
+    assert sorted({(s, k) for _, s, k, _ in calls}) == [(s, k) for s in (0, 1) for k in (0, 1, 2)]
+    by = {(r.row, r.column): r for r in results}
+    assert len(by["A", "Seg 10%"].values) == 6 and sorted(by["A", "Seg 10%"].per_image) == \
+        [(s, k) for s in (0, 1) for k in (0, 1, 2)]
+    table = format_differences(exp, results, n_boot=2000)
+    assert "| A - B | Seg 10% | 6 | 12 | +10.0 | [+10.0, +10.0] | a > b |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| Seg 10% - Seg 10% other | A |"))
+    assert line.endswith("| not resolved |")
+    assert "| Seg 10% - Seg 10% other | B |" not in table  # rows: [A]
+    assert "## Paired differences" in runner.write(results)["markdown"].read_text()
+    # units scored on other test images are never paired
+    by["B", "Seg 10%"].per_image = {u: (v, "other") for u, (v, _) in by["B", "Seg 10%"].per_image.items()}
+    assert "| A - B | Seg 10% |" not in format_differences(exp, results)
+
+
+def test_a_gate_binds_only_its_rows():
+    """Issue 28: the pseudo-mask IoU gate binds the G2D rows only; another row shows its value as
+    'not bound' and does not fail the verdict."""
+    cols = [Column("iou", "attention", "probe", "iou", scale=1), Column("prior", "attention", "probe", "iou_prior",
+                                                                       scale=1)]
+    rows = [Row("G2D", pretrain={}), Row("none", pretrain={"model.decoder.mode": "none"})]
+    exp = Experiment("g", "G", cols, rows, seeds=1, gates=[Gate("IoU >= 2x prior", "iou", than="prior", times=2.0,
+                                                                 rows=["G2D"])])
+    results = [CellResult("G2D", "iou", [0.3], [], [0]), CellResult("G2D", "prior", [0.1], [], [0]),
+               CellResult("none", "iou", [0.15], [], [0]), CellResult("none", "prior", [0.1], [], [0])]
+    gates = format_gates(exp, results)
+    assert "| G2D | 0 | pass (3.00x) |" in gates and "| none | 0 | not bound (1.50x) |" in gates
+    assert "the comparison is valid" in gates
+
+
+def test_experiment_files_check_subsets_gates_and_differences(tmp_path):
+    base = {"name": "x", "columns": [{"name": "a", "task": "segmentation", "data": "siim", "metric": "dice",
+                                      "subsets": 5}],
+            "rows": [{"name": "r", "model": "random"}]}
+    for extra, message in (({"gates": [{"name": "g", "column": "a", "min": 1}]}, "several label subsets"),
+                           ({"differences": [{"a": "r", "b": "s"}]}, "rows the table does not have"),
+                           ({"differences": [{"a": "a", "b": "a", "between": "cells"}]}, "rows or columns")):
+        path = tmp_path / "x.yaml"
+        path.write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ValueError, match=message):
+            load_experiment(path)
+
+
+def test_paired_bootstrap_intervals_by_hand():
+    import numpy as np
+
+    from g2d.metrics import paired_bootstrap
+
+    a = np.linspace(0, 1, 30).reshape(3, 10)
+    assert paired_bootstrap(a, a) == {"mean": 0.0, "low": 0.0, "high": 0.0, "units": 3, "images": 10}
+    r = paired_bootstrap(a + 0.25, a)
+    assert (r["mean"], r["low"], r["high"]) == pytest.approx((0.25, 0.25, 0.25))
+    # one unit: the image level alone, whose 95 % half-width is about 1.96 sd / sqrt(N)
+    d = np.random.default_rng(0).standard_normal((1, 400))
+    r = paired_bootstrap(d, np.zeros_like(d))
+    assert (r["high"] - r["low"]) / 2 == pytest.approx(1.96 * d.std() / 20, rel=0.1)
+    # units that disagree widen the interval beyond the image level
+    spread = np.vstack([d[0, :100] + s for s in (-1.0, 0.0, 1.0, 2.0)])
+    wide = paired_bootstrap(spread, np.zeros_like(spread))
+    narrow = paired_bootstrap(spread - spread.mean(1, keepdims=True), np.zeros_like(spread))
+    assert wide["high"] - wide["low"] > 3 * (narrow["high"] - narrow["low"])
+    with pytest.raises(ValueError, match="one shape"):
+        paired_bootstrap(a, a[:, :5])

@@ -85,9 +85,108 @@ def test_encoder_decoder_transfer_copies_pretrained_decoder(tiny_cfg, tmp_path):
     assert [b.conv2[0].out_channels for b in fresh.decoder.blocks] == list(seg.SMP_DECODER_CHANNELS)
 
 
+def _with(cfg, overrides):
+    import copy
+
+    from g2d.config import apply_overrides
+
+    cfg = copy.deepcopy(cfg)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _exported(cfg, out):
+    from g2d.checkpoint import export_model
+    from g2d.factory import create_model
+
+    cfg = cfg.validate()
+    model = create_model(cfg)
+    export_model(model, cfg.to_dict(), out)
+    return model, load_image_tower(str(out))
+
+
+def test_kept_head_copies_the_pretrained_pseudo_mask_head(tiny_cfg, tmp_path):
+    model, tower = _exported(tiny_cfg, tmp_path / "export")
+    unet = seg.build_unet(tower, "encoder-decoder-head")
+    torch.testing.assert_close(unet.head[0].weight, model.segmentation_head[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(unet.head[0].bias, model.segmentation_head[0].bias, rtol=0, atol=0)
+    for k, v in model.decoder.state_dict().items():
+        torch.testing.assert_close(unet.decoder.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # the new head of encoder-decoder is not the pre-trained one
+    assert not torch.equal(seg.build_unet(tower, "encoder-decoder").head[0].weight, model.segmentation_head[0].weight)
+    # per-head pseudo masks (one output per attention head): the kept head is their mean
+    per_head = _with(tiny_cfg, {"model.pseudo_mask.aggregate_heads": False})
+    model, tower = _exported(per_head, tmp_path / "per_head")
+    heads = model.segmentation_head[0]
+    assert heads.out_channels == per_head.model.pool.heads > 1
+    unet = seg.build_unet(tower, "encoder-decoder-head")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        feats = model.decoder(model.image_encoder(x))
+        torch.testing.assert_close(unet.head(feats), heads(feats).mean(1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_decoder_trains_only_the_head(tiny_cfg, tmp_path):
+    model, tower = _exported(tiny_cfg, tmp_path / "export")
+    unet = seg.build_unet(tower, "frozen-decoder").train()
+    before = {k: v.clone() for k, v in unet.decoder.module.state_dict().items()}
+    opt = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=0.1)
+    unet(torch.rand(2, 1, 64, 64)).mean().backward()
+    opt.step()
+    assert {n.split(".")[0] for n, p in unet.named_parameters() if p.requires_grad} == {"head"}
+    for k, v in unet.decoder.module.state_dict().items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert not unet.decoder.module.training
+    assert seg.unet_decoder_widths(unet) == tuple(model.decoder.channels)
+
+
+def test_new_decoder_widths_match_the_pretrained_decoder_with_model(tiny_cfg, tmp_path):
+    """Issue 28's confound: the tiny preset's decoder is (128, 64, 32, 16, 8) and the default new
+    decoder smp's (256, ..., 16); --decoder-channels model gives both arms one architecture."""
+    model, tower = _exported(tiny_cfg, tmp_path / "export")
+    pre = tuple(model.decoder.channels)
+    assert pre != seg.SMP_DECODER_CHANNELS
+    fresh = seg.build_unet(tower, "encoder", decoder_channels="model")
+    transferred = seg.build_unet(tower, "encoder-decoder")
+    assert seg.unet_decoder_widths(fresh) == seg.unet_decoder_widths(transferred) == pre
+    assert {k: v.shape for k, v in fresh.decoder.state_dict().items()} == \
+        {k: v.shape for k, v in transferred.decoder.state_dict().items()}
+    assert seg.unet_decoder_widths(seg.build_unet(tower, "encoder")) == seg.SMP_DECODER_CHANNELS
+    assert seg.decoder_widths(tower, "32,16,8,8,4") == (32, 16, 8, 8, 4)
+    # a decoder-free G2D model still has its configured widths; a baseline has none
+    _, no_decoder = _exported(_with(tiny_cfg, {"model.decoder.mode": "none"}), tmp_path / "none")
+    assert no_decoder.decoder is None and seg.decoder_widths(no_decoder, "model") == pre
+    with pytest.raises(ValueError, match="needs a G2D model"):
+        seg.decoder_widths(load_image_tower("random", arch="resnet18"), "model")
+    with pytest.raises(ValueError, match="five positive integers"):
+        seg.decoder_widths(tower, "8,4")
+
+
+def test_recalibrated_batchnorm_holds_the_training_images_statistics(tiny_cfg, tmp_path):
+    _, tower = _exported(tiny_cfg, tmp_path / "export")
+    unet = seg.build_unet(tower, "encoder-decoder").eval()
+    bn = unet.decoder.blocks[0].conv1[1]
+    seen = []
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    images = torch.rand(6, 1, 64, 64)
+    encoder_bn = {k: v.clone() for k, v in unet.encoder.module.state_dict().items() if "running" in k}
+    n = seg.recalibrate_batchnorm(unet, [{"image": images[:3]}, None, {"image": images[3:]}], torch.device("cpu"))
+    hook.remove()
+    assert n == 6 and not unet.training and bn.momentum == 0.1
+    x = torch.cat(seen)
+    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # a cumulative average of the batches' unbiased variances (BatchNorm's own rule)
+    per_batch = torch.stack([t.var((0, 2, 3), unbiased=True) for t in seen])
+    torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-5)
+    for k, v in unet.encoder.module.state_dict().items():  # the frozen encoder's statistics stay
+        if k in encoder_bn:
+            torch.testing.assert_close(v, encoder_bn[k], rtol=0, atol=0, msg=k)
+
+
 def test_encoder_decoder_transfer_needs_a_decoder(tmp_path):
-    with pytest.raises(ValueError, match="has no.*decoder|has none"):
-        seg.build_unet(load_image_tower("random", arch="resnet18"), "encoder-decoder")
+    for transfer in ("encoder-decoder", "encoder-decoder-head", "frozen-decoder"):
+        with pytest.raises(ValueError, match="has no.*decoder|has none"):
+            seg.build_unet(load_image_tower("random", arch="resnet18"), transfer)
     with pytest.raises(ValueError, match="pre-trained decoder"):
         seg.run(_args(tmp_path, "--transfer", "encoder-decoder", "--epochs", "1"))
 

@@ -172,7 +172,11 @@ _DOWNSTREAM: list[tuple[str, str, dict[str, Any], str, tuple[str, ...]]] = [
 def _task_fields(task: str, size: int, epochs: int) -> dict[str, Any]:
     """The demo's schedule per protocol (image size, epochs, learning rate)."""
     if task == "segmentation":
-        return {"image_size": size, "epochs": epochs, "patience": epochs, "lr": float(_SEG_LR), "batch_size": 8}
+        # every model's new decoder as wide as G2D's pre-trained one, so "enc" and "enc-dec" differ by
+        # the initialisation only (issue 28)
+        widths = ",".join(str(c) for c in get_config("tiny").model.decoder.channels)
+        return {"image_size": size, "epochs": epochs, "patience": epochs, "lr": float(_SEG_LR), "batch_size": 8,
+                "decoder_channels": widths}
     if task == "detection":
         e = min(epochs, _DET_EPOCHS)
         return {"image_size": size, "epochs": e, "patience": e, "lr": _DET_LR, "batch_size": 8}

@@ -116,9 +116,11 @@ def dataset_identity(ds: Any, mask_form: Callable[[Any], Any] | None = None) -> 
     if records is None:  # generated data: deterministic given its class and configuration
         source = getattr(ds, "source", None)
         cfg = getattr(source, "cfg", None)
+        indices = list(getattr(ds, "indices", range(len(ds))))
+        picked = [] if indices == list(range(len(ds))) else [indices]  # a re-drawn label subset
         return digest([type(ds).__name__, getattr(ds, "name", ""), len(ds),
                        dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
-                       else repr(cfg)])
+                       else repr(cfg), *picked])
     rows = []
     for r in records:
         rows.append([r.id, file_stamp(r.image),

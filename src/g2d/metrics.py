@@ -24,7 +24,8 @@ log = logging.getLogger("g2d.metrics")
 
 __all__ = ["MAP_IOU_THRESHOLDS", "dice_per_image", "dice_mgca_batch_mean", "iou_per_image", "recall_per_image",
            "pointing_game", "DetectionScores", "mean_average_precision", "is_multiclass", "auroc_per_class",
-           "auroc_undefined", "nan_mean", "max_f1_threshold", "threshold_metrics", "image_to_text_top1"]
+           "auroc_undefined", "nan_mean", "max_f1_threshold", "threshold_metrics", "image_to_text_top1",
+           "paired_bootstrap"]
 
 
 # MGCA / G2D A.4.1: mAP averaged over IoU 0.40, 0.45, ..., 0.75 (8 thresholds)
@@ -258,3 +259,32 @@ def threshold_metrics(scores: np.ndarray, labels: np.ndarray, tasks: Sequence[st
     return {"auc": nan_mean(auc), "f1": nan_mean(f1s), "acc": nan_mean(accs), "auc_per_class": auc,
             "f1_per_class": f1s, "acc_per_class": accs, "thresholds": thr, "threshold_fallback": fallback,
             "undefined": auroc_undefined(labels, tasks)}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, confidence: float = 0.95,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean difference ``a - b`` with a two-stage percentile bootstrap interval over units and images.
+
+    ``a`` and ``b`` are ``[U, N]``: the per-image scores of two methods on the same ``N`` test images
+    in ``U`` paired units (a unit is one label subset and seed: both methods trained on the same
+    images). Each replicate draws ``U`` units and ``N`` images with replacement, the images crossed
+    with the units since every unit scores the same test set, and takes the mean difference; the
+    interval is the replicates' ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles. So
+    the interval holds the variation of both the training subsets (and seeds) and the test images.
+    Written here because scipy's ``bootstrap`` resamples one level only.
+
+    :return: ``{"mean", "low", "high", "units", "images"}`` in the scores' unit.
+    :raises ValueError: shapes that differ or are not 2-d, or no unit / image.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"paired_bootstrap needs two [units, images] arrays of one shape, got {a.shape} and {b.shape}")
+    d = a - b
+    u, n = d.shape
+    rng = np.random.default_rng(seed)
+    # the counts of each unit and image in a replicate; the mean of the resampled block is w^T d v / (U N)
+    wu = rng.multinomial(u, np.full(u, 1.0 / u), size=n_boot)
+    wn = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+    reps = ((wu @ d) * wn).sum(1) / (u * n)
+    lo, hi = np.quantile(reps, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"mean": float(d.mean()), "low": float(lo), "high": float(hi), "units": u, "images": n}

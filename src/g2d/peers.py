@@ -30,7 +30,7 @@ from g2d.config import RESNET_CHANNELS, ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import CheckpointError, PickledClassesError
 from g2d.hub import HUB_PREFIX
-from g2d.model.decoder import SMP_DECODER_CHANNELS, UNetDecoder
+from g2d.model.decoder import SMP_DECODER_CHANNELS, SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
 __all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "global_input", "load_peer_encoder", "load_release_decoder",
@@ -276,17 +276,19 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
 
 
 def load_release_decoder(state: dict[str, Tensor], encoder: ResNetEncoder, path: str | Path
-                         ) -> UNetDecoder | None:
+                         ) -> tuple[UNetDecoder | None, SegmentationHead | None]:
     """The U-Net decoder of a released-code ``{name}_encoder_decoder.pth`` (segmentation-models-pytorch's
-    ``Unet``: ``decoder.blocks.*``, whose names g2d's decoder shares), or ``None`` for an encoder-only
-    file. Every decoder key and shape must match (smp's default widths 256-128-64-32-16).
+    ``Unet``: ``decoder.blocks.*``, whose names g2d's decoder shares) and its segmentation head
+    (``segmentation_head.0.*``, the pseudo-mask head), or ``(None, None)`` for an encoder-only file.
+    Every decoder key and shape must match (smp's default widths 256-128-64-32-16); the head is
+    ``None`` when the file holds none.
 
     :param state: the file's tensors (:func:`read_peer_state`); ``path`` names it in errors.
-    :raises CheckpointError: decoder keys that do not fit.
+    :raises CheckpointError: decoder or head keys that do not fit.
     """
     dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
     if not dec:
-        return None
+        return None, None
     decoder = UNetDecoder(encoder.channels, SMP_DECODER_CHANNELS)
     expected = decoder.state_dict()
     bad = sorted(set(expected) ^ set(dec)) or [k for k in dec if dec[k].shape != expected[k].shape]
@@ -294,4 +296,17 @@ def load_release_decoder(state: dict[str, Tensor], encoder: ResNetEncoder, path:
         raise CheckpointError(f"g2d-release: {path}: the decoder does not match smp's Unet decoder with widths "
                               f"{SMP_DECODER_CHANNELS}; first mismatching key: {bad[0]!r}")
     decoder.load_state_dict(dec)
-    return decoder.eval()
+    found = {k[len("segmentation_head."):]: v for k, v in state.items() if k.startswith("segmentation_head.")}
+    if not found:
+        return decoder.eval(), None
+    weight = found.get("0.weight")
+    if weight is None or weight.ndim != 4:
+        raise CheckpointError(f"g2d-release: {path}: segmentation_head has no 4-d '0.weight' (keys {sorted(found)})")
+    head = SegmentationHead(SMP_DECODER_CHANNELS[-1], weight.shape[0])
+    expected = head.state_dict()
+    bad = sorted(set(expected) ^ set(found)) or [k for k in found if found[k].shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"g2d-release: {path}: the segmentation head does not match smp's "
+                              f"SegmentationHead; first mismatching key: segmentation_head.{bad[0]}")
+    head.load_state_dict(found)
+    return decoder.eval(), head.eval()

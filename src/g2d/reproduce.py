@@ -44,7 +44,7 @@ from g2d.peers import PEER_KINDS, split_model_spec
 
 __all__ = ["Column", "Row", "Gate", "Experiment", "Scale", "load_experiment", "load_scale", "list_scales",
            "list_experiments", "Runner", "CellResult", "format_markdown", "format_gates", "format_csv",
-           "format_fraction_tables", "pretrain_metrics", "prepare_jsrt"]
+           "format_fraction_tables", "pretrain_metrics", "prepare_jsrt", "Difference", "format_differences"]
 
 log = logging.getLogger("g2d.reproduce")
 
@@ -64,6 +64,7 @@ class Column:
     args: dict[str, Any] = field(default_factory=dict)
     scale: float = 100.0
     digits: int = 1  # decimals shown in the tables
+    subsets: int = 1  # label subsets per seed (--subset 0..subsets-1): paired units for `differences`
 
 
 @dataclass
@@ -93,6 +94,10 @@ class Gate:
     than: str | None = None
     times: float = 1.0
     plus: float = 0.0
+    rows: list[str] | None = None  # the rows it binds (default: every pre-trained row)
+
+    def binds(self, row: str) -> bool:
+        return self.rows is None or row in self.rows
 
     def _operands(self, values: dict[str, float | None]) -> tuple[float, float | None] | None:
         """``(value, reference)``; ``None`` when a value it needs is missing (not run or failed)."""
@@ -128,6 +133,21 @@ class Gate:
 
 
 @dataclass
+class Difference:
+    """A paired difference ``a - b`` with its 95 % interval (:func:`g2d.metrics.paired_bootstrap`):
+    ``between: rows`` compares row ``a`` with row ``b`` on every column both have per-image scores for
+    (``columns``: a regular expression that narrows them); ``between: columns`` compares column ``a``
+    with column ``b`` within every row that has both (``rows`` narrows them). Units are paired by
+    (seed, label subset)."""
+
+    a: str
+    b: str
+    between: str = "rows"
+    columns: str | None = None
+    rows: list[str] | None = None
+
+
+@dataclass
 class Experiment:
     name: str
     title: str
@@ -136,6 +156,7 @@ class Experiment:
     seeds: int = 3
     pretrain_seeds: bool = False
     gates: list[Gate] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)
 
 
 @dataclass
@@ -175,13 +196,27 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
         if r.paper and len(r.paper) != len(cols):
             raise ValueError(f"{p}: row {r.name!r} has {len(r.paper)} paper values for {len(cols)} columns")
     gates = [Gate(**g) for g in d.get("gates", [])]
-    names = {c.name for c in cols}
+    names, row_names = {c.name: c for c in cols}, {r.name for r in rows}
     for g in gates:
-        missing = {c for c in (g.column, g.than) if c is not None} - names
+        missing = {c for c in (g.column, g.than) if c is not None} - set(names)
         if missing:
             raise ValueError(f"{p}: gate {g.name!r} names columns {sorted(missing)} the table does not have")
+        if any(names[c].subsets > 1 for c in (g.column, g.than) if c is not None):
+            raise ValueError(f"{p}: gate {g.name!r} reads a column with several label subsets (one value per seed "
+                             "is needed)")
+        if set(g.rows or ()) - row_names:
+            raise ValueError(f"{p}: gate {g.name!r} binds rows {sorted(set(g.rows or ()) - row_names)} the table "
+                             "does not have")
+    differences = [Difference(**x) for x in d.get("differences", [])]
+    for x in differences:
+        known = row_names if x.between == "rows" else set(names) if x.between == "columns" else None
+        if known is None:
+            raise ValueError(f"{p}: a difference's 'between' must be rows or columns, got {x.between!r}")
+        if {x.a, x.b} - known:
+            raise ValueError(f"{p}: difference {x.a!r} - {x.b!r} names {x.between} the table does not have: "
+                             f"{sorted({x.a, x.b} - known)}")
     return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)),
-                      bool(d.get("pretrain_seeds", False)), gates)
+                      bool(d.get("pretrain_seeds", False)), gates, differences)
 
 
 def list_scales() -> list[str]:
@@ -233,9 +268,12 @@ class _LazyFill(dict):
 class CellResult:
     row: str
     column: str
-    values: list[float]  # one per finished seed, already scaled
+    values: list[float]  # one per finished seed (and label subset), already scaled
     errors: list[str]
     seeds: list[int] = field(default_factory=list)  # the seed of each value
+    subsets: list[int] = field(default_factory=list)  # the label subset of each value
+    # (seed, subset) -> (per-image scores, already scaled; digest of the images' ids), where written
+    per_image: dict[tuple[int, int], tuple[list[float], str]] = field(default_factory=dict)
 
     @property
     def mean(self) -> float | None:
@@ -369,14 +407,15 @@ class Runner:
 
     # ------------------------------------------------------------------ cells
 
-    def cell_args(self, row: Row, col: Column, model: str, seed: int, out: str | Path = "") -> ProtocolArgs:
+    def cell_args(self, row: Row, col: Column, model: str, seed: int, out: str | Path = "",
+                  subset: int = 0) -> ProtocolArgs:
         """The protocol's ``Args`` for one cell: scale flags (``"*"`` then the task's), the column's,
         then the row's, with dashes or underscores in their names."""
         flags = {**self.scale.eval_args.get("*", {}), **self.scale.eval_args.get(col.task, {}),
                  **col.args, **row.args.get(col.task, {})}
         return protocol.make(col.task, data=self.scale.data.spec(col.data), model=model, fraction=float(col.fraction),
-                             seed=seed, device=self.device, no_progress=not self.progress, out=str(out),
-                             **{k.replace("-", "_"): v for k, v in flags.items()})
+                             seed=seed, subset=subset, device=self.device, no_progress=not self.progress,
+                             out=str(out), **{k.replace("-", "_"): v for k, v in flags.items()})
 
     def run(self) -> list[CellResult]:
         """Every cell, seed by seed: a long run stopped part-way leaves whole seeds of the table,
@@ -393,7 +432,8 @@ class Runner:
                         continue
                     if self.collect_only or (self.columns and not self.columns.search(col.name)):
                         model = row.model if row.model is not None else str(self.pretrain_dir(row, pseed) / "export")
-                        self._run_cell(row, col, model, seed, res, compute=False)
+                        for subset in range(col.subsets):
+                            self._run_cell(row, col, model, seed, res, compute=False, subset=subset)
                         continue
                     if (row.name, pseed) not in models:
                         try:
@@ -406,7 +446,8 @@ class Runner:
                         if seed == pseed:
                             res.errors.append(f"pretrain (seed {pseed}): {built}")
                         continue
-                    self._run_cell(row, col, built, seed, res)
+                    for subset in range(col.subsets):
+                        self._run_cell(row, col, built, seed, res, subset=subset)
         return list(results.values())
 
     def input_identity(self, spec: str, model: str) -> dict[str, str]:
@@ -444,14 +485,14 @@ class Runner:
                 self._legacy_data_ids[spec] = ""
         return stored.get("data_id") == self._legacy_data_ids[spec] != ""
 
-    def cell_key(self, row: Row, col: Column, model: str, seed: int) -> list[Any]:
+    def cell_key(self, row: Row, col: Column, model: str, seed: int, subset: int = 0) -> list[Any]:
         """The protocol's arguments, less the display-only ones (``protocol.key_fields``)."""
-        return [col.task, protocol.key_fields(self.cell_args(row, col, model, seed))]
+        return [col.task, protocol.key_fields(self.cell_args(row, col, model, seed, subset=subset))]
 
-    def cell_dirs(self, row: Row, col: Column, model: str, seed: int) -> tuple[Path, list[Path]]:
+    def cell_dirs(self, row: Row, col: Column, model: str, seed: int, subset: int = 0) -> tuple[Path, list[Path]]:
         """Where the cell runs, and where to look for its result (:func:`_keyed`), then a cell
         stored before a protocol field was added (:meth:`_stored_cells`)."""
-        key = self.cell_key(row, col, model, seed)
+        key = self.cell_key(row, col, model, seed, subset)
         new, found = _keyed(self.out / "cells", key)
         if not any((d / "metrics.json").is_file() for d in found):
             old = self._stored_cells().get(digest(absolute_paths(key)))
@@ -468,14 +509,14 @@ class Runner:
         return self._index("cells", "key.json", read)
 
     def _run_cell(self, row: Row, col: Column, model: str, seed: int, res: CellResult,
-                  compute: bool = True) -> None:
+                  compute: bool = True, subset: int = 0) -> None:
         """Adds the cell's stored result to ``res``, running the task first if it is not stored
         (and ``compute``; otherwise an unfinished cell adds nothing)."""
         if col.task == "pretrain":  # the pre-training run's own numbers, written when it ended
             self._add(res, col, seed, Path(model).parent / PRETRAIN_METRICS)
             return
-        new, found = self.cell_dirs(row, col, model, seed)
-        args = self.cell_args(row, col, model, seed, out=new)
+        new, found = self.cell_dirs(row, col, model, seed, subset)
+        args = self.cell_args(row, col, model, seed, out=new, subset=subset)
         inputs = {**self.input_identity(args.data, model), **protocol.content_inputs(args)}
         cell_dir = next((d for d in found if self._finished(d, inputs, args.data)),  # else a stale one, said below
                         next((d for d in found if (d / "metrics.json").is_file()), new))
@@ -494,22 +535,22 @@ class Runner:
         if not metrics_file.is_file():
             if not compute:
                 return
-            log.info("%s | %s | seed %d -> %s", row.name, col.name, seed, cell_dir)
+            log.info("%s | %s | seed %d subset %d -> %s", row.name, col.name, seed, subset, cell_dir)
             try:
                 self.run_task(col.task, args)
             except Exception as e:
-                log.error("%s | %s | seed %d failed: %s", row.name, col.name, seed, e)
-                res.errors.append(f"seed {seed}: {e}")
+                log.error("%s | %s | seed %d subset %d failed: %s", row.name, col.name, seed, subset, e)
+                res.errors.append(f"seed {seed}" + (f" subset {subset}" if subset else "") + f": {e}")
                 return
             inputs_file.write_text(json.dumps(inputs), encoding="utf-8")
         key_file = cell_dir / "key.json"  # what it was computed for, read by _stored_cells
         if metrics_file.is_file() and not key_file.is_file():
-            key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed)), default=str),
-                                encoding="utf-8")
-        self._add(res, col, seed, metrics_file)
+            key_file.write_text(json.dumps(absolute_paths(self.cell_key(row, col, model, seed, subset)),
+                                           default=str), encoding="utf-8")
+        self._add(res, col, seed, metrics_file, subset)
 
     @staticmethod
-    def _add(res: CellResult, col: Column, seed: int, metrics_file: Path) -> None:
+    def _add(res: CellResult, col: Column, seed: int, metrics_file: Path, subset: int = 0) -> None:
         if not metrics_file.is_file():  # not run yet (a pre-training that has not ended)
             return
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -522,6 +563,11 @@ class Runner:
             return
         res.values.append(float(metrics[col.metric]) * col.scale)
         res.seeds.append(seed)
+        res.subsets.append(subset)
+        scores = metrics.get("per_image", {})
+        if isinstance(scores.get(col.metric), list):
+            res.per_image[seed, subset] = ([float(v) * col.scale for v in scores[col.metric]],
+                                           str(scores.get("ids_digest", "")))
 
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
         """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.md`` / ``.png``."""
@@ -530,6 +576,9 @@ class Runner:
         gates = format_gates(self.exp, results, self.seeds)
         if gates:
             md += "\n" + gates
+        differences = format_differences(self.exp, results)
+        if differences:
+            md += "\n" + differences
         paths = {"markdown": self.out / f"{self.exp.name}.md", "csv": self.out / f"{self.exp.name}.csv"}
         paths["markdown"].write_text(md, encoding="utf-8")
         paths["csv"].write_text(format_csv(self.exp, results), encoding="utf-8")
@@ -558,6 +607,7 @@ def format_gates(exp: Experiment, results: list[CellResult], seeds: int | None =
     """The validity gates per pre-trained row and seed: a table of pass / FAIL / missing, each with the
     quantity it compared (:meth:`Gate.measured`), and a verdict (issue 16: a comparison of
     pre-training variants means something only where every seed of every variant clearly learned).
+    A gate with ``rows`` binds only those rows; elsewhere it shows "not bound" with its value.
     ``seeds``: the seeds expected (default ``exp.seeds``); one that has not finished is "missing" and
     fails the verdict. ``None`` for an experiment without gates."""
     if not exp.gates:
@@ -575,6 +625,10 @@ def format_gates(exp: Experiment, results: list[CellResult], seeds: int | None =
                       for c in exp.columns}
             marks = []
             for g in exp.gates:
+                if not g.binds(row.name):
+                    measured = g.measured(values)
+                    marks.append(f"not bound ({measured})" if measured else "not bound")
+                    continue
                 ok = g.check(values)
                 verdict &= ok is True
                 marks.append("missing" if ok is None else f"{'pass' if ok else 'FAIL'} ({g.measured(values)})")
@@ -583,6 +637,51 @@ def format_gates(exp: Experiment, results: list[CellResult], seeds: int | None =
                                  if verdict and pretrained
                                  else "NOT every pre-trained seed passes every gate (or some are missing): "
                                       "read the comparison as not valid where a row fails."), ""]
+    return "\n".join(lines)
+
+
+def _pairs(exp: Experiment, x: Difference) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
+    """``(where, (row, column) of a, (row, column) of b)`` for each comparison ``x`` makes."""
+    if x.between == "rows":
+        cols = [c.name for c in exp.columns if not x.columns or re.search(x.columns, c.name)]
+        return [(c, (x.a, c), (x.b, c)) for c in cols]
+    rows = [r.name for r in exp.rows if not x.rows or r.name in x.rows]
+    return [(r, (r, x.a), (r, x.b)) for r in rows]
+
+
+def format_differences(exp: Experiment, results: list[CellResult], n_boot: int = 10_000) -> str | None:
+    """The experiment's ``differences`` as a table: mean difference ``a - b`` over paired units (same
+    seed and label subset, the same test images by their ids' digest), its 95 % two-stage bootstrap
+    interval over units and test images (:func:`g2d.metrics.paired_bootstrap`), and what it says.
+    Pairs without per-image scores in both cells (not run, skipped, or a task that writes none) are
+    left out. ``None`` when the experiment has no differences."""
+    if not exp.differences:
+        return None
+    import numpy as np
+
+    from g2d.metrics import paired_bootstrap
+
+    by = {(r.row, r.column): r for r in results}
+    lines = ["## Paired differences (95 % bootstrap intervals over label subsets, seeds and test images)", "",
+             "| difference | where | units | images | mean | 95 % interval | reading |",
+             "|---|---|---|---|---|---|---|"]
+    for x in exp.differences:
+        for where, ka, kb in _pairs(exp, x):
+            ra, rb = by.get(ka), by.get(kb)
+            if ra is None or rb is None:
+                continue
+            units = [u for u in sorted(ra.per_image) if u in rb.per_image and ra.per_image[u][1] == rb.per_image[u][1]
+                     and len(ra.per_image[u][0]) == len(rb.per_image[u][0])]
+            if not units or len({len(ra.per_image[u][0]) for u in units}) != 1:
+                continue
+            a = np.array([ra.per_image[u][0] for u in units])
+            b = np.array([rb.per_image[u][0] for u in units])
+            r = paired_bootstrap(a, b, n_boot=n_boot)
+            reading = ("a > b" if r["low"] > 0 else "a < b" if r["high"] < 0 else "not resolved")
+            lines.append(f"| {x.a} - {x.b} | {where} | {r['units']} | {r['images']} | {r['mean']:+.1f} | "
+                         f"[{r['low']:+.1f}, {r['high']:+.1f}] | {reading} |")
+    lines += ["", "Units: (seed, label subset) pairs both cells ran on; images: the test images each unit scored. "
+                  "'not resolved': the interval holds 0.", ""]
     return "\n".join(lines)
 
 

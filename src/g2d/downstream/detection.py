@@ -157,7 +157,7 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     batch_size, lr = _defaults(args)
     splits = open_splits(args)
     signature = {"task": "detection", **absolute_paths({"data": args.data, "model": str(args.model)}),
-                 "fraction": args.fraction,
+                 "fraction": args.fraction, **({"subset": args.subset} if args.subset else {}),
                  "seed": args.seed, "arch": args.arch, "batch_size": batch_size, "lr": lr,
                  "weight_decay": args.weight_decay, "image_size": args.image_size,
                  "train_encoder": args.train_encoder, "update_bn": args.update_bn,

@@ -79,7 +79,8 @@ class Classifier(nn.Module):
 def _signature(args: Args, geom: ImageTransformCfg) -> str:
     """What a checkpoint must share with the run that resumes it (``--epochs`` may grow)."""
     keys = ("data", "model", "arch", "fraction", "seed", "batch_size", "lr", "weight_decay", "augment")
-    return digest(absolute_paths({k: getattr(args, k) for k in keys}) | {"geometry": asdict(geom)})
+    subset = {"subset": args.subset} if args.subset else {}  # runs from before --subset keep their signature
+    return digest(absolute_paths({k: getattr(args, k) for k in keys}) | {"geometry": asdict(geom)} | subset)
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def run(args: Args) -> dict[str, Any]:
     device = resolve_device(args.device)
     tower = load_image_tower(args.model, args.arch, args.trust_pickle)
     geom = geometry_from_args(args, tower)
-    train_ds = open_dataset(args.data, "train", args.fraction, geom)
+    train_ds = open_dataset(args.data, "train", args.fraction, geom, subset=args.subset)
     val_ds, test_ds = (open_dataset(args.data, s, 1.0, geom) for s in ("val", "test"))
     for ds, s in ((train_ds, "train"), (val_ds, "val"), (test_ds, "test")):
         check_split(ds, f"{args.data} {s}")

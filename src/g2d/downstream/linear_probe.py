@@ -136,7 +136,7 @@ def train_linear_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], 
 
 
 def _features(args: Args, tower, split: str, geom, device) -> tuple[Tensor, Tensor, Any]:
-    ds = open_dataset(args.data, split, args.fraction if split == "train" else 1.0, geom)
+    ds = open_dataset(args.data, split, args.fraction if split == "train" else 1.0, geom, subset=args.subset)
     check_split(ds, f"{args.data} {split}")
     cache = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
     key = {"model": model_key(tower, args.seed), "data": absolute_paths(args.data), "split": split,

@@ -29,6 +29,7 @@ __all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "TextImageArgs", "DenseA
 PROTOCOLS: dict[str, tuple[str, str]] = {
     "segmentation": ("g2d.downstream.segmentation", "U-Net on the pre-trained encoder: Dice"),
     "detection": ("g2d.downstream.detection", "YOLOv3 head on the frozen encoder: mAP@[0.4:0.75]"),
+    "dense-probe": ("g2d.downstream.dense_probe", "per-pixel linear classifier on frozen dense features: Dice"),
     "linear": ("g2d.downstream.linear_probe", "linear probe on frozen pooled features: AUROC / accuracy"),
     "finetune": ("g2d.downstream.finetune", "whole-model fine-tuning: per-class and mean AUROC"),
     "zeroshot": ("g2d.downstream.zeroshot", "zero-shot classification from prompts: AUROC, F1, accuracy"),
@@ -64,6 +65,8 @@ class ProtocolArgs:
                                          "only for files whose source you trust")
     arch: str = arg("resnet50", help="ResNet of the random/imagenet baselines (a loaded model brings its own)")
     fraction: float = arg(1.0, help="share of the training split (0, 1]")
+    subset: int = arg(0, help="label subset at --fraction: 0 the published nested one, k >= 1 the k-th seeded "
+                              "re-draw of the same size (paired comparisons over subsets; docs/data.md)")
     seed: int = arg(0)
     device: str = arg("auto", choices=("auto", "cpu", "cuda"))
     num_workers: int = arg(4)

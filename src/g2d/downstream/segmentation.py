@@ -2,15 +2,22 @@
 
 The encoder is frozen - BatchNorm running statistics included (:class:`g2d.downstream.towers.Frozen`);
 MGCA's "frozen" encoder still updates them, which ``--update-bn`` reproduces. ``--train-encoder`` is
-MedKLIP's setting (encoder trained too). ``--transfer encoder`` puts a new smp-style U-Net decoder
-(256, 128, 64, 32, 16) on the encoder; ``--transfer encoder-decoder`` starts from G2D's pre-trained
-decoder. Defaults are the paper's: AdamW lr 2e-4, weight decay 0.05, betas (0.9, 0.999), batch 8
-(SIIM) / 16 (RSNA), at most 50 epochs with early stopping on validation Dice (patience 10), the best
-validation-Dice epoch evaluated on test. Images are resized to a square ``--image-size`` (224, no crop)
-as MGCA does. See docs/eval-dense.md.
+MedKLIP's setting (encoder trained too). Defaults are the paper's: AdamW lr 2e-4, weight decay 0.05,
+betas (0.9, 0.999), batch 8 (SIIM) / 16 (RSNA), at most 50 epochs with early stopping on validation
+Dice (patience 10), the best validation-Dice epoch evaluated on test. Images are resized to a square
+``--image-size`` (224, no crop) as MGCA does. See docs/eval-dense.md and docs/decoder-transfer.md.
 
-The training harness at the end of this module (checkpoint/resume, early stopping, loaders) is
-shared with :mod:`g2d.downstream.detection`.
+What is transferred (``--transfer``, :data:`TRANSFERS`):
+
+- ``encoder``: a new U-Net decoder and head on the encoder (the peers' protocol), of widths
+  ``--decoder-channels`` (smp's 256-128-64-32-16 by default, or ``model``: the loaded model's own, so
+  that it matches the pre-trained decoder it is compared with);
+- ``encoder-decoder``: G2D's pre-trained decoder, trained, with a new 1-channel head;
+- ``encoder-decoder-head``: the pre-trained decoder *and* its pseudo-mask head, both trained (the
+  pretext task and the downstream task are both a binary mask; the reading of the paper's Sec. 3
+  "the task head of the pretext task facilitates a smoother transfer", docs/decoder-transfer.md);
+- ``frozen-decoder``: the pre-trained decoder frozen (BatchNorm statistics too), only a new head
+  trained: a probe of the decoder's features.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from g2d.data.labelled import LabelledCXR
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream.harness import Fit, batches, finished_metrics, make_loader, shuffled_loader
-from g2d.downstream.protocol import DenseArgs, arg
+from g2d.downstream.protocol import DenseArgs, ProtocolArgs, arg
 from g2d.downstream.results import write_results
 from g2d.downstream.towers import Frozen, ImageTower, load_image_tower, resolve_device
 from g2d.fingerprint import absolute_paths, dataset_identity, digest, model_identity
@@ -40,8 +47,8 @@ from g2d.metrics import dice_mgca_batch_mean, dice_per_image
 from g2d.model.decoder import SMP_DECODER_CHANNELS, SegmentationHead, UNetDecoder
 from g2d.seeding import seed_everything
 
-__all__ = ["run", "fit_and_test", "UNet", "build_unet", "mixed_loss", "dice_bce_loss", "soft_dice",
-           "dataset_name", "open_splits", "positives"]
+__all__ = ["run", "fit_and_test", "UNet", "build_unet", "TRANSFERS", "decoder_widths", "recalibrate_batchnorm",
+           "mixed_loss", "dice_bce_loss", "soft_dice", "dataset_name", "open_splits", "positives", "per_image"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -53,8 +60,15 @@ SEG_BATCH_SIZE = {"siim": 8, "rsna": 16}
 class Args(DenseArgs):
     """``g2d eval segmentation``: its flags are these fields (``--name-with-dashes``)."""
 
-    transfer: str = arg('encoder', choices=('encoder', 'encoder-decoder'),
-                        help="encoder: new U-Net decoder; encoder-decoder: G2D's pre-trained decoder")
+    transfer: str = arg('encoder', choices=('encoder', 'encoder-decoder', 'encoder-decoder-head', 'frozen-decoder'),
+                        help="encoder: new U-Net decoder and head; encoder-decoder: G2D's pre-trained decoder, new "
+                             "head; encoder-decoder-head: the pre-trained decoder and pseudo-mask head; "
+                             "frozen-decoder: the pre-trained decoder frozen, only a new head trained")
+    decoder_channels: str = arg('smp', metavar='smp|model|A,B,C,D,E',
+                                help="widths of the new decoder of --transfer encoder: smp (256,128,64,32,16), "
+                                     "model (the loaded G2D model's own decoder widths), or five integers")
+    recalibrate_bn: bool = arg(False, help="before each validation and the test, re-estimate the trained "
+                                           "decoder's BatchNorm statistics on the training images")
     batch_size: int | None = arg(None, help='default 8 for SIIM, 16 for RSNA, 8 otherwise')
     lr: float = arg(0.0002)
     train_encoder: bool = arg(False, help="train the encoder too (MedKLIP's setting)")
@@ -85,26 +99,111 @@ class UNet(nn.Module):
         return self.head(self.decoder(self.encoder(images)))
 
 
-def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = False,
-               update_bn: bool = False) -> UNet:
-    """A U-Net on ``tower.encoder`` (a :class:`g2d.downstream.towers.ImageTower`).
+TRANSFERS = ("encoder", "encoder-decoder", "encoder-decoder-head", "frozen-decoder")
 
-    ``transfer="encoder-decoder"`` copies ``tower.decoder`` (G2D's pre-trained decoder); the
-    1-channel segmentation head is always new (the pre-trained head predicts pseudo masks).
+
+def decoder_widths(tower: Any, choice: str = "smp") -> tuple[int, ...]:
+    """The widths of a new decoder: ``smp`` (256, 128, 64, 32, 16), ``model`` (the loaded G2D model's
+    configured decoder widths, also for a model pre-trained without a decoder), or ``"A,B,C,D,E"``.
+
+    :raises ValueError: ``model`` for a tower without a G2D config (random, imagenet, peers), or a
+        list that is not five positive integers."""
+    if choice == "smp":
+        return SMP_DECODER_CHANNELS
+    if choice == "model":
+        if tower.decoder is not None:
+            return tuple(tower.decoder.channels)
+        config = getattr(tower.model, "config", None)
+        if config is None:
+            raise ValueError(f"--decoder-channels model needs a G2D model; {tower.name!r} has no decoder "
+                             "widths of its own: give them, e.g. --decoder-channels 128,64,32,16,8")
+        return tuple(config.model.decoder.channels)
+    try:
+        widths = tuple(int(c) for c in choice.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 5 or min(widths) <= 0:
+        raise ValueError(f"--decoder-channels must be smp, model or five positive integers A,B,C,D,E; got {choice!r}")
+    return widths
+
+
+def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = False,
+               update_bn: bool = False, decoder_channels: str = "smp") -> UNet:
+    """A U-Net on ``tower.encoder`` (a :class:`g2d.downstream.towers.ImageTower`) with what
+    ``transfer`` (:data:`TRANSFERS`, module docstring) takes from the pre-trained model. A kept
+    pseudo-mask head with one output per attention head (``model.pseudo_mask.aggregate_heads=false``)
+    becomes one output that is their mean (weights and bias averaged: the mean of the head logits).
+
+    :raises ValueError: an unknown ``transfer``, or a transfer that needs a pre-trained decoder (or head)
+        on a model without one.
     """
+    if transfer not in TRANSFERS:
+        raise ValueError(f"--transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
     encoder = copy.deepcopy(tower.encoder)
     if transfer == "encoder":
-        decoder = UNetDecoder(tuple(encoder.channels), SMP_DECODER_CHANNELS)
-    elif transfer == "encoder-decoder":
-        if tower.decoder is None:
-            raise ValueError(f"--transfer encoder-decoder needs a model with a pre-trained decoder, but "
-                             f"{tower.name!r} has none (random/imagenet baselines and decoder-free "
-                             f"pre-training have no decoder); use --transfer encoder")
-        decoder = copy.deepcopy(tower.decoder)
-    else:
-        raise ValueError(f"--transfer must be 'encoder' or 'encoder-decoder', got {transfer!r}")
-    width = decoder.channels[-1]
-    return UNet(encoder, decoder, SegmentationHead(width, 1), train_encoder, update_bn)
+        fresh = UNetDecoder(tuple(encoder.channels), decoder_widths(tower, decoder_channels))
+        return UNet(encoder, fresh, SegmentationHead(fresh.channels[-1], 1), train_encoder, update_bn)
+    if tower.decoder is None:
+        raise ValueError(f"--transfer {transfer} needs a model with a pre-trained decoder, but {tower.name!r} has "
+                         f"none (random/imagenet baselines and decoder-free pre-training have no decoder); "
+                         f"use --transfer encoder")
+    decoder: UNetDecoder = copy.deepcopy(tower.decoder)
+    head = SegmentationHead(decoder.channels[-1], 1)
+    if transfer == "encoder-decoder-head":
+        if tower.head is None:
+            raise ValueError(f"--transfer encoder-decoder-head needs the pre-trained segmentation head, and "
+                             f"{tower.name!r} has none")
+        new, old = head[0], tower.head[0]
+        assert isinstance(new, nn.Conv2d) and isinstance(old, nn.Conv2d) and new.bias is not None \
+            and old.bias is not None
+        with torch.no_grad():  # K head outputs -> their mean (K = 1: a copy)
+            new.weight.copy_(old.weight.mean(0, keepdim=True))
+            new.bias.copy_(old.bias.mean(0, keepdim=True))
+    return UNet(encoder, Frozen(decoder) if transfer == "frozen-decoder" else decoder, head, train_encoder,
+                update_bn)
+
+
+def unet_decoder_widths(model: UNet) -> tuple[int, ...]:
+    """The widths of a U-Net's decoder, frozen or not."""
+    decoder = model.decoder.module if isinstance(model.decoder, Frozen) else model.decoder
+    assert isinstance(decoder, UNetDecoder)
+    return tuple(decoder.channels)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: UNet, loader: Iterable, device: torch.device) -> int:
+    """Re-estimate the running statistics of the BatchNorm layers that train (not a frozen encoder's
+    or decoder's) as a cumulative average over ``loader``'s images, in train mode; returns the number
+    of images. A pre-trained decoder's running statistics come from pre-training and a new one's from
+    its initialisation, and a few-label run's few optimizer steps (momentum 0.1) move them only part
+    of the way: evaluation would then normalise with statistics of neither (docs/decoder-transfer.md)."""
+    layers = [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and not _under_frozen(model, name)]
+    if not layers:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for part in model.modules():  # a frozen part stays in eval mode, even one with --update-bn
+        if isinstance(part, Frozen):
+            part.module.eval()
+    n = 0
+    for b in loader:
+        if b is None:
+            continue
+        model(b["image"].to(device))
+        n += len(b["image"])
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return n
+
+
+def _under_frozen(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:k])), Frozen) for k in range(1, len(parts)))
 
 
 # -------------------------------------------------------------------------------------------- loss
@@ -147,22 +246,23 @@ def square_geometry(size: int) -> ImageTransformCfg:
     return ImageTransformCfg(resize=size, crop=size, augment="none", keep_aspect=False)
 
 
-def open_splits(args: DenseArgs) -> dict[str, Any]:
-    """train (cut to ``--fraction``), val and test of ``--data`` at the square geometry.
+def open_splits(args: Any) -> dict[str, Any]:
+    """train (cut to ``--fraction`` and label subset ``--subset``), val and test of ``--data`` at the
+    square geometry ``--image-size`` (``args``: a protocol's ``Args`` with those fields).
 
     SIIM segmentation trains on MGCA/GLoRIA's balanced set (every positive plus as many negatives,
     the fraction taken from that set; :func:`g2d.data.siim.balance_train`) unless
     ``--siim-train all``; val and test keep every image."""
     geom = square_geometry(args.image_size)
     balance = dataset_name(args.data) == "siim" and getattr(args, "siim_train", "balanced") == "balanced"
-    splits = {s: open_dataset(args.data, s, args.fraction if s == "train" and not balance else 1.0, geom)
-              for s in ("train", "val", "test")}
+    splits = {s: open_dataset(args.data, s, args.fraction if s == "train" and not balance else 1.0, geom,
+                              subset=args.subset) for s in ("train", "val", "test")}
     if balance:
         from g2d.data.labelled.siim import balance_train
 
         train = splits["train"]
         assert isinstance(train, LabelledCXR)  # SIIM is read from files, never generated
-        splits["train"] = balance_train(train, args.fraction)
+        splits["train"] = balance_train(train, args.fraction, args.subset)
     return splits
 
 
@@ -192,7 +292,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def input_identity(args: DenseArgs, splits: dict[str, Any]) -> dict[str, str]:
+def input_identity(args: ProtocolArgs, splits: dict[str, Any]) -> dict[str, str]:
     """What the result depends on beyond the arguments' text: the splits' content (image files,
     labels) and the model's weight files, so a finished run or a checkpoint is never reused for
     replaced images, retrained weights or the same relative path in another folder."""
@@ -219,21 +319,26 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 # ------------------------------------------------------------------------------------------ run
 
 
-def _signature(args: Args, batch_size: int) -> dict[str, Any]:
+def _signature(args: Args, batch_size: int, decoder_channels: tuple[int, ...]) -> dict[str, Any]:
+    # options added since 2026-12-07 enter only when not at their default: finished runs keep their key
+    added: dict[str, Any] = {k: v for k, v in (("subset", args.subset), ("recalibrate_bn", args.recalibrate_bn)) if v}
+    if args.transfer == "encoder" and decoder_channels != SMP_DECODER_CHANNELS:
+        added["decoder_channels"] = list(decoder_channels)
     return {"task": "segmentation", **absolute_paths({"data": args.data, "model": str(args.model)}),
             "fraction": args.fraction,
             "seed": args.seed, "transfer": args.transfer, "arch": args.arch, "batch_size": batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "image_size": args.image_size,
             "train_encoder": args.train_encoder, "update_bn": args.update_bn, "loss": args.loss,
-            "siim_train": args.siim_train}
+            "siim_train": args.siim_train, **added}
 
 
 @torch.no_grad()
 def predict_dice(model: nn.Module, loader: Iterable, device: torch.device, loss_fn: Callable | None = None,
-                 progress: bool = False, desc: str = "eval") -> tuple[Tensor, float, int]:
-    """Per-image Dice ``[N]`` (loader order), the mean loss per image and the number of empty targets."""
+                 progress: bool = False, desc: str = "eval") -> tuple[Tensor, float, int, list[str]]:
+    """Per-image Dice ``[N]`` (loader order), the mean loss per image, the number of empty targets and
+    the ids of the N scored images."""
     model.eval()
-    dice, loss_sum, n, empty = [], 0.0, 0, 0
+    dice, loss_sum, n, empty, ids = [], 0.0, 0, 0, []
     for b in batches(loader, progress, desc):
         x, m = b["image"].to(device), b["mask"].to(device)
         logits = model(x)
@@ -242,7 +347,15 @@ def predict_dice(model: nn.Module, loader: Iterable, device: torch.device, loss_
         dice.append(dice_per_image(logits > 0, m > 0.5).cpu())
         empty += int(((m > 0.5).flatten(1).sum(1) == 0).sum())
         n += len(x)
-    return (torch.cat(dice) if dice else torch.zeros(0, dtype=torch.float64)), loss_sum / max(n, 1), empty
+        ids += list(b["id"])
+    return (torch.cat(dice) if dice else torch.zeros(0, dtype=torch.float64)), loss_sum / max(n, 1), empty, ids
+
+
+def per_image(scores: Tensor, ids: list[str]) -> dict[str, Any]:
+    """Per-image test scores for paired comparisons (:func:`g2d.metrics.paired_bootstrap`): the
+    scores in loader order and a digest of the ids they belong to (the ids themselves may hold
+    patient numbers), so two runs are paired only when they scored the same images in the same order."""
+    return {"dice": [round(float(v), 6) for v in scores], "ids_digest": digest(ids)}
 
 
 def _figures(model: nn.Module, ds: Any, device: torch.device, out: Path, n: int) -> list[str]:
@@ -286,31 +399,37 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     """:func:`run`, also returning the tested model (``None`` when ``OUT`` held the finished run)."""
     out = Path(args.out)
     batch_size = args.batch_size or SEG_BATCH_SIZE.get(dataset_name(args.data), 8)
+    if args.transfer not in TRANSFERS:
+        raise ValueError(f"--transfer must be one of {', '.join(TRANSFERS)}, got {args.transfer!r}")
     splits = open_splits(args)
-    signature = {**_signature(args, batch_size), **input_identity(args, splits)}
+    device, progress, tower = start_dense_run(args)
+    model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn, args.decoder_channels).to(device)
+    widths = unet_decoder_widths(model)
+    signature = {**_signature(args, batch_size, widths), **input_identity(args, splits)}
     full_sig = {**signature, "epochs": args.epochs, "patience": args.patience,
                 "mgca_batch_size": args.mgca_batch_size or batch_size}
     done = finished_metrics(out, full_sig)
     if done is not None:
         log.info("%s already holds the finished run", out)
         return done, None
-    device, progress, tower = start_dense_run(args)
-    model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn).to(device)
     loss_fn = LOSSES[args.loss]
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     fit = Fit(model, optimizer, out, signature, args.epochs, args.patience, progress)
     fit.resume()
     val_loader = make_loader(splits["val"], batch_size, args.num_workers)
+    calibration_loader = make_loader(splits["train"], batch_size, args.num_workers)
 
     def validate() -> tuple[float, float]:
-        dice, val_loss, _ = predict_dice(model, val_loader, device, loss_fn, progress, "validation")
+        if args.recalibrate_bn:
+            recalibrate_batchnorm(model, calibration_loader, device)
+        dice, val_loss, _, _ = predict_dice(model, val_loader, device, loss_fn, progress, "validation")
         return (float(dice.mean()) if len(dice) else 0.0), val_loss
 
     fit.fit(shuffled_loader(splits["train"], batch_size, args.num_workers, args.seed),
             lambda b: loss_fn(model(b["image"].to(device)), b["mask"].to(device)), validate, "segmentation")
     fit.load_best()
     test_loader = make_loader(splits["test"], batch_size, args.num_workers)
-    dice, test_loss, n_empty_target = predict_dice(model, test_loader, device, loss_fn, progress, "test")
+    dice, test_loss, n_empty_target, test_ids = predict_dice(model, test_loader, device, loss_fn, progress, "test")
     mgca_bs = args.mgca_batch_size or batch_size
     figures = _figures(model, splits["test"], device, out / "figures", args.figures)
     metrics: dict[str, Any] = {
@@ -326,10 +445,12 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
         "epochs_run": fit.epoch, "best_epoch": fit.best_epoch, "best_val_dice": fit.best_score,
         "stopped_early": fit.stopped_early, "resumed_from_epoch": fit.resumed_from,
         "batch_size": batch_size, "history": fit.history, "figures": figures,
+        "subset": args.subset, "transfer": args.transfer, "decoder_channels": list(widths),
+        "recalibrate_bn": args.recalibrate_bn, "per_image": per_image(dice, test_ids),
         **skip_counts(splits), "args": full_sig,
     }
     row = {"task": "segmentation", "data": dataset_name(args.data), "model": tower.name, "fraction": args.fraction,
-           "transfer": args.transfer, "seed": args.seed, "dice": metrics["dice"],
+           "subset": args.subset, "transfer": args.transfer, "seed": args.seed, "dice": metrics["dice"],
            "dice_mgca_batch_mean": metrics["dice_mgca_batch_mean"], "best_epoch": fit.best_epoch}
     write_results(out, metrics, row)
     return metrics, model

@@ -17,7 +17,7 @@ from g2d.factory import create_image_encoder, load_model
 from g2d.fingerprint import model_identity
 from g2d.inference.interface import TextImageModel
 from g2d.model import G2DModel
-from g2d.model.decoder import UNetDecoder
+from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.peer_vlm import load_peer_vl_model
 from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
@@ -57,6 +57,8 @@ class ImageTower:
     :ivar encoder: ResNet returning five stage maps ``[/2, /4, /8, /16, /32]``.
     :ivar decoder: G2D's pre-trained U-Net decoder (``None`` for random/ImageNet baselines and
         decoder-free pre-training).
+    :ivar head: the pre-trained decoder's segmentation head (the pseudo-mask head; ``None`` without a
+        decoder or when the file holds none).
     :ivar model: the whole G2D model when one was loaded (zero-shot tasks need its text side).
     :ivar name: ``random``, ``imagenet`` or the model path, for result tables.
     """
@@ -68,6 +70,7 @@ class ImageTower:
     preprocess: ImageTransformCfg | None = None  # a peer's evaluation geometry (g2d models: model.preprocess)
     peer: dict[str, Any] | None = None  # what load_peer_encoder loaded (kind, arch, absent stages, ...)
     global_input: int | None = None  # a peer's own forward resizes to this first (g2d.peers.PeerKind.global_input)
+    head: SegmentationHead | None = None
 
     @property
     def identity(self) -> str:
@@ -86,9 +89,9 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
     if kind in PEER_KINDS:
         state = read_peer_state(kind, path, trust_pickle)  # read once for the encoder and the decoder
         encoder, report = load_peer_encoder(kind, path, state=state)
-        decoder = load_release_decoder(state, encoder, path) if kind == "g2d-release" else None
+        decoder, head = load_release_decoder(state, encoder, path) if kind == "g2d-release" else (None, None)
         return ImageTower(encoder, decoder, None, spec, PEER_KINDS[kind].preprocess,
-                          {**report, "decoder": decoder is not None}, PEER_KINDS[kind].global_input)
+                          {**report, "decoder": decoder is not None}, PEER_KINDS[kind].global_input, head)
     spec = path
     if spec in ("random", "imagenet"):
         # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
@@ -97,7 +100,7 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
         return ImageTower(create_image_encoder(enc), None, None, spec)
 
     model = load_model(spec)
-    return ImageTower(model.image_encoder, model.decoder, model, str(spec))
+    return ImageTower(model.image_encoder, model.decoder, model, str(spec), head=model.segmentation_head)
 
 
 def load_text_image_model(spec: str, what: str, trust_pickle: bool = False, text_model: str | None = None,

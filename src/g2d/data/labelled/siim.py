@@ -31,7 +31,7 @@ import numpy as np
 
 from g2d.data.labelled.csv_table import read_table
 from g2d.data.labelled.dataset import LabelledCXR, Record, SkipLog, parse_label_size
-from g2d.data.labelled.splits import fraction_count, load_split
+from g2d.data.labelled.splits import fraction_count, load_split, subset_ranks
 from g2d.errors import DataError, ImageReadError
 
 __all__ = ["read_siim", "make_split", "balance_train", "RLEMask", "decode_rle", "find_images",
@@ -208,7 +208,7 @@ def make_split(label_file: Path) -> dict[str, str]:
     return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
 
 
-def balance_train(ds: LabelledCXR, fraction: float = 1.0) -> LabelledCXR:
+def balance_train(ds: LabelledCXR, fraction: float = 1.0, subset: int = 0) -> LabelledCXR:
     """MGCA's balanced SIIM training set: every positive image plus as many negatives, then the
     label fraction taken from that balanced set (MGCA: ``data_pct`` of the balanced ids).
 
@@ -217,16 +217,18 @@ def balance_train(ds: LabelledCXR, fraction: float = 1.0) -> LabelledCXR:
     keeps the balanced ids of smallest rank, so the choice is fixed, identical for everyone, and
     nested across fractions. MGCA draws both with ``np.random.choice``; the expected composition is
     the same (half positive at every fraction), the ids are not. Validation and test stay
-    unbalanced, as in MGCA.
+    unbalanced, as in MGCA. Label subset ``subset`` >= 1 ranks by its seeded permutation
+    (:func:`g2d.data.labelled.splits.subset_ranks`) instead of the table's.
 
     Raises:
         DataError: fewer negatives than positives.
     """
     table = load_split(SPLIT_TABLE)
     lab = ds.labels()[:, 0]
+    redrawn = subset_ranks(ds.ids, subset)
 
     def rank(i: str) -> tuple[int, str]:
-        return table.get(i, ("", 1 << 62))[1], i
+        return (table.get(i, ("", 1 << 62))[1] if redrawn is None else redrawn[i]), i
 
     pos = [r.id for r, y in zip(ds.records, lab) if y == 1]
     neg = sorted((r.id for r, y in zip(ds.records, lab) if y == 0), key=rank)

@@ -32,12 +32,14 @@ from g2d.data.labelled.dataset import LabelledCXR, Record, SkipLog
 from g2d.data.labelled.splits import (
     SPLITS,
     check_fraction,
+    check_subset,
     fraction_count,
     load_order,
     load_split,
     order_ranks,
     rank_train,
     split_ids,
+    subset_ranks,
 )
 from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import DataError
@@ -143,9 +145,12 @@ def with_options(spec: str, **opts: str | None) -> str:
 
 
 def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
-                 geometry: ImageTransformCfg | None = None, *, split_seed: int = 0,
+                 geometry: ImageTransformCfg | None = None, *, split_seed: int = 0, subset: int = 0,
                  max_skip_fraction: float = 0.1, **reader_opts: Any) -> LabelledCXR | SyntheticLabelled:
     """The ``split`` part of the set named by ``spec``, training ids cut to ``fraction``.
+
+    ``subset``: which label subset of the training split (0: the published nested fractions; k >= 1:
+    the k-th seeded re-draw of the same size, :func:`g2d.data.labelled.splits.subset_ranks`).
 
     ``spec`` may carry reader options after ``?`` (:func:`parse_spec`); ``reader_opts`` add to them.
 
@@ -156,6 +161,7 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     check_fraction(fraction)
+    check_subset(subset)
     if spec == "synthetic" or spec.startswith(("synthetic:", "synthetic?")):
         if "?" in spec:
             raise DataError(f"data spec {spec!r}: the synthetic set takes no reader options")
@@ -163,7 +169,7 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
             n = int(spec.split(":", 1)[1]) if ":" in spec else 256
         except ValueError:
             raise DataError(f"data spec {spec!r}: expected synthetic or synthetic:N") from None
-        return SyntheticLabelled(split, n, fraction, geometry)
+        return SyntheticLabelled(split, n, fraction, geometry, subset)
     name, path, spec_opts = parse_spec(spec)
     reader_opts = {**spec_opts, **reader_opts}
     read, table_name, order_name = _reader(name)
@@ -189,7 +195,7 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
         train = [i for i, s in assignment.items() if s == "train"]
         ranks = order_ranks(train, load_order(order_name), split_seed) if order_name else rank_train(train, split_seed)
         table = {i: (s, ranks.get(i, -1)) for i, s in assignment.items()}
-    wanted = split_ids(table, split, fraction)
+    wanted = split_ids(table, split, fraction, subset=subset)
     # The reader named each dropped row; here only the share of this split's ids that is unusable
     # counts (ids are not logged: they can hold patient numbers).
     missing = sum(1 for i in wanted if i not in by_id)  # listed, but the files lack them or rows were bad
@@ -203,7 +209,8 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
                         f"({missing / len(wanted):.1%} > max_skip_fraction {max_skip_fraction:.0%}); "
                         f"{skipped.summary()}")
     ds = LabelledCXR(f"{name}/{split}", [by_id[i] for i in wanted if i in by_id], tasks, geometry, skipped)
-    log.info("%s/%s: %d images (fraction %g); %s", name, split, len(ds), fraction, skipped.summary())
+    log.info("%s/%s: %d images (fraction %g, subset %d); %s", name, split, len(ds), fraction, subset,
+             skipped.summary())
     return ds
 
 
@@ -213,32 +220,37 @@ class SyntheticLabelled(torch.utils.data.Dataset):
     Splits are disjoint by seed (train 1001, val 1002, test 1003; pre-training uses seed 0 by
     default). ``n_train`` images in train; val and test hold ``max(16, n_train // 4)``. Labels are the
     five synthetic findings; ``mask`` is the union of finding masks; ``boxes`` are the findings' boxes.
+    The training fraction keeps the first images (``subset`` 0) or those of smallest rank in label
+    subset ``subset``'s permutation of the ``n_train`` images (sample i renders from (seed, i) alone).
     """
 
     def __init__(self, split: str, n_train: int = 256, fraction: float = 1.0,
-                 geometry: ImageTransformCfg | None = None) -> None:
+                 geometry: ImageTransformCfg | None = None, subset: int = 0) -> None:
         from g2d.data.synthetic import FINDINGS, SyntheticCXR, SyntheticCXRCfg
 
         size = geometry.output_size if geometry is not None else 224
         n = fraction_count(n_train, fraction) if split == "train" else max(16, n_train // 4)
         seed = 1001 + SPLITS.index(split)
-        self.source = SyntheticCXR(SyntheticCXRCfg(num_samples=n, image_size=size, seed=seed))
+        ranks = subset_ranks([f"{i:09d}" for i in range(n_train)], subset) if split == "train" else None
+        self.indices = list(range(n)) if ranks is None else sorted(int(i) for i, r in ranks.items() if r < n)
+        self.source = SyntheticCXR(SyntheticCXRCfg(num_samples=max(self.indices, default=-1) + 1,
+                                                   image_size=size, seed=seed))
         self.name, self.tasks = f"synthetic/{split}", list(FINDINGS)
         self.with_mask = self.with_boxes = True
         self.skipped = SkipLog(self.name)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.indices)
 
     @property
     def ids(self) -> list[str]:
-        return [f"{self.name}/{i}" for i in range(len(self))]
+        return [f"{self.name}/{i}" for i in self.indices]
 
     def labels(self) -> np.ndarray:
-        return np.stack([self.source[i]["labels"].numpy() for i in range(len(self))])
+        return np.stack([self.source[i]["labels"].numpy() for i in self.indices])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.source[i]
-        return {"image": s["image"], "id": f"{self.name}/{i}", "labels": s["labels"], "mask": s["mask"],
+        s = self.source[self.indices[i]]
+        return {"image": s["image"], "id": f"{self.name}/{self.indices[i]}", "labels": s["labels"], "mask": s["mask"],
                 "boxes": s["boxes"], "orig_hw": tuple(s["image"].shape[-2:]), "index": i,
                 "prompt_findings": s["findings"]}

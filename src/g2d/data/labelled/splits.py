@@ -10,6 +10,12 @@ Where the split itself cannot be derived from a public label file (ChestX-ray14:
 come only with the images), an *order table* ``<name>_order.csv.gz`` (``id,rank``) ranks every id
 of the label file instead: the reader takes split membership from the user's files and every ordered
 choice (validation carve, training fractions) from the shipped ranks, so those are published too.
+
+Label subset ``k`` (``--subset k``, 0 by default) re-draws the training fractions: ``k = 0`` is the
+published order above; ``k >= 1`` ranks the same training ids by the seeded permutation
+:func:`subset_ranks` instead. Every subset is as large as the published one at each fraction and nested
+across fractions, and every model drawn with the same ``k`` trains on the same images, so a comparison
+between models can pair them subset by subset (docs/decoder-transfer.md).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from types import MappingProxyType
 import numpy as np
 
 __all__ = ["SPLITS", "SPLIT_DIR", "check_fraction", "fraction_count", "load_split", "split_ids",
-           "write_split", "rank_train", "write_order", "load_order", "order_ranks"]
+           "write_split", "rank_train", "write_order", "load_order", "order_ranks", "subset_ranks",
+           "check_subset"]
 
 SPLITS = ("train", "val", "test")
 SPLIT_DIR = Path(__file__).with_name("splits")
@@ -48,6 +55,22 @@ def rank_train(ids: Sequence[str], seed: int) -> dict[str, int]:
     order = sorted(ids)
     perm = np.random.default_rng(seed).permutation(len(order))
     return {order[j]: r for r, j in enumerate(perm)}
+
+
+# seeds of the re-drawn label subsets: subset k uses SUBSET_SEED + k (far from the split seeds)
+SUBSET_SEED = 7_000_000
+
+
+def check_subset(subset: int) -> int:
+    if int(subset) != subset or subset < 0:
+        raise ValueError(f"subset must be an integer >= 0 (0: the published fractions), got {subset!r}")
+    return int(subset)
+
+
+def subset_ranks(ids: Iterable[str], subset: int) -> dict[str, int] | None:
+    """Ranks of the training ids for label subset ``subset``: ``None`` for 0 (keep the published
+    ranks), else a seeded permutation of ``ids`` (sorted first, so input order does not matter)."""
+    return None if check_subset(subset) == 0 else rank_train(list(ids), SUBSET_SEED + subset)
 
 
 def _write_table(path: str | Path, header: list[str], rows: Iterable[Sequence]) -> Path:
@@ -129,16 +152,20 @@ def order_ranks(ids: Iterable[str], order: Mapping[str, int], seed: int) -> dict
 
 
 def split_ids(table: dict[str, tuple[str, int]], split: str, fraction: float = 1.0,
-              available: Iterable[str] | None = None) -> list[str]:
+              available: Iterable[str] | None = None, subset: int = 0) -> list[str]:
     """Ids of ``split`` (training ids cut to ``fraction``), in table order of rank / id.
 
     The fraction is taken over the *published* training list, then restricted to ``available`` ids,
     so a user missing a few files still trains on the same subset as everyone else minus those files.
+    ``subset`` >= 1 ranks the training ids by :func:`subset_ranks` instead of the table's ranks.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rows = [(rank, i) for i, (s, rank) in table.items() if s == split]
     if split == "train":
+        redrawn = subset_ranks([i for _, i in rows], subset)
+        if redrawn is not None:
+            rows = [(redrawn[i], i) for _, i in rows]
         rows.sort()
         rows = rows[:fraction_count(len(rows), fraction)]
     else:
