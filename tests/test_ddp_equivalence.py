@@ -1,6 +1,8 @@
 """Two gloo processes, each on half of a global batch, make the same update as one process on the
 whole batch: the trainer's DDP wrapper (no unused-parameter search), its losses with gathered
-negatives (``loss.negatives=global``), gradient accumulation with ``no_sync``, and its optimizer.
+negatives (``loss.negatives=global``), gradient accumulation with ``no_sync`` and the whole
+accumulated batch as negatives (``train.accum_negatives=batch``: 2 ranks x 2 micro-batches of 2
+against one process with one batch of 8), and its optimizer.
 
 BatchNorm layers run in eval mode here: their batch statistics are per rank (no SyncBatchNorm, as
 in the paper's and the release's training), the one part of a step that legitimately depends on how
@@ -25,7 +27,7 @@ import torch.multiprocessing as mp
 from g2d.config import G2DConfig, config_from_dict
 from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 from g2d.factory import create_model
-from g2d.objective import compute_losses
+from g2d.objective import cache_embeddings, compute_losses
 from g2d.train.loop import wrap_ddp
 
 GLOBAL_BATCH, STEPS, WORLD = 8, 2, 2
@@ -42,21 +44,24 @@ def _model_and_opt(cfg: G2DConfig):
 
 def _train(cfg, images, texts, rank: int, world: int, accum: int, steps: int):
     """``steps`` optimizer steps; each takes ``accum`` micro-batches of this rank's share of the
-    global batch. Returns (losses as the mean over ranks, each step's gradients, final parameters)."""
+    global batch (the trainer's two passes: cached embeddings, then each micro-batch with gradients).
+    Returns (losses as the mean over ranks, each step's gradients, final parameters)."""
     model, opt = _model_and_opt(cfg)
     forward = wrap_ddp(model, torch.device("cpu")) if world > 1 else model
     losses, grads = [], []
     share = images.shape[0] // world // accum
     for step in range(steps):
         total = torch.zeros(())
-        for micro in range(accum):
-            # micro-batch `micro` of every rank forms one gathered batch
-            lo = (micro * world + rank) * share
-            imgs, txts = images[lo:lo + share], texts[lo:lo + share]
+        micro_batches = [(images[(m * world + rank) * share:(m * world + rank + 1) * share],
+                          model.tokenize(texts[(m * world + rank) * share:(m * world + rank + 1) * share]))
+                         for m in range(accum)]
+        cached = cache_embeddings(model, micro_batches) if accum > 1 else None
+        for micro, (imgs, tokens) in enumerate(micro_batches):
             ctx = forward.no_sync() if world > 1 and micro + 1 < accum else contextlib.nullcontext()
             with ctx:
-                out = compute_losses(model, imgs, model.tokenize(txts), cfg, step, forward)
-                (out.total / accum).backward()
+                out = compute_losses(model, imgs, tokens, cfg, step, forward, micro_batches=accum, cached=cached,
+                                     index=micro)
+                out.objective.backward()
             total += out.total.detach() / accum
         if world > 1:
             dist.all_reduce(total)
@@ -106,8 +111,8 @@ def test_two_gloo_processes_match_one_process(tiny_cfg, tmp_path):
     torch.set_num_threads(1)
     for name, mode, accum, steps in SCENARIOS:
         cfg = _scenario_cfg(cfg_dict, mode)
-        # one process; with accumulation its micro-batch k is every rank's k-th micro-batch together
-        ref_losses, ref_grads, ref_params = _train(cfg, images, texts, 0, 1, accum=accum, steps=steps)
+        # one process, the whole global batch in one step (accumulation: the same batch of 8)
+        ref_losses, ref_grads, ref_params = _train(cfg, images, texts, 0, 1, accum=1, steps=steps)
         losses, grads, params = ranks[0][name]
         for n, p in params.items():  # DDP keeps the replicas identical
             torch.testing.assert_close(ranks[1][name][2][n], p, rtol=0, atol=0, msg=f"{name} {n}")

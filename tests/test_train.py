@@ -216,6 +216,29 @@ def test_release_choices_and_accumulation_train(tiny_cfg, tmp_path):
     assert after["total"] == pytest.approx(after["vla"] + after["pa"], rel=1e-5)
 
 
+def test_accumulating_trainer_caches_the_whole_batch_as_negatives(tiny_cfg, tmp_path, monkeypatch):
+    """train.grad_accum=2 with batch 4: with accum_negatives=batch the trainer's first pass caches every
+    micro-batch's embeddings once per step, and the logged contrastive loss is the step's batch of 8's
+    (chance ln 8); with accum_negatives=micro it never caches and logs batches of 4 (chance ln 4)."""
+    import copy
+    import math
+
+    import g2d.train.loop as loop
+
+    calls = []
+    real = loop.cache_embeddings
+    monkeypatch.setattr(loop, "cache_embeddings", lambda model, micro: calls.append(len(micro)) or real(model, micro))
+    first = {}
+    for negatives in ("batch", "micro"):
+        calls.clear()
+        cfg = _cfg(copy.deepcopy(tiny_cfg), **{"train.max_steps": 3, "train.grad_accum": 2, "train.batch_size": 4,
+                                               "train.accum_negatives": negatives})
+        first[negatives] = pretrain(cfg, tmp_path / negatives, progress=False).history[0]["vla"]
+        assert calls == ([2, 2, 2] if negatives == "batch" else [])
+    # the same model and images at step 1: only the number of negatives differs
+    assert first["batch"] - first["micro"] == pytest.approx(math.log(2), abs=0.25)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # "CUDA is not available" on CPU machines
 def test_precision_selects_autocast_dtype_on_cuda_only(tiny_cfg):
     from g2d.train.loop import _autocast

@@ -167,7 +167,13 @@ class TrainCfg:
     # bf16 autocast on the CPU too (with precision "bf16"): pays on CPUs with avx512_bf16 or AMX
     # (benchmarks/bench_tiny_cpu.py); off by default, since elsewhere it is slower than fp32.
     cpu_bf16: bool = False
+    # Micro-batches per optimizer step (per process): the step's batch is grad_accum x batch_size.
     grad_accum: int = 1
+    # Contrastive negatives of an accumulated step: "batch" = the whole accumulated batch (a no-grad
+    # pass caches every micro-batch's embeddings, then each micro-batch is recomputed with gradients
+    # against them: loss and gradients of the whole batch, open_clip's accum_freq); "micro" = each
+    # micro-batch's own (cheaper: no extra forward; a smaller, different contrastive task).
+    accum_negatives: str = "batch"
     clip_grad: float | None = None
     seed: int = 42
     log_every: int = 10
@@ -509,6 +515,7 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     _choice("train.precision", train.precision, ("bf16", "fp16", "fp32"))
     if train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
+    _choice("train.accum_negatives", train.accum_negatives, ("batch", "micro"))
     if train.clip_grad is not None and train.clip_grad <= 0:
         raise ConfigError("train.clip_grad must be positive or null")
     if train.ckpt_every < 1 or train.log_every < 1:

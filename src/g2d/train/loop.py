@@ -28,7 +28,7 @@ from g2d.data.pretraining.pairs import collate_pairs
 from g2d.errors import DataError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
-from g2d.objective import compute_losses
+from g2d.objective import cache_embeddings, compute_losses
 from g2d.seeding import seed_everything
 from g2d.train.data import (
     EpochSampler,
@@ -333,38 +333,47 @@ class Pretrainer:
         done = self.step >= self.total_steps
         finished_before = done  # a resumed run that had already finished: nothing new to export
         self.model.train()
+        # the whole accumulated batch as contrastive negatives (train.accum_negatives, objective.py)
+        cache_negatives = acc_steps > 1 and cfg.train.accum_negatives == "batch"
         while not done and self.epoch < cfg.train.epochs:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.train.batch_size)
-            self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at epoch end
-            micro = 0
-            finite = torch.ones((), dtype=torch.bool, device=d.device)
+            pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # a partial step at epoch end is dropped
             for batch in self._loader():
                 if "requested" in batch and hasattr(self.dataset, "note_served"):
                     self.dataset.note_served(batch["requested"], batch["index"])
                 images = batch["image"].to(d.device, non_blocking=True)
                 images = images.contiguous(memory_format=torch.channels_last)
-                tokens = self.model.tokenize(batch["text"])
-                if micro == 0 and buffers:
-                    torch._foreach_copy_(kept, buffers)
-                sync = micro + 1 == acc_steps or not d.distributed
-                ctx = self.forward.no_sync() if not sync and d.distributed else contextlib.nullcontext()
-                with ctx:
-                    with _autocast(cfg, d.device):
-                        losses = compute_losses(self.model, images, tokens, cfg, self.step, self.forward)
-                    if nan_fault(self.step, d.rank):  # testing hook (docs/reliability.md); inert by default
-                        losses.total = losses.total * float("nan")
-                    self.scaler.scale(losses.total / acc_steps).backward()
-                micro += 1
+                pending.append((images, self.model.tokenize(batch["text"])))
                 self.batch_in_epoch += 1
                 samples_since += images.shape[0] * d.world_size
-                for k in ("total", "vla", "pa", "acc", "fg"):
-                    sums[k] = sums.get(k, 0) + getattr(losses, k).detach().float()
-                count += 1
-                finite &= torch.isfinite(losses.total.detach())  # every micro-batch of the step
-                if micro < acc_steps:
+                if len(pending) < acc_steps:
                     continue
-                micro = 0
-                step_ok, finite = all_ranks_true(finite), torch.ones_like(finite)
+                micro_batches, pending = pending, []
+                if buffers:
+                    torch._foreach_copy_(kept, buffers)
+                cached = None
+                if cache_negatives:
+                    with _autocast(cfg, d.device):
+                        cached = cache_embeddings(self.model, micro_batches)
+                    if buffers:  # the caching pass leaves BatchNorm statistics as they were
+                        torch._foreach_copy_(buffers, kept)
+                finite = torch.ones((), dtype=torch.bool, device=d.device)
+                for micro, (images, tokens) in enumerate(micro_batches):
+                    sync = micro + 1 == acc_steps or not d.distributed
+                    ctx = self.forward.no_sync() if not sync and d.distributed else contextlib.nullcontext()
+                    with ctx:
+                        with _autocast(cfg, d.device):
+                            losses = compute_losses(self.model, images, tokens, cfg, self.step, self.forward,
+                                                    micro_batches=acc_steps, cached=cached, index=micro)
+                        if nan_fault(self.step, d.rank):  # testing hook (docs/reliability.md); inert by default
+                            losses.total = losses.total * float("nan")
+                            losses.objective = losses.objective * float("nan")
+                        self.scaler.scale(losses.objective).backward()
+                    for k in ("total", "vla", "pa", "acc", "fg"):
+                        sums[k] = sums.get(k, 0) + getattr(losses, k).detach().float()
+                    count += 1
+                    finite &= torch.isfinite(losses.total.detach())  # every micro-batch of the step
+                step_ok = all_ranks_true(finite)
                 if not step_ok:
                     self.optimizer.zero_grad(set_to_none=True)
                     if buffers:
