@@ -67,3 +67,28 @@ def test_disk_full_is_reported_and_last_good_checkpoint_survives(tmp_path, monke
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("change", ["remove", "rename", "add"])
+def test_an_export_with_one_key_changed_is_refused_by_name(tiny_model_dir, tmp_path, change):
+    """g2d's own files: every module (encoder, decoder and head, text tower, projectors) loads strictly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import g2d
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, export)
+    state = load_file(str(export / "model.safetensors"))
+    key = "segmentation_head.0.bias"
+    if change == "remove":
+        del state[key]
+    elif change == "rename":
+        state["segmentation_head.0.bias_v2"] = state.pop(key)
+    else:
+        key = "decoder.blocks.0.extra"
+        state[key] = torch.zeros(2)
+    save_file(state, str(export / "model.safetensors"))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        g2d.load_model(str(export))

@@ -450,3 +450,71 @@ def test_gloria_zero_shot_adds_its_local_word_region_score(peers, tmp_path):
     sim = model.similarity(x, [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]])
     expected = torch.sigmoid(model.logit_scale.exp() * (sim[:, [0, 2]] - sim[:, [1, 3]]))
     torch.testing.assert_close(scorer(x), expected)
+
+
+def _head_cases():
+    from g2d.peer_vlm import HEAD_LAYOUTS
+
+    cases = []
+    for (kind, prefix), layout in sorted(HEAD_LAYOUTS.items()):
+        single = len(layout) == 1
+        first = next(i for i, c in enumerate(layout) if c != "relu")
+        key = (lambda i, name: name) if single else (lambda i, name: f"{i}.{name}")
+        if any(c in ("linear", "conv") for c in layout):
+            i = next(i for i, c in enumerate(layout) if c in ("linear", "conv"))
+            cases.append((kind, prefix, "remove bias", [key(i, "bias")], {}, key(i, "bias")))
+        if "bn" in layout:
+            i = layout.index("bn")
+            cases.append((kind, prefix, "remove BatchNorm", [key(i, n) for n in ("weight", "bias", "running_mean",
+                                                                                  "running_var", "num_batches_tracked")],
+                          {}, key(i, "")))
+        cases.append((kind, prefix, "rename", [key(first, "weight")], {key(first, "weights"): None},
+                      key(first, "weight")))
+        cases.append((kind, prefix, "add", [], {key(9, "weight") if not single else "scale": torch.ones(2)},
+                      key(9, "weight") if not single else "scale"))
+    return cases
+
+
+@pytest.mark.parametrize("kind,prefix,change,drop,add,named", _head_cases(),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_a_head_with_one_layer_or_key_changed_is_refused_by_name(peers, kind, prefix, change, drop, add, named,
+                                                                  tmp_path):
+    """Issue 29: every projection head has its expected layout (HEAD_LAYOUTS): a missing bias, a missing
+    BatchNorm layer, a renamed or an added key fails the load naming the key, where before a head
+    without its bias or BatchNorm loaded into another architecture without a word."""
+    from g2d.peers import PEER_KINDS
+
+    obj = torch.load(peers[kind][0], weights_only=True)
+    state = next((obj[c] for c in PEER_KINDS[kind].container if isinstance(obj, dict) and c in obj), obj)
+    moved = {}
+    for k in drop:
+        if f"{prefix}.{k}" in state:
+            moved[k] = state.pop(f"{prefix}.{k}")
+    for k, v in add.items():
+        state[f"{prefix}.{k}"] = v if v is not None else moved[drop[0]]
+    assert moved or add
+    torch.save(obj, tmp_path / "changed.pt")
+    with pytest.raises(CheckpointError, match=rf"{kind}: .*{prefix}\.{named}"):
+        load_peer_vl_model(kind, tmp_path / "changed.pt", str(peers[kind][1]))
+
+
+@pytest.mark.parametrize("change", ["remove", "rename", "add"])
+def test_text_weights_with_one_key_changed_are_refused_by_name(peers, change, tmp_path):
+    obj = torch.load(peers["mgca"][0], weights_only=True)
+    state = obj["state_dict"]
+    key = "text_encoder_q.model.encoder.layer.1.output.dense.bias"
+    if change == "remove":
+        del state[key]
+    elif change == "rename":
+        state[key.replace("dense", "dense_v2")] = state.pop(key)
+    else:
+        state["text_encoder_q.model.encoder.layer.1.output.extra"] = torch.zeros(2)
+    torch.save(obj, tmp_path / "changed.ckpt")
+    named = {"remove": "encoder.layer.1.output.dense.bias", "rename": "encoder.layer.1.output.dense",
+             "add": "encoder.layer.1.output.extra"}[change]
+    with pytest.raises(CheckpointError, match=rf"mgca: .*{named}"):
+        load_peer_vl_model("mgca", tmp_path / "changed.ckpt", str(peers["mgca"][1]))
+    # the old position_ids buffer is on the explicit allow-list (MedCLIP's file carries one)
+    from g2d.peer_vlm import IGNORABLE_BUFFERS
+
+    assert IGNORABLE_BUFFERS == ("num_batches_tracked", "position_ids")

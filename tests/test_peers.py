@@ -7,6 +7,7 @@ executes nothing (no download anywhere)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,41 @@ def peer_files(tmp_path_factory):
 
 def test_every_kind_has_a_layout_here():
     assert set(_layouts(_resnet(), _resnet(1), _resnet(1, 18))) == set(PEER_KINDS) - {"gloria"}  # gloria below
+
+
+def _container_state(obj, kind):
+    """The state dict inside a peer's container object (the kind's container keys, as the loader)."""
+    for key in PEER_KINDS[kind].container:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+@pytest.mark.parametrize("change", ["remove", "rename", "add"])
+@pytest.mark.parametrize("kind", sorted(set(PEER_KINDS) - {"gloria"}))
+def test_an_encoder_file_with_one_key_removed_renamed_or_added_is_refused_by_name(kind, peer_files, change,
+                                                                                   tmp_path):
+    """Issue 29: every encoder a peer's file builds has its expected layout; one key removed (a bias),
+    renamed, or added under the encoder's prefix fails the load, naming the key."""
+    import re
+
+    obj = torch.load(peer_files[kind][0], weights_only=True)
+    state = _container_state(obj, kind)
+    prefix = PEER_KINDS[kind].prefix
+    key = next(k for k in state if re.match(prefix + r"(layer2|5)\.0\.bn1\.bias$", k))
+    start = re.match(prefix, key).end()
+    if change == "remove":
+        del state[key]
+        named = "layer2.0.bn1.bias"
+    elif change == "rename":
+        state[key + "_v2"] = state.pop(key)
+        named = "layer2.0.bn1.bias"
+    else:
+        named = key[:start] + ("11.weight" if PEER_KINDS[kind].index_names else "extra_layer.weight")
+        state[named] = torch.zeros(3)
+    torch.save(obj, tmp_path / "changed.pt")
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        load_peer_encoder(kind, tmp_path / "changed.pt")
 
 
 @pytest.mark.parametrize("kind", sorted(set(PEER_KINDS) - {"gloria"}))
@@ -283,3 +319,24 @@ def test_mgca_gloria_medclip_inputs_are_their_own(peer_files, tmp_path):
 
     build_unet(tower)(x)                                 # the encoder is copied, its hook with it
     assert seen == [(64, 64)]
+
+
+@pytest.mark.parametrize("change", ["remove", "rename", "add"])
+@pytest.mark.parametrize("part", ["decoder.blocks.2.conv1.1.bias", "segmentation_head.0.bias"])
+def test_a_release_decoder_or_head_with_one_key_changed_is_refused_by_name(tmp_path, part, change):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    state = smp.Unet("resnet18", encoder_weights=None, classes=1).state_dict()
+    if change == "remove":
+        del state[part]
+        named = part.split(".", 1)[1]
+    elif change == "rename":
+        state[part + "_v2"] = state.pop(part)
+        named = part.split(".", 1)[1]
+    else:
+        named = part.rsplit(".", 2)[0] + ".extra"
+        state[named] = torch.zeros(2)
+        named = named.split(".", 1)[1]
+    torch.save(state, tmp_path / "run_encoder_decoder.pth")
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        load_image_tower(f"g2d-release:{tmp_path / 'run_encoder_decoder.pth'}")

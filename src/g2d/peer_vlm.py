@@ -37,7 +37,7 @@ from g2d.errors import CheckpointError, ConfigError, DataError
 from g2d.model.text_encoder import _offline, check_tokenizer
 from g2d.peers import PEER_KINDS, PeerEncoder, global_input, load_peer_encoder, read_peer_state
 
-__all__ = ["PeerText", "PEER_TEXT", "PeerVLModel", "load_peer_vl_model"]
+__all__ = ["PeerText", "PEER_TEXT", "HEAD_LAYOUTS", "IGNORABLE_BUFFERS", "PeerVLModel", "load_peer_vl_model"]
 
 log = logging.getLogger("g2d.peers")
 
@@ -138,58 +138,109 @@ def _take(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
 
 
+# The layout of every projection head g2d builds from a peer's checkpoint, layer by layer (a Sequential's
+# index = the position here; a single layer stores its keys without an index). Layer sizes come from the
+# weights; which layers exist, their biases and BatchNorm affinity are fixed, so a file that lacks one (a
+# missing bias, a missing BatchNorm) is refused instead of loading into another architecture.
+# "linear"/"conv" carry weight and bias, "-nobias" weight only ("conv" = 1x1, applied per vector);
+# "bn" is BatchNorm with weight and bias, "bn-noaffine" without; "relu" has no parameters.
+HEAD_LAYOUTS: dict[tuple[str, str], tuple[str, ...]] = {
+    # MGCA encoder.py:17-54 GlobalEmbedding: Linear, BN, ReLU, Linear, BN(affine=False)
+    ("mgca", "img_encoder_q.global_embed.head"): ("linear", "bn", "relu", "linear", "bn-noaffine"),
+    ("mgca", "text_encoder_q.global_embed.head"): ("linear", "bn", "relu", "linear", "bn-noaffine"),
+    # GLoRIA vision_model.py: global_embedder Linear 2048->768, local_embedder 1x1 conv 1024->768 without bias
+    ("gloria", "gloria.img_encoder.global_embedder"): ("linear",),
+    ("gloria", "gloria.img_encoder.local_embedder"): ("conv-nobias",),
+    # ViLMedic conVIRT.py: Linear, ReLU, Linear (vision and language)
+    ("convirt", "vis_proj"): ("linear", "relu", "linear"),
+    ("convirt", "lin_proj"): ("linear", "relu", "linear"),
+    # MedCLIP modeling_medclip.py: fc and projection_head, Linear without bias
+    ("medclip", "vision_model.model.fc"): ("linear-nobias",),
+    ("medclip", "text_model.projection_head"): ("linear-nobias",),
+    # hi-ml modules.py:12-53 MLP: 1x1 conv without bias, BN2d, ReLU, 1x1 conv with bias
+    ("biovil", "projector.model"): ("conv-nobias", "bn", "relu", "conv"),
+}
+
+# buffers a file may lack or carry without changing the computation (BatchNorm's batch counter, used
+# only with momentum=None; HF's position_ids, issue #37 of MedCLIP)
+IGNORABLE_BUFFERS = ("num_batches_tracked", "position_ids")
+
+
 def _head(kind: str, prefix: str, parts: dict[str, Tensor], path: Path) -> nn.Module:
-    """A per-vector head ``[N, C_in] -> [N, d]`` from a Sequential's tensors (Linear / 1x1 conv,
-    BatchNorm, activations where the index skips), or a single Linear / 1x1 conv (no index)."""
+    """A per-vector head ``[N, C_in] -> [N, d]`` in the layout :data:`HEAD_LAYOUTS` gives for
+    ``(kind, prefix)``, from the file's tensors under ``prefix`` (``parts``, prefix stripped).
+
+    :raises CheckpointError: a missing, renamed or added key, or a shape that does not chain, naming
+        the key (with ``prefix``)."""
+    layout = HEAD_LAYOUTS[kind, prefix]
     if not parts:
         raise CheckpointError(f"{kind}: {path} has no {prefix}.* weights (the {kind} projection head)")
-    if "weight" in parts:                                       # a single layer (GLoRIA, MedCLIP)
-        indices = {"": parts}
-    else:
-        indices = {}
-        for k, v in parts.items():
-            i, _, name = k.partition(".")
-            if not i.isdigit():
-                raise CheckpointError(f"{kind}: {path}: unexpected key {prefix}.{k!r}")
-            indices.setdefault(i, {})[name] = v
+    single = len(layout) == 1
+    file_keys = {k if not single else f"0.{k}": k for k in parts}  # module key -> file key
+    state = {m: parts[f] for m, f in file_keys.items() if not m.endswith(IGNORABLE_BUFFERS)}
     layers: list[nn.Module] = []
-    last = -1
-    for i in sorted(indices, key=lambda s: int(s) if s else 0):
-        t = indices[i]
-        idx = int(i) if i else 0
-        if layers and idx > last + 1:      # the parameter-free activation in between: ReLU in every peer's head
+    width: int | None = None
+
+    def name(key: str) -> str:  # a module key as the file spells it
+        return repr(f"{prefix}.{key[2:] if single else key}")
+
+    def need(key: str) -> Tensor:
+        if key not in state:
+            raise CheckpointError(f"{kind}: {path}: missing key {name(key)} (the {kind} head is {', '.join(layout)})")
+        return state[key]
+
+    for i, code in enumerate(layout):
+        if code == "relu":
             layers.append(nn.ReLU())
-        last = idx
-        w = t.get("weight")
-        try:
-            if "running_mean" in t:                             # BatchNorm (affine=False: no weight)
-                bn = nn.BatchNorm1d(t["running_mean"].numel(), affine=w is not None)
-                bn.load_state_dict({"num_batches_tracked": torch.tensor(0), **t})
-                layers.append(bn)
-                continue
-            if w is not None and w.ndim in (2, 4):              # Linear or 1x1 conv as Linear
-                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t)
-                lin.load_state_dict({**t, "weight": w.reshape(w.shape[0], w.shape[1])})
-                layers.append(lin)
-                continue
-        except RuntimeError as err:                             # unexpected names or shapes in the layer
-            raise CheckpointError(f"{kind}: {path}: {prefix}.{i}: {' '.join(str(err).split())[:160]}") from None
-        else:
-            raise CheckpointError(f"{kind}: {path}: cannot read {prefix}.{i} ({sorted(t)})")
-    return nn.Sequential(*layers).eval()
+            continue
+        if code.startswith(("linear", "conv")):
+            w = need(f"{i}.weight")
+            if w.ndim != (2 if code.startswith("linear") else 4) or (w.ndim == 4 and w.shape[2:] != (1, 1)):
+                raise CheckpointError(f"{kind}: {path}: {prefix}.{i}.weight has shape {tuple(w.shape)}, not a "
+                                      f"{'Linear' if code.startswith('linear') else '1x1 convolution'} weight")
+            if width is not None and w.shape[1] != width:
+                raise CheckpointError(f"{kind}: {path}: {prefix}.{i}.weight takes {w.shape[1]} inputs where the "
+                                      f"layer before gives {width}")
+            width = int(w.shape[0])
+            lin = nn.Linear(int(w.shape[1]), width, bias=not code.endswith("nobias"))
+            state[f"{i}.weight"] = w.reshape(width, -1)
+            layers.append(lin)
+        else:  # bn, bn-noaffine
+            width = int(need(f"{i}.running_mean").numel()) if width is None else width
+            layers.append(nn.BatchNorm1d(width, affine=code == "bn"))
+    head = nn.Sequential(*layers)
+    expected = {k: v for k, v in head.state_dict().items() if not k.endswith(IGNORABLE_BUFFERS)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise CheckpointError(f"{kind}: {path}: {'missing' if missing else 'unexpected'} key {name(key)} "
+                              f"(the {kind} head is {', '.join(layout)})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{kind}: {path}: {name(k)} has shape {tuple(v.shape)}, the layout needs "
+                                  f"{tuple(expected[k].shape)}")
+    head.load_state_dict(state, strict=False)  # only the ignorable buffers may be absent
+    return head.eval()
 
 
 def _biovil_text_head(parts: dict[str, Tensor], path: Path) -> nn.Module:
-    """hi-ml's BertProjectionHead: dense_to_hidden -> GELU -> LayerNorm (eps 1e-12) -> dense_to_output."""
-    need = ("dense_to_hidden.weight", "LayerNorm.weight", "dense_to_output.weight")
-    if not all(k in parts for k in need):
-        raise CheckpointError(f"biovil: {path} has no cls_projection_head.{{dense_to_hidden, LayerNorm, "
-                              f"dense_to_output}} (found {sorted(parts)[:4]})")
+    """hi-ml's BertProjectionHead: dense_to_hidden -> GELU -> LayerNorm (eps 1e-12) -> dense_to_output.
+
+    :raises CheckpointError: a missing, renamed or added key, or a shape that does not fit, naming it."""
+    names = {"dense_to_hidden": "0", "LayerNorm": "2", "dense_to_output": "3"}
+    expected = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+    missing, unexpected = sorted(set(expected) - set(parts)), sorted(set(parts) - set(expected))
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise CheckpointError(f"biovil: {path}: {'missing' if missing else 'unexpected'} key "
+                              f"cls_projection_head.{key} (the head is dense_to_hidden, GELU, LayerNorm, "
+                              "dense_to_output)")
     d_in, d = parts["dense_to_hidden.weight"].shape[1], parts["dense_to_hidden.weight"].shape[0]
     head = nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.LayerNorm(d, eps=1e-12), nn.Linear(d, d))
-    head.load_state_dict({"0.weight": parts["dense_to_hidden.weight"], "0.bias": parts["dense_to_hidden.bias"],
-                          "2.weight": parts["LayerNorm.weight"], "2.bias": parts["LayerNorm.bias"],
-                          "3.weight": parts["dense_to_output.weight"], "3.bias": parts["dense_to_output.bias"]})
+    try:
+        head.load_state_dict({f"{names[k.split('.')[0]]}.{k.split('.')[1]}": v for k, v in parts.items()})
+    except RuntimeError as err:
+        raise CheckpointError(f"biovil: {path}: cls_projection_head: {' '.join(str(err).split())[:160]}") from None
     return head.eval()
 
 

@@ -61,6 +61,8 @@ class PeerKind:
         ``segmentation_dataset.py``, ``detector_backbone.py``; GLoRIA's U-Net).
     :ivar zero_shot: how the peer scores zero-shot ("cosine" when an image-text cosine similarity,
         else a description of why g2d's zero-shot protocol cannot reproduce it).
+    :ivar other_parts: top-level names under ``prefix`` that are the file's other parts, not the encoder
+        (skipped by name; any other name there is an error): the classifier ``fc`` for every kind.
     """
 
     name: str
@@ -75,6 +77,7 @@ class PeerKind:
     needs_pickle: bool = False
     zero_shot: str = "cosine"
     source: str = ""
+    other_parts: tuple[str, ...] = ("fc",)
 
 
 _HALF = (0.5, 0.5, 0.5)
@@ -88,7 +91,8 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              preprocess=ImageTransformCfg(resize=256, crop=256, augment="none"),
              zero_shot="the released G2D code saves no text tower or projection heads in these files",
              source="G2D-NeurIPS24 PRETRAIN/utils/trainer.py: {name}_encoder.pth (smp encoder) or "
-                    "{name}_encoder_decoder.pth (encoder.* + decoder.*)"),
+                    "{name}_encoder_decoder.pth (encoder.* + decoder.*)",
+             other_parts=("fc", "decoder", "segmentation_head")),
     PeerKind("torchvision", (), "", zero_shot="a torchvision ResNet has no text tower",
              source="a torchvision ResNet state dict (ImageNet normalisation)"),
     PeerKind("mgca", ("state_dict",), r"img_encoder_q\.model\.", mean=_HALF, std=_HALF,
@@ -115,7 +119,13 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              preprocess=_SQUARE_224,
              zero_shot="PRIOR's text path (prototype bank, sentence attention, local term) is not reproduced",
              source="PRIOR pretrained/prior_resnet50.pt (1-channel conv1, no prefix) or the whole model "
-                    "(image_encoder.encoder.*)"),
+                    "(image_encoder.encoder.*)",
+             # the whole model's other modules (models/prior.py:29-58, peer-checkpoints.md)
+             other_parts=("fc", "atten_pool", "text_encoder", "global_image_projection", "local_image_projection",
+                          "global_text_projection", "local_text_projection", "global_text_attention",
+                          "sentence_bank", "item_gather", "local_cross_attention", "logit_scale",
+                          "local_logit_scale", "predictor", "sentence_decoder", "image_decoder",
+                          "prototype_queries")),
     PeerKind("medclip", (), r"vision_model\.model\.", mean=(0.5863,) * 3, std=(0.2795,) * 3,
              preprocess=ImageTransformCfg(resize=224, crop=224, augment="none", pad_square=True),
              source="MedCLIP pytorch_model.bin: vision_model.model.* (fc is its 512-d projection)"),
@@ -190,8 +200,15 @@ def _state_dict(obj: Any, kind: PeerKind, path: Path) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
-def _encoder_keys(state: dict[str, Tensor], kind: PeerKind) -> dict[str, Tensor]:
-    """The encoder's tensors under torchvision names (prefix stripped, indices renamed, fc dropped)."""
+_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+def _encoder_keys(state: dict[str, Tensor], kind: PeerKind, path: Path) -> dict[str, Tensor]:
+    """The encoder's tensors under torchvision names (prefix stripped, indices renamed, the kind's
+    :attr:`PeerKind.other_parts` skipped).
+
+    :raises CheckpointError: a name under the prefix that is neither the encoder's nor a known other part
+        (a renamed or added key), naming it."""
     prefix = re.compile(kind.prefix)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -200,12 +217,13 @@ def _encoder_keys(state: dict[str, Tensor], kind: PeerKind) -> dict[str, Tensor]
             continue
         name = key[m.end():]
         first, _, rest = name.partition(".")
-        if kind.index_names:
-            if first not in _CHILDREN:
-                continue
+        if kind.index_names and first in _CHILDREN:
             name, first = f"{_CHILDREN[first]}.{rest}", _CHILDREN[first]
-        if first in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
+        if first in _STAGES:
             out[name] = value
+        elif first not in kind.other_parts:
+            raise CheckpointError(f"{kind.name}: {path}: unexpected key {key!r}: not part of the {kind.name} encoder "
+                                  f"({', '.join(_STAGES)}) nor of its known other parts ({', '.join(kind.other_parts)})")
     return out
 
 
@@ -241,7 +259,7 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
     """
     kind = PEER_KINDS[kind_name]
     path = Path(path)
-    state = _encoder_keys(state if state is not None else read_peer_state(kind_name, path, trust_pickle), kind)
+    state = _encoder_keys(state if state is not None else read_peer_state(kind_name, path, trust_pickle), kind, path)
     if not state:
         raise CheckpointError(f"{kind.name}: {path} has no key under the {kind.name} encoder prefix "
                               f"{kind.prefix!r} ({kind.source})")
@@ -262,7 +280,8 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
     if missing or unexpected:
         first = (missing or unexpected)[0]
         raise CheckpointError(f"{kind.name}: {path} does not hold a {arch} encoder in the {kind.name} layout: "
-                              f"{len(missing)} missing key(s), {len(unexpected)} unexpected; first: {first!r}")
+                              f"{len(missing)} missing key(s), {len(unexpected)} unexpected; first: {first!r} "
+                              f"({'missing' if missing else 'unexpected'})")
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{kind.name}: {path}: {k!r} has shape {tuple(v.shape)}, "
