@@ -109,7 +109,7 @@ def test_two_gloo_processes_match_one_process(tiny_cfg, tmp_path):
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(WORLD)]
 
     torch.set_num_threads(1)
-    for name, mode, accum, steps in SCENARIOS:
+    for name, mode, _accum, steps in SCENARIOS:
         cfg = _scenario_cfg(cfg_dict, mode)
         # one process, the whole global batch in one step (accumulation: the same batch of 8)
         ref_losses, ref_grads, ref_params = _train(cfg, images, texts, 0, 1, accum=1, steps=steps)

@@ -465,9 +465,8 @@ def _head_cases():
             cases.append((kind, prefix, "remove bias", [key(i, "bias")], {}, key(i, "bias")))
         if "bn" in layout:
             i = layout.index("bn")
-            cases.append((kind, prefix, "remove BatchNorm", [key(i, n) for n in ("weight", "bias", "running_mean",
-                                                                                  "running_var", "num_batches_tracked")],
-                          {}, key(i, "")))
+            bn_keys = [key(i, n) for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+            cases.append((kind, prefix, "remove BatchNorm", bn_keys, {}, key(i, "")))
         cases.append((kind, prefix, "rename", [key(first, "weight")], {key(first, "weights"): None},
                       key(first, "weight")))
         cases.append((kind, prefix, "add", [], {key(9, "weight") if not single else "scale": torch.ones(2)},
@@ -518,3 +517,20 @@ def test_text_weights_with_one_key_changed_are_refused_by_name(peers, change, tm
     from g2d.peer_vlm import IGNORABLE_BUFFERS
 
     assert IGNORABLE_BUFFERS == ("num_batches_tracked", "position_ids")
+
+
+def test_peer_entry_points_keep_the_input_contract(peers):
+    """Issue 29: a peer's model takes [0, 1] (uint8 converted) and refuses 0-255 floats by name."""
+    from g2d.errors import ImageInputError
+
+    x = torch.rand(2, 1, 64, 64)
+    u8 = (x * 255).round().to(torch.uint8)
+    for kind in ("medclip", "gloria"):
+        model = load_peer_vl_model(kind, peers[kind][0], str(peers[kind][1]))
+        calls = [model.encode_image, model.dense_embeddings]
+        if kind == "gloria":
+            calls.append(lambda t, m=model: m.similarity(t, ["pleural effusion"]))
+        for call in calls:
+            with pytest.raises(ImageInputError, match=rf"{kind} .*\[0, 1\]"):
+                call(x * 255)
+            torch.testing.assert_close(call(u8), call(u8.float() / 255))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ConfigError", "DataError", "LabelSpaceError", "ImageReadError", "CheckpointError",
+__all__ = ["ConfigError", "DataError", "LabelSpaceError", "ImageReadError", "ImageInputError", "CheckpointError",
            "CheckpointWriteError"]
 
 
@@ -37,6 +37,11 @@ class LabelSpaceError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ImageInputError(ValueError):
+    """An image tensor handed to a model or the inference code breaks the [0, 1] input contract
+    (:func:`g2d.image_input.as_model_input`); the message names the entry point and what it got."""
 
 
 class ImageReadError(RuntimeError):

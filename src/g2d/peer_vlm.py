@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from g2d.errors import CheckpointError, ConfigError, DataError
+from g2d.image_input import as_model_input
 from g2d.model.text_encoder import _offline, check_tokenizer
 from g2d.peers import PEER_KINDS, PeerEncoder, global_input, load_peer_encoder, read_peer_state
 
@@ -451,13 +452,14 @@ class PeerVLModel(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def _features(self, images: Tensor) -> list[Tensor]:
+    def _features(self, images: Tensor, where: str) -> list[Tensor]:
+        images = as_model_input(images, f"{self.spec.kind} {where}")  # [0, 1]; uint8 / 255
         return self.image_encoder(global_input(images, PEER_KINDS[self.spec.kind].global_input))
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """[B, 1 or 3, H, W] in [0, 1] -> [B, d] (the peer's normalisation is applied inside)."""
-        grid = self._features(images)[-1]
+        grid = self._features(images, "encode_image")[-1]
         emb = (_per_vector(self.image_head, grid).mean((1, 2)) if self.spec.image_head_on_grid
                else self.image_head(grid.mean((2, 3))))
         return F.normalize(emb, dim=-1) if normalize else emb
@@ -465,7 +467,7 @@ class PeerVLModel(nn.Module):
     @torch.no_grad()
     def dense_embeddings(self, images: Tensor, normalize: bool = True) -> Tensor:
         """[B, 1 or 3, H, W] -> [B, h, w, d]: each cell of the grounding stage through the dense head."""
-        pix = _per_vector(self.dense_head, self._features(images)[self.spec.dense_stage])
+        pix = _per_vector(self.dense_head, self._features(images, "dense_embeddings")[self.spec.dense_stage])
         return F.normalize(pix, dim=-1) if normalize else pix
 
     @property
@@ -481,7 +483,7 @@ class PeerVLModel(nn.Module):
 
         :param images: [B, 1 or 3, H, W] in [0, 1]. :param texts: P prompts. :return: [B, P].
         """
-        feats = self._features(images)
+        feats = self._features(images, "similarity")
         words, cap_lens = self.text.words(texts)
         # the sentence is the sum of the word slots ([CLS]..[SEP], zeros after): one text pass for both
         sent = self.text.head(words.sum(1))

@@ -222,8 +222,9 @@ def _encoder_keys(state: dict[str, Tensor], kind: PeerKind, path: Path) -> dict[
         if first in _STAGES:
             out[name] = value
         elif first not in kind.other_parts:
-            raise CheckpointError(f"{kind.name}: {path}: unexpected key {key!r}: not part of the {kind.name} encoder "
-                                  f"({', '.join(_STAGES)}) nor of its known other parts ({', '.join(kind.other_parts)})")
+            raise CheckpointError(f"{kind.name}: {path}: unexpected key {key!r}: not part of the {kind.name} "
+                                  f"encoder ({', '.join(_STAGES)}) nor of its known other parts "
+                                  f"({', '.join(kind.other_parts)})")
     return out
 
 

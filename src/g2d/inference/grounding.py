@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from g2d.image_input import as_model_input
 from g2d.inference.interface import TextImageModel
 
 __all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
@@ -33,9 +34,11 @@ BINARIZE_RULES = ("minmax", "fixed", "quantile")
 def dense_similarity(model: TextImageModel, images: Tensor, prompts: list[str]) -> Tensor:
     """Cosine similarity of prompt ``i`` with image ``i``'s pixel embeddings at the dense resolution.
 
-    :param images: [B, 1, S, S] in [0, 1]. :return: [B, S/32, S/32] in [-1, 1] (CPU).
+    :param images: [B, 1, S, S] in [0, 1] (``uint8`` is divided by 255). :return: [B, S/32, S/32] in [-1, 1] (CPU).
+    :raises ImageInputError: images outside that contract.
     """
     device = model.logit_scale.device
+    images = as_model_input(images, "dense_similarity")
     pix = model.dense_embeddings(images.to(device))                  # [B, h, w, d]
     txt = model.encode_text(list(prompts))                           # [B, d]
     return torch.einsum("bhwd,bd->bhw", pix, txt).float().cpu()
@@ -46,8 +49,10 @@ def similarity_maps(model: TextImageModel, images: Tensor, prompts: list[str]) -
     """Cosine similarity of prompt ``i`` with image ``i``'s pixel embeddings, upsampled
     (bilinear) to the input size.
 
-    :param images: [B, 1, H, W] in [0, 1]. :return: [B, H, W] in [-1, 1].
+    :param images: [B, 1, H, W] in [0, 1] (``uint8`` is divided by 255). :return: [B, H, W] in [-1, 1].
+    :raises ImageInputError: images outside that contract.
     """
+    images = as_model_input(images, "similarity_maps")
     sim = dense_similarity(model, images, prompts).unsqueeze(1)
     return F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 

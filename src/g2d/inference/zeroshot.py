@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from g2d.errors import DataError
+from g2d.image_input import as_model_input
 from g2d.inference.interface import TextImageModel
 
 __all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores",
@@ -155,7 +156,9 @@ class ZeroShotScorer:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        """:param images: [B, 1 or 3, H, W] in [0, 1] on the model's device. :return: [B, K] in (0, 1)."""
+        """:param images: [B, 1 or 3, H, W] in [0, 1] (``uint8`` is divided by 255) on the model's device.
+        :return: [B, K] in (0, 1). :raises ImageInputError: images outside that contract."""
+        images = as_model_input(images, "ZeroShotScorer")
         scale = self.model.logit_scale.exp()
         if not self.pairs:
             return zero_shot_scores(self.model.encode_image(images), self.pos, self.neg, scale)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from g2d.config import G2DConfig, ModelCfg
+from g2d.image_input import as_model_input
 from g2d.model.attention_pool import AttentionPool2d
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
@@ -115,7 +116,14 @@ class G2DModel(nn.Module):
         return self.pixel_proj(dense.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def image_forward(self, images: Tensor, decode: bool = True, normalize: bool = True) -> ImageOutput:
-        """:param images: [B, 1 or 3, H, W] in [0, 1]. :return: :class:`ImageOutput`."""
+        """:param images: [B, 1 or 3, H, W] in [0, 1] (``uint8`` is divided by 255).
+        :return: :class:`ImageOutput`.
+        :raises ImageInputError: images outside that contract (:func:`g2d.image_input.as_model_input`)."""
+        return self._image_forward(as_model_input(images, "G2DModel.image_forward"), decode, normalize)
+
+    def _image_forward(self, images: Tensor, decode: bool = True, normalize: bool = True) -> ImageOutput:
+        """:meth:`image_forward` without the input check (training: images from g2d's own loaders,
+        no host synchronisation per step)."""
         features = self.image_encoder(images)
         pooled, attention = self.pool(self._dense_for_pool(features[-1]))
         emb = self.image_proj(pooled) if self.image_proj is not None else pooled
@@ -127,14 +135,19 @@ class G2DModel(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        """[B, 1 or 3, H, W] in [0, 1] -> [B, d] global image embeddings."""
-        return self.image_forward(images, decode=False, normalize=normalize).embedding
+        """[B, 1 or 3, H, W] in [0, 1] (``uint8`` is divided by 255) -> [B, d] global image embeddings.
+
+        :raises ImageInputError: images outside that contract (e.g. 0-255 floats)."""
+        images = as_model_input(images, "G2DModel.encode_image")
+        return self._image_forward(images, decode=False, normalize=normalize).embedding
 
     def dense_embeddings(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Per-pixel embeddings in the joint space, for zero-shot grounding.
 
-        :param images: [B, 1 or 3, H, W]. :return: [B, H/s, W/s, d].
+        :param images: [B, 1 or 3, H, W] in [0, 1] (``uint8`` is divided by 255). :return: [B, H/s, W/s, d].
+        :raises ImageInputError: images outside that contract.
         """
+        images = as_model_input(images, "G2DModel.dense_embeddings")
         dense = self._dense_for_pool(self.image_encoder(images)[-1])
         pix = self.pool.pixel_values(dense)
         if self.image_proj is not None:
@@ -159,5 +172,7 @@ class G2DModel(nn.Module):
     # ---------------------------------------------------------------------------------- joint
 
     def forward(self, images: Tensor, tokens: dict[str, Tensor], decode: bool = True) -> G2DOutput:
-        image = self.image_forward(images, decode=decode)
+        """The training forward: ``images`` [B, 1 or 3, H, W] in [0, 1] from g2d's loaders, not
+        checked here (:meth:`image_forward` checks)."""
+        image = self._image_forward(images, decode=decode)
         return G2DOutput(image, self.text_forward(tokens), self.logit_scale.exp())
