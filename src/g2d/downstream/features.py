@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -25,10 +27,12 @@ from g2d.downstream.protocol import GeometryArgs
 from g2d.downstream.towers import Frozen, ImageTower
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp
+from g2d.metrics import nan_mean
 from g2d.peers import global_input
 
 __all__ = ["geometry_from_args", "POOLINGS", "extract_features", "cached_features", "model_key",
-           "default_cache_dir", "label_tasks", "geometry_source"]
+           "default_cache_dir", "label_tasks", "geometry_source", "train_positives",
+           "leave_out_classes_without_positives"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -174,6 +178,32 @@ def label_tasks(ds: Any, spec: str) -> list[str]:
         raise DataError(f"{spec}: the set has no label columns to classify; name them with "
                         "--labels a,b,c or csv:FILE?labels=a,b,c")
     return tasks
+
+
+def train_positives(labels: np.ndarray, tasks: list[str]) -> dict[str, int]:
+    """Training images with a positive label, per class (``labels`` ``[N, K]``, NaN unknown)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), len(tasks))
+    return {t: int(np.sum(y[:, k] == 1)) for k, t in enumerate(tasks)}
+
+
+def leave_out_classes_without_positives(test: dict[str, Any], positives: dict[str, int], what: str
+                                        ) -> dict[str, Any]:
+    """``test`` (:func:`g2d.downstream.linear_probe.evaluate_scores`) with ``auc`` the mean over the
+    classes that had a positive training image only (a head that never saw a positive of a class
+    scores it by chance, MGCA #39), saying so: ``train_positives`` per class, ``classes_without_train_positives``
+    and ``auc_all_classes`` (the mean over every class with a defined AUROC); a warning names them.
+    ``auc`` is NaN (null, with its reason) when no class had a positive."""
+    missing = [t for t, n in positives.items() if n == 0]
+    out = {**test, "train_positives": positives, "classes_without_train_positives": missing}
+    if missing:
+        log.warning("%s: no positive training image for %s: left out of the mean AUROC (per class still "
+                    "reported)", what, ", ".join(missing))
+        out["auc_all_classes"] = test["auc"]
+        kept = {t: v for t, v in test["auc_per_class"].items() if t not in missing}
+        out["auc"] = nan_mean(kept) if kept else math.nan
+        if not kept:
+            out["undefined"] = {**test.get("undefined", {}), "auc": "no class has a positive training image"}
+    return out
 
 
 def check_split(ds: Any, what: str) -> None:

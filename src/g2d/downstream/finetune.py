@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
-from g2d.downstream.features import check_split, geometry_from_args, geometry_source, label_tasks
+from g2d.downstream.features import (
+    check_split,
+    geometry_from_args,
+    geometry_source,
+    label_tasks,
+    leave_out_classes_without_positives,
+    train_positives,
+)
 from g2d.downstream.harness import Fit, make_loader, progress_bar
 from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
@@ -152,7 +159,8 @@ def run(args: Args) -> dict[str, Any]:
                 "val": h["val_score"] if math.isfinite(h["val_score"]) else math.nan} for h in fit.history]
     scores, labels = _predict(model, make_loader(test_ds, args.batch_size, args.num_workers), multiclass,
                               device, progress, "test")
-    test = evaluate_scores(scores, labels, tasks, multiclass)
+    test = leave_out_classes_without_positives(evaluate_scores(scores, labels, tasks, multiclass),
+                                               train_positives(train_ds.labels(), tasks), f"{args.data} finetune")
     metrics: dict[str, Any] = {
         "task": "finetune", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
         "type": "multiclass" if multiclass else "multilabel", **test,

@@ -36,7 +36,9 @@ from g2d.downstream.features import (
     geometry_from_args,
     geometry_source,
     label_tasks,
+    leave_out_classes_without_positives,
     model_key,
+    train_positives,
 )
 from g2d.downstream.harness import Fit
 from g2d.downstream.protocol import GeometryArgs, arg
@@ -166,7 +168,8 @@ def run(args: Args) -> dict[str, Any]:
         device=device)
     with torch.no_grad():
         scores = _probs(head(xt), multiclass).numpy()
-    test = evaluate_scores(scores, yt.numpy(), tasks, multiclass)
+    test = leave_out_classes_without_positives(evaluate_scores(scores, yt.numpy(), tasks, multiclass),
+                                               train_positives(ys.numpy(), tasks), f"{args.data} linear")
     metrics: dict[str, Any] = {
         "task": "linear", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
         "type": "multiclass" if multiclass else "multilabel", "pool": args.pool, "feature_dim": int(xs.shape[1]),

@@ -263,6 +263,9 @@ def open_splits(args: Any) -> dict[str, Any]:
         train = splits["train"]
         assert isinstance(train, LabelledCXR)  # SIIM is read from files, never generated
         splits["train"] = balance_train(train, args.fraction, args.subset)
+    if positives(splits["train"]) == 0:  # metrics.json records n_train_pos
+        log.warning("%s: the training subset (fraction %g, subset %d, %d images) holds no positive image",
+                    args.data, args.fraction, args.subset, len(splits["train"]))
     return splits
 
 

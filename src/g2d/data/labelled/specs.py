@@ -37,6 +37,7 @@ from g2d.data.labelled.splits import (
     load_order,
     load_split,
     order_ranks,
+    rank_groups,
     rank_train,
     split_ids,
     subset_ranks,
@@ -179,6 +180,9 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
     records, tasks, skipped = read(p, **reader_opts)
     skipped.check(len(records) + skipped.total, max_skip_fraction)  # bad rows over the whole set
     by_id = {r.id: r for r in records}
+    patients = {r.id: r.patient for r in records if r.patient}
+    # fractions by patient wherever g2d draws the order itself; a shipped table's published order stays
+    by_patient = bool(patients) and (subset > 0 or (table_name is None and order_name is None))
     if table_name is not None:
         table = load_split(table_name)
         # Rows a shipped table cannot list (e.g. CheXpert's official valid.csv is not redistributable)
@@ -193,9 +197,10 @@ def open_dataset(spec: str, split: str = "train", fraction: float = 1.0,
         if unknown:
             raise DataError(f"{name}:{p}: split values {sorted(unknown)}; use {SPLITS}")
         train = [i for i, s in assignment.items() if s == "train"]
-        ranks = order_ranks(train, load_order(order_name), split_seed) if order_name else rank_train(train, split_seed)
+        ranks = (order_ranks(train, load_order(order_name), split_seed) if order_name
+                 else rank_groups(train, patients, split_seed) if by_patient else rank_train(train, split_seed))
         table = {i: (s, ranks.get(i, -1)) for i, s in assignment.items()}
-    wanted = split_ids(table, split, fraction, subset=subset)
+    wanted = split_ids(table, split, fraction, subset=subset, groups=patients if by_patient else None)
     # The reader named each dropped row; here only the share of this split's ids that is unusable
     # counts (ids are not logged: they can hold patient numbers).
     missing = sum(1 for i in wanted if i not in by_id)  # listed, but the files lack them or rows were bad

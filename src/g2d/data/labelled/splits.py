@@ -13,9 +13,16 @@ choice (validation carve, training fractions) from the shipped ranks, so those a
 
 Label subset ``k`` (``--subset k``, 0 by default) re-draws the training fractions: ``k = 0`` is the
 published order above; ``k >= 1`` ranks the same training ids by the seeded permutation
-:func:`subset_ranks` instead. Every subset is as large as the published one at each fraction and nested
-across fractions, and every model drawn with the same ``k`` trains on the same images, so a comparison
-between models can pair them subset by subset (docs/decoder-transfer.md).
+:func:`subset_ranks` instead.
+
+Where the records name their patient, every order g2d draws itself (a ``csv:`` table's fractions,
+every re-drawn subset) ranks **patients** (:func:`rank_groups`) and a fraction keeps whole patients
+(``ceil(f * n_patients)`` of them, all their training images), so no patient is half in a subset and
+the subsets stay nested. The published orders of the shipped tables (subset 0) are not changed: they
+rank images (docs/data.md says which sets that concerns). Every subset has the published size at each
+fraction (in patients where it is drawn by patient) and is nested across fractions, and every model
+drawn with the same ``k`` trains on the same images, so a comparison between models can pair them
+subset by subset (docs/decoder-transfer.md).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from types import MappingProxyType
 import numpy as np
 
 __all__ = ["SPLITS", "SPLIT_DIR", "check_fraction", "fraction_count", "load_split", "split_ids",
-           "write_split", "rank_train", "write_order", "load_order", "order_ranks", "subset_ranks",
+           "write_split", "rank_train", "rank_groups", "write_order", "load_order", "order_ranks", "subset_ranks",
            "check_subset"]
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +64,20 @@ def rank_train(ids: Sequence[str], seed: int) -> dict[str, int]:
     return {order[j]: r for r, j in enumerate(perm)}
 
 
+def rank_groups(ids: Sequence[str], groups: Mapping[str, str], seed: int) -> dict[str, int]:
+    """Ranks of ``ids`` with whole groups (patients) in a seeded order: the groups (sorted first) are
+    permuted, and each group's ids (sorted) take consecutive ranks. An id without a group is its own."""
+    members: dict[str, list[str]] = {}
+    for i in sorted(ids):
+        members.setdefault(groups.get(i) or f"\0{i}", []).append(i)
+    order = rank_train(list(members), seed)
+    ranks, r = {}, 0
+    for g in sorted(members, key=order.__getitem__):
+        for i in members[g]:
+            ranks[i], r = r, r + 1
+    return ranks
+
+
 # seeds of the re-drawn label subsets: subset k uses SUBSET_SEED + k (far from the split seeds)
 SUBSET_SEED = 7_000_000
 
@@ -67,10 +88,14 @@ def check_subset(subset: int) -> int:
     return int(subset)
 
 
-def subset_ranks(ids: Iterable[str], subset: int) -> dict[str, int] | None:
+def subset_ranks(ids: Iterable[str], subset: int, groups: Mapping[str, str] | None = None) -> dict[str, int] | None:
     """Ranks of the training ids for label subset ``subset``: ``None`` for 0 (keep the published
-    ranks), else a seeded permutation of ``ids`` (sorted first, so input order does not matter)."""
-    return None if check_subset(subset) == 0 else rank_train(list(ids), SUBSET_SEED + subset)
+    ranks), else a seeded permutation of ``ids`` (sorted first, so input order does not matter), of
+    whole ``groups`` (patients) where given (:func:`rank_groups`)."""
+    if check_subset(subset) == 0:
+        return None
+    seed = SUBSET_SEED + subset
+    return rank_groups(list(ids), groups, seed) if groups else rank_train(list(ids), seed)
 
 
 def _write_table(path: str | Path, header: list[str], rows: Iterable[Sequence]) -> Path:
@@ -152,22 +177,34 @@ def order_ranks(ids: Iterable[str], order: Mapping[str, int], seed: int) -> dict
 
 
 def split_ids(table: dict[str, tuple[str, int]], split: str, fraction: float = 1.0,
-              available: Iterable[str] | None = None, subset: int = 0) -> list[str]:
+              available: Iterable[str] | None = None, subset: int = 0,
+              groups: Mapping[str, str] | None = None) -> list[str]:
     """Ids of ``split`` (training ids cut to ``fraction``), in table order of rank / id.
 
     The fraction is taken over the *published* training list, then restricted to ``available`` ids,
     so a user missing a few files still trains on the same subset as everyone else minus those files.
-    ``subset`` >= 1 ranks the training ids by :func:`subset_ranks` instead of the table's ranks.
+    ``subset`` >= 1 ranks the training ids by :func:`subset_ranks` instead of the table's ranks. With
+    ``groups`` (id -> patient; the ranks must keep each group together, as :func:`rank_groups` does)
+    the fraction counts patients: the first ``fraction_count(n_patients, fraction)`` in rank order,
+    with all their ids.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rows = [(rank, i) for i, (s, rank) in table.items() if s == split]
     if split == "train":
-        redrawn = subset_ranks([i for _, i in rows], subset)
+        redrawn = subset_ranks([i for _, i in rows], subset, groups)
         if redrawn is not None:
             rows = [(redrawn[i], i) for _, i in rows]
         rows.sort()
-        rows = rows[:fraction_count(len(rows), fraction)]
+        if groups:
+            def group(i: str) -> str:
+                return groups.get(i) or f"\0{i}"
+
+            patients = list(dict.fromkeys(group(i) for _, i in rows))  # in rank order
+            keep = set(patients[:fraction_count(len(patients), fraction)])
+            rows = [(r, i) for r, i in rows if group(i) in keep]
+        else:
+            rows = rows[:fraction_count(len(rows), fraction)]
     else:
         check_fraction(fraction)
         rows.sort(key=lambda t: t[1])
