@@ -519,3 +519,44 @@ def _one_thread_and_restore_determinism():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+def _lrs(log: str) -> list[tuple[int, int, float]]:
+    return [(int(m.group(1)), int(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"step (\d+)/(\d+) .*? lr ([0-9.e+-]+)", log)]
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_world_size_keeps_the_learning_rate_curve(tiny_text_dir, tmp_path):
+    """Field case 27 (gpt-neox #1158): 2 gloo processes (global batch 4, 12 steps over 3 epochs of 16
+    images), killed after step 6, resumed with ONE process (global batch 2). The resumed run continues
+    at the samples consumed (step 12 of 24) and uses, at every step, the learning rate the uninterrupted
+    run used after as many samples; it ends where that run ends (before: it re-planned the schedule from
+    step 6 of 24, the rate climbed back and ended at 1.7e-4 instead of 2.4e-5)."""
+    flags = ["--batch-size", "2", "--max-steps", "12", "--epochs", "3", "train.warmup_steps=2",
+             "train.ckpt_every=1", "train.deterministic=false"]
+    full = _torchrun_tiny(tiny_text_dir, tmp_path / "A", flags, 600, "the uninterrupted 2-process run hung")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _torchrun_tiny(tiny_text_dir, tmp_path / "B", flags, 600, "the 2-process run hung",
+                            G2D_FAULT_KILL_AT_STEP="6")
+    assert killed.returncode != 0
+    resumed = _run(["pretrain", "--out", str(tmp_path / "B"), *_tiny(tiny_text_dir), *flags, "--resume", "latest"],
+                   timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _lrs(full.stdout + full.stderr), _lrs(resumed.stdout + resumed.stderr)
+    # the kill races the step-6 save (another rank may die first): the checkpoint is step 5 or 6
+    m = re.search(r"resuming with 1 processes instead of 2: (\d+) samples done, continuing at step (\d+) of 24",
+                  resumed.stderr)
+    assert m and int(m.group(1)) in (20, 24) and int(m.group(2)) == int(m.group(1)) // 2, resumed.stderr[-2000:]
+    assert a[-1][:2] == (12, 12) and b[0][:2] == (int(m.group(2)) + 1, 24) and b[-1][:2] == (24, 24)
+    # the rate of B's step s (after 2 (s - 1) samples) is A's after as many samples, where A has a step
+    # boundary there (every 4 samples: B's odd steps), and between A's neighbours elsewhere
+    lr_a = {4 * (s - 1): lr for s, _, lr in a}
+    for s, _, lr in b:
+        done = 2 * (s - 1)
+        if done in lr_a:
+            assert lr == pytest.approx(lr_a[done], rel=1e-6), (s, lr, lr_a[done])
+        else:
+            lo, hi = sorted((lr_a[done - 2], lr_a.get(done + 2, 0.0)))  # past A's last step: the decay goes on
+            assert lo <= lr <= hi, (s, lr, lo, hi)
+    assert b[-1][2] <= a[-1][2]  # B's last step sits half a step of A's past A's last

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -213,12 +214,19 @@ class Pretrainer:
         if self.steps_per_epoch < 1:
             raise ValueError("an epoch holds less than one optimizer step: lower train.batch_size "
                              "or train.grad_accum")
-        total = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.train)
+        self.global_batch = cfg.train.batch_size * d.world_size * cfg.train.grad_accum
+        self.total_steps = self._planned_steps(d.world_size)
+        # The schedule is planned in steps of the first run's global batch; a run resumed with another
+        # world size keeps that plan and maps its steps onto it by samples consumed (_load_state)
+        self.plan_batch, self.plan_steps = self.global_batch, self.total_steps
+        if state is not None and self._saved_plan(state)[0] != self.global_batch:
+            self.plan_batch, self.plan_steps = self._saved_plan(state)
+            self.total_steps = round(self.plan_steps * self.plan_batch / self.global_batch)
+        self.scheduler = build_scheduler(self.optimizer, self.plan_steps, cfg.train,
+                                         self.global_batch / self.plan_batch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda"
                                            and cfg.train.precision == "fp16")
-        self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch, self.skipped, self.samples_done = 0, 0, 0, 0, 0
         self.probe: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         if d.is_main and cfg.train.probe_every and cfg.data.spec == "synthetic":
             # held out: the generator's samples depend on (seed, index), so another seed is other images
@@ -228,6 +236,20 @@ class Pretrainer:
             self._load_state(state)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                      self.epoch, self.batch_in_epoch)
+
+    def _planned_steps(self, world_size: int) -> int:
+        """The run's optimizer steps with ``world_size`` processes: every epoch, or ``train.max_steps``."""
+        t = self.cfg.train
+        per_epoch = math.ceil(len(self.dataset) / world_size) // t.batch_size // t.grad_accum
+        return min(t.epochs * per_epoch, t.max_steps) if t.max_steps else t.epochs * per_epoch
+
+    def _saved_plan(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(global batch, steps) the checkpoint's schedule was planned with; a checkpoint from before
+        the plan was stored (2026-12-07) planned it with its own world size."""
+        if "schedule" in state:
+            return int(state["schedule"]["global_batch"]), int(state["schedule"]["total_steps"])
+        t, world = self.cfg.train, int(state["world_size"])
+        return t.batch_size * world * t.grad_accum, self._planned_steps(world)
 
     def _run_probe(self) -> dict[str, float]:
         """Attention diagnostics of the head-mean map on the probe batch (main rank only; no
@@ -279,22 +301,38 @@ class Pretrainer:
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_steps": self.skipped,
             "world_size": self.dist.world_size,
+            "samples_done": self.samples_done,  # global samples of the optimizer steps taken
+            "schedule": {"global_batch": self.plan_batch, "total_steps": self.plan_steps},
             "rng": _rng_state(),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped_steps"]
-        if state["world_size"] != self.dist.world_size:
-            # Another world size reshards the epoch: restart it at the same global sample count.
-            log.warning("resuming with %d processes instead of %d", self.dist.world_size, state["world_size"])
-            self.batch_in_epoch = self.batch_in_epoch * state["world_size"] // self.dist.world_size
-        else:
+        old_world = int(state["world_size"])
+        t = self.cfg.train
+        self.samples_done = int(state.get("samples_done", self.step * t.batch_size * old_world * t.grad_accum))
+        if old_world == self.dist.world_size:
+            self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
+            return
+        # Another world size reshards the epoch: it restarts at the same global sample count, and the
+        # step count and learning rate continue from the samples consumed (the plan is kept).
+        self.batch_in_epoch = self.batch_in_epoch * old_world // self.dist.world_size
+        self.step = self.samples_done // self.global_batch
+        if self.samples_done % self.global_batch:
+            log.warning("%d samples done is not a whole number of steps of %d: continuing at step %d",
+                        self.samples_done, self.global_batch, self.step)
+        self.scheduler.last_epoch = self.step
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.step)
+        log.warning("resuming with %d processes instead of %d: %d samples done, continuing at step %d of %d "
+                    "(the learning-rate schedule follows the samples consumed)", self.dist.world_size, old_world,
+                    self.samples_done, self.step, self.total_steps)
 
     def save(self, name: str = LAST) -> None:
         if self.dist.is_main:
@@ -397,6 +435,7 @@ class Pretrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
+                self.samples_done += self.global_batch
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
