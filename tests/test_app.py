@@ -111,3 +111,58 @@ def test_the_page_in_a_headless_browser(model, tmp_path):
         folder.cleanup()
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert not Path(folder.name).exists()  # uploads are gone with the server
+
+
+def _wait_for_port(port: int, proc, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            pytest.fail(f"g2d app exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("g2d app did not start listening")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_real_server_removes_its_uploads_folder_when_stopped_and_earlier_ones_left_by_a_kill(
+        tiny_model_dir, tmp_path, stop):
+    """Issue 29: `g2d app` as a process; its temporary folder (uploads, examples) is gone after SIGTERM
+    (kill, systemd, docker stop) as after SIGINT (Ctrl-C); a folder left by an app process that was
+    SIGKILLed is removed at the next start; a folder whose owner still runs is kept."""
+    import signal
+    import subprocess
+    import sys
+
+    from g2d.app import FOLDER_PREFIX, OWNER_FILE
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, alive = tmp / f"{FOLDER_PREFIX}stale", tmp / f"{FOLDER_PREFIX}alive"
+    for folder, pid in ((stale, dead), (alive, str(os.getpid()))):
+        folder.mkdir()
+        (folder / OWNER_FILE).write_text(pid)
+        (folder / "upload.png").write_bytes(b"patient image")
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "g2d", "app", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_port(port, proc)
+        mine = [f for f in tmp.glob(f"{FOLDER_PREFIX}*") if (f / OWNER_FILE).read_text() == str(proc.pid)]
+        assert len(mine) == 1 and any(mine[0].iterdir())  # the examples are written there
+        assert not stale.exists() and alive.exists()
+        proc.send_signal(getattr(signal, stop))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not mine[0].exists(), proc.stderr.read()[-2000:]
+    assert alive.exists()

@@ -220,7 +220,8 @@ def test_prepare_filters_and_report(store) -> None:
     out, report = store
     assert report["rows"] == sum(len(s[3]) for s in STUDIES)
     assert report["kept"] == {"train": len(KEPT_TRAIN)}
-    assert report["dropped"] == {"other_split": 2, "no_metadata": 1, "not_frontal": 3, "no_report": 1,
+    # d-008 has an empty ViewPosition: counted as no_view, apart from the laterals (not_frontal)
+    assert report["dropped"] == {"other_split": 2, "no_metadata": 1, "not_frontal": 2, "no_view": 1, "no_report": 1,
                                  "no_findings_or_impression": 1, "too_few_tokens": 1, "missing_image": 1,
                                  "corrupt_image": 2}
     assert report["corrupt_images"] == ["files/p10/p10001176/s53186264/d-014.jpg",

@@ -12,7 +12,7 @@ from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geomet
 from g2d.downstream import grounding, protocol, zeroshot
 from g2d.errors import ConfigError, DataError
 from g2d.inference import zeroshot as zs
-from g2d.inference.grounding import binarize, to_original
+from g2d.inference.grounding import RESAMPLING, binarize, to_original
 from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,7 +174,8 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
     assert seen["prompts"] == ["opacity"] and m["images"] == 1
     assert m["dice"] > 0.9 and m["iou"] > 0.85 and m["recall"] > 0.9 and m["pointing"] == 1.0
     saved = json.loads((tmp_path / "g" / "metrics.json").read_text())
-    assert set(saved["per_prompt"]) == {"opacity"} and saved["binarize"] == {"rule": "minmax", "level": 0.5}
+    assert set(saved["per_prompt"]) == {"opacity"}
+    assert saved["binarize"] == {"rule": "minmax", "level": 0.5, "resampling": RESAMPLING}
     assert (tmp_path / "g" / "figures" / "grounding_00.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "g" / "per_image.csv").read_text().startswith("id,prompt,recall")
 

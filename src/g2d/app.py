@@ -3,13 +3,20 @@ type findings, and see the zero-shot probabilities, the grounding heat map of ea
 image, and the attention map with its pseudo mask. Synthetic example images are one click away.
 
 Safe by default: binds to 127.0.0.1, refuses files above ``max_mb`` and files that are not images
-(with the reader's message), and keeps uploads only in a temporary folder it removes on exit.
+(with the reader's message), and keeps uploads only in a temporary folder it removes when it stops:
+on Ctrl-C (SIGINT), on SIGTERM (``kill``, systemd, ``docker stop``), and, for a run that was killed
+outright (SIGKILL, a power loss), at the next start of the app (:func:`remove_stale_folders`).
 Needs the ``app`` extra (``pip install -e ".[app]"``); the library never imports it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,12 @@ from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 
-__all__ = ["analyse", "check_upload", "build_app", "serve", "write_examples"]
+__all__ = ["analyse", "check_upload", "build_app", "serve", "write_examples", "remove_stale_folders"]
+
+log = logging.getLogger("g2d.app")
+
+FOLDER_PREFIX = "g2d-app-"
+OWNER_FILE = "owner.pid"  # the pid of the app process that owns the folder
 
 
 def _findings(text: str) -> list[str]:
@@ -130,18 +142,61 @@ def build_app(model: G2DModel, examples: list[str], max_mb: float) -> Any:
     return page
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_folders(root: str | Path | None = None) -> list[Path]:
+    """Remove the upload folders (``g2d-app-*`` in the temporary directory) of app processes that no
+    longer run (killed without cleanup); a folder whose owner still runs, or without an owner file, is
+    kept. Returns the folders removed."""
+    removed = []
+    for folder in sorted(Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*")):
+        try:
+            pid = int((folder / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d upload folder(s) left by app processes that were killed", len(removed))
+    return removed
+
+
 def serve(model: G2DModel, host: str = "127.0.0.1", port: int = 7860, max_mb: float = 20.0,
           block: bool = True) -> Any:
     """Start the page. Uploads and examples live in one temporary folder, removed when the server
-    stops (``block=False`` returns ``(page, folder)`` for the caller to close)."""
-    import os
-
-    folder = tempfile.TemporaryDirectory(prefix="g2d-app-")
+    stops: on return, Ctrl-C (SIGINT) or SIGTERM (``block=True`` in the main thread; ``block=False``
+    returns ``(page, folder)`` for the caller to close). Folders of earlier app processes that were
+    killed outright are removed first (:func:`remove_stale_folders`)."""
+    remove_stale_folders()
+    folder = tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX)
+    (Path(folder.name) / OWNER_FILE).write_text(str(os.getpid()))
     previous = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = folder.name  # gradio puts uploads there (read at each upload)
-    page = build_app(model, write_examples(Path(folder.name), model.config.model.image_size), max_mb)
-    page.launch(server_name=host, server_port=port, max_file_size=f"{max_mb:g}mb", prevent_thread_lock=not block,
-                show_error=True, allowed_paths=[folder.name])
+    handlers = {}
+    if block and threading.current_thread() is threading.main_thread():
+        def stop(signum: int, frame: Any) -> None:  # gradio's blocking loop closes the server on it
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        page = build_app(model, write_examples(Path(folder.name), model.config.model.image_size), max_mb)
+        page.launch(server_name=host, server_port=port, max_file_size=f"{max_mb:g}mb",
+                    prevent_thread_lock=not block, show_error=True, allowed_paths=[folder.name])
+    except BaseException:
+        folder.cleanup()
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if block:
         folder.cleanup()
         if previous is None:

@@ -44,6 +44,7 @@ from g2d.downstream.results import write_results
 from g2d.downstream.towers import load_text_image_model, resolve_device
 from g2d.errors import DataError
 from g2d.inference.grounding import (
+    RESAMPLING,
     binarize,
     dense_similarity,
     to_original,
@@ -189,7 +190,7 @@ def run(args: Args) -> dict[str, Any]:
         **{n: overall[n] for n in names}, "images": len(per_image),
         "per_prompt": {p: means(rows) for p, rows in by_prompt.items()},
         "skipped": dict(skipped),
-        "binarize": {"rule": args.binarize, "level": args.level},
+        "binarize": {"rule": args.binarize, "level": args.level, "resampling": RESAMPLING},
         "recall_definition": "pixel recall |P and G| / |G| per positive image, mean (MedKLIP's code unreleased)",
         "coordinates": "original image pixels; outside the centre crop the map is NaN (never foreground)",
         "geometry": asdict(geom_cfg), "geometry_source": geometry_source(args, tower),

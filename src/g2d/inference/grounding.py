@@ -25,7 +25,11 @@ from g2d.image_input import as_model_input
 from g2d.inference.interface import TextImageModel
 
 __all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
-           "BINARIZE_RULES"]
+           "BINARIZE_RULES", "RESAMPLING"]
+
+# how the dense similarity map reaches the original image's pixels (to_original), for result files
+RESAMPLING = ("bilinear (torch grid_sample, align_corners=False) from the dense grid to each original pixel's "
+              "centre, undoing the resize and centre crop; NaN outside the crop")
 
 BINARIZE_RULES = ("minmax", "fixed", "quantile")
 

@@ -15,8 +15,8 @@ Rules, in the order they are applied (each dropped image is counted under its re
    excluded rather than dropped);
 2. ``no_metadata``: the dicom_id is missing from the metadata table;
 3. ``not_frontal``: ``ViewPosition`` not in ``views`` (default ``PA``, ``AP``: the frontal views, as
-   MGCA's preprocessing which the paper follows; laterals, ``LL``, ``AP AXIAL``, ... and empty views
-   are dropped);
+   MGCA's preprocessing which the paper follows; laterals, ``LL``, ``AP AXIAL``, ... are dropped);
+   ``no_view``: an empty ``ViewPosition`` (no view recorded), dropped too and counted apart;
 4. ``no_report``: no report file for the study;
 5. ``no_findings_or_impression``: the report has neither section (:func:`g2d.data.text.extract_sections`);
    a report with only one of them uses that one;
@@ -72,7 +72,7 @@ logger = logging.getLogger("g2d.data")
 
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
-DROP_REASONS = ("other_split", "no_metadata", "not_frontal", "no_report", "no_findings_or_impression",
+DROP_REASONS = ("other_split", "no_metadata", "not_frontal", "no_view", "no_report", "no_findings_or_impression",
                 "too_few_tokens", "missing_image", "corrupt_image")
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
@@ -245,7 +245,8 @@ def _select(cfg: MimicPrepareCfg, counts: Counter[str]) -> list[dict[str, Any]]:
             logger.warning("%s: data row %d: dicom_id not in %s", SPLIT_FILE, n, METADATA_FILE)
             continue
         if view not in cfg.views:
-            counts["not_frontal"] += 1
+            # an empty ViewPosition (a missing view) is counted apart from a lateral or another view
+            counts["not_frontal" if view else "no_view"] += 1
             continue
         if study not in texts:
             texts[study] = _study_text(reports.read(subject, study), cfg)
