@@ -24,10 +24,10 @@ import statistics
 import torch
 from torch import nn
 
+from g2d.downstream.dense import open_splits
 from g2d.downstream.harness import make_loader
-from g2d.downstream.segmentation import open_splits
-from g2d.downstream.towers import load_image_tower
 from g2d.model.decoder import SegmentationHead, UNetDecoder
+from g2d.towers import load_image_tower
 
 
 def bn_report(decoder: nn.Module, images: torch.Tensor, encoder: nn.Module) -> list[tuple[str, float, float]]:

@@ -1,7 +1,7 @@
 """The layer rule of docs/architecture.md, enforced on the import graph of src/g2d: a module imports
 only modules of its own layer or below (never the command line from the library), the two
-applications (pre-training, downstream protocols) do not import each other, and ``import g2d`` loads
-no training machinery."""
+applications (pre-training, downstream protocols) do not import each other, a downstream protocol
+never imports another protocol, and ``import g2d`` loads no training machinery."""
 
 import ast
 import subprocess
@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("configuration", ("g2d.config",)),
     ("data", ("g2d.data", "g2d.losses")),
     ("model", ("g2d.model", "g2d.checkpoint", "g2d.hub")),
-    ("library", ("g2d.factory", "g2d.peers", "g2d.peer_vlm", "g2d.objective", "g2d.inference",
+    ("library", ("g2d.factory", "g2d.peers", "g2d.peer_vlm", "g2d.towers", "g2d.objective", "g2d.inference",
                  "g2d.attention_diagnostics")),
     ("applications", ("g2d.train", "g2d.downstream", "g2d.app")),
     ("experiments", ("g2d.reproduce", "g2d.demo")),
@@ -86,6 +86,27 @@ def test_sibling_applications_stay_apart():
     bad = [f"{m} -> {d}" for m, deps in _graph().items() for a, b in SIBLINGS for src, dst in ((a, b), (b, a))
            if m.startswith(src) for d in deps if d.startswith(dst)]
     assert not bad, bad
+
+
+def _protocol_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from one protocol module (g2d.downstream.protocol.PROTOCOLS) of another."""
+    from g2d.downstream.protocol import PROTOCOLS
+
+    protocols = {module for module, _ in PROTOCOLS.values()}
+    return sorted(f"{m} -> {d}" for m in protocols for d in graph.get(m, set()) if d in protocols and d != m)
+
+
+def test_protocols_are_leaves():
+    """What protocols share lives in downstream's shared modules (dense, features, harness, protocol,
+    results) or lower; a protocol never imports another protocol."""
+    bad = _protocol_imports(_graph())
+    assert not bad, "protocols importing protocols:\n" + "\n".join(bad)
+
+
+def test_the_leaf_rule_catches_a_protocol_import():
+    graph = _graph()
+    graph["g2d.downstream.detection"] = graph["g2d.downstream.detection"] | {"g2d.downstream.segmentation"}
+    assert _protocol_imports(graph) == ["g2d.downstream.detection -> g2d.downstream.segmentation"]
 
 
 def test_the_package_face_imports_only_the_library():

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from g2d.downstream import dense_probe as dp
 from g2d.downstream import protocol
-from g2d.downstream.towers import load_image_tower
 from g2d.errors import ConfigError
 from g2d.metrics import dice_per_image
+from g2d.towers import load_image_tower
 
 
 def _blocks(n: int, grid: int = 4, scale: int = 4, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,6 @@ import torch
 
 from g2d.downstream import detection as det
 from g2d.downstream import protocol
-from g2d.downstream.towers import load_image_tower
 from g2d.downstream.yolo import (
     COCO_ANCHORS,
     STRIDES,
@@ -21,6 +20,7 @@ from g2d.downstream.yolo import (
     yolo_loss,
 )
 from g2d.metrics import MAP_IOU_THRESHOLDS, DetectionScores, mean_average_precision
+from g2d.towers import load_image_tower
 
 BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--image-size", "64",
         "--batch-size", "8", "--lr", "1e-3", "--head-width", "64", "--num-workers", "0", "--no-progress",

@@ -317,7 +317,7 @@ def _replace_image(path):
 def test_feature_cache_sees_an_image_replaced_in_place(tmp_path):
     from g2d.data.transforms import ImageTransformCfg
     from g2d.downstream.features import cached_features, extract_features
-    from g2d.downstream.towers import load_image_tower
+    from g2d.towers import load_image_tower
 
     table = _images_table(tmp_path / "set")
     geom = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False)

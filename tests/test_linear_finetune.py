@@ -73,7 +73,7 @@ def test_nan_labels_are_ignored_in_loss_and_auroc():
     assert per["b"] == pytest.approx(roc_auc_score(y[:, 1], s[:, 1]))
     one_value = y.copy()
     one_value[:, 1] = 1.0
-    m = linear_probe.evaluate_scores(s, one_value, ["a", "b"], multiclass=False)
+    m = features.evaluate_scores(s, one_value, ["a", "b"], multiclass=False)
     assert math.isnan(m["auc_per_class"]["b"]) and m["auc"] == pytest.approx(m["auc_per_class"]["a"])
 
     # a head trains on labels with unknown entries
@@ -99,7 +99,7 @@ def test_single_label_sets_use_softmax_and_accuracy():
     head, summary = linear_probe.train_linear_head(
         (x, lab), (x, lab), ["normal", "pneumonia", "covid"], True, epochs=20, batch_size=8, lr=5e-2,
         weight_decay=0.0, patience=5, monitor="metric", seed=0, device=torch.device("cpu"))
-    m = linear_probe.evaluate_scores(head(x).softmax(1).detach().numpy(), lab.numpy(), ["n", "p", "c"], True)
+    m = features.evaluate_scores(head(x).softmax(1).detach().numpy(), lab.numpy(), ["n", "p", "c"], True)
     assert m["acc"] == 1.0 and set(m["acc_per_class"]) == {"n", "p", "c"} and m["auc"] == 1.0
 
 

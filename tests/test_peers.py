@@ -15,9 +15,9 @@ import torch
 import torchvision
 
 from g2d.downstream import protocol
-from g2d.downstream.towers import load_image_tower
 from g2d.errors import CheckpointError, ConfigError
 from g2d.peers import PEER_KINDS, load_peer_encoder, split_model_spec
+from g2d.towers import load_image_tower
 
 CHILD_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
 

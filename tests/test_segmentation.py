@@ -11,8 +11,9 @@ import torch
 
 from g2d.downstream import protocol
 from g2d.downstream import segmentation as seg
-from g2d.downstream.towers import load_image_tower
+from g2d.downstream.dense import square_geometry
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
+from g2d.towers import load_image_tower
 
 BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--image-size", "64",
         "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--no-progress", "--figures", "2"]
@@ -314,7 +315,7 @@ def test_jsrt_lungs_beat_trivial_predictions(jsrt_dir, tmp_path):
     # 2|T| / (|T| + S^2) per image
     from g2d.data.labelled.specs import open_dataset
 
-    test = open_dataset(f"csv:{table}", "test", 1.0, seg.square_geometry(64))
+    test = open_dataset(f"csv:{table}", "test", 1.0, square_geometry(64))
     masks = torch.stack([test[i]["mask"] for i in range(len(test))])
     all_fg = float(dice_per_image(torch.ones_like(masks), masks).mean())
     assert m["n_test_empty_target"] == 0

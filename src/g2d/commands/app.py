@@ -24,8 +24,8 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit('g2d app needs the app extra: pip install -e ".[app]"') from None
     from g2d.app import serve
-    from g2d.downstream.towers import resolve_device
     from g2d.factory import load_model
+    from g2d.towers import resolve_device
 
     model = load_model(args.model, device=resolve_device(args.device))
     print(f"g2d app: http://{args.host}:{args.port} (Ctrl-C stops it)")

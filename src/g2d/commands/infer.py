@@ -79,7 +79,7 @@ def load_for_inference(spec: str, what: str, *, text_model: str | None = None, t
     """A text-image model (G2D or a cosine peer's ``KIND:PATH``), the geometry its images get (the
     model's own unless ``resize``/``image_size`` are given) and the device, for ``g2d zero-shot``,
     ``g2d ground`` and ``g2d figure grounding``."""
-    from g2d.downstream.towers import load_text_image_model, resolve_device
+    from g2d.towers import load_text_image_model, resolve_device
 
     dev = resolve_device(device)
     tower, model = load_text_image_model(spec, what, trust_pickle, text_model, dev)

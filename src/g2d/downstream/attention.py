@@ -31,10 +31,9 @@ from g2d.downstream.features import check_split, geometry_from_args, geometry_so
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_image_tower, resolve_device
-from g2d.downstream.zeroshot import require_g2d
 from g2d.errors import DataError
 from g2d.pseudo_mask import build_pseudo_masks
+from g2d.towers import load_image_tower, require_g2d, resolve_device
 
 __all__ = ["run"]
 

@@ -38,24 +38,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2d.downstream.harness import batches, finished_metrics, make_loader
-from g2d.downstream.protocol import ProtocolArgs, arg
-from g2d.downstream.results import write_results
-from g2d.downstream.segmentation import (
-    _figures,
+from g2d.downstream.dense import (
     dataset_name,
     input_identity,
+    mask_figures,
     open_splits,
     per_image,
     positives,
     predict_dice,
     skip_counts,
 )
-from g2d.downstream.towers import ImageTower, load_image_tower, resolve_device
+from g2d.downstream.harness import batches, finished_metrics, make_loader
+from g2d.downstream.protocol import ProtocolArgs, arg
+from g2d.downstream.results import write_results
 from g2d.errors import ConfigError
 from g2d.fingerprint import absolute_paths
 from g2d.metrics import dice_per_image
 from g2d.seeding import seed_everything
+from g2d.towers import ImageTower, load_image_tower, resolve_device
 
 __all__ = ["Args", "run", "FEATURES", "THRESHOLDS", "dense_features", "fit_logistic", "DenseLinearProbe"]
 
@@ -272,7 +272,7 @@ def run(args: Args) -> dict[str, Any]:
     probe = DenseLinearProbe(tower, args.features, mean, std, w, b, thr).to(device)
     test_loader = make_loader(splits["test"], args.batch_size, 0)
     dice, _, n_empty_target, test_ids = predict_dice(probe, test_loader, device, None, progress, "test")
-    figures = _figures(probe, splits["test"], device, out / "figures", args.figures)
+    figures = mask_figures(probe, splits["test"], device, out / "figures", args.figures)
     metrics: dict[str, Any] = {
         "task": "dense-probe", "features": args.features,
         "dice": float(dice.mean()) if len(dice) else None,

@@ -23,10 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from g2d.downstream.harness import Fit, batches, finished_metrics, make_loader, shuffled_loader
-from g2d.downstream.protocol import DenseArgs, arg
-from g2d.downstream.results import write_results
-from g2d.downstream.segmentation import (
+from g2d.downstream.dense import (
     dataset_name,
     input_identity,
     make_optimizer,
@@ -35,7 +32,9 @@ from g2d.downstream.segmentation import (
     skip_counts,
     start_dense_run,
 )
-from g2d.downstream.towers import Frozen
+from g2d.downstream.harness import Fit, Frozen, batches, finished_metrics, make_loader, shuffled_loader
+from g2d.downstream.protocol import DenseArgs, arg
+from g2d.downstream.results import write_results
 from g2d.downstream.yolo import (
     YOLOv3Head,
     decode,

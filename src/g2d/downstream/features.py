@@ -22,16 +22,16 @@ from torch.utils.data import Dataset, Subset
 
 from g2d.checkpoint import atomic_write
 from g2d.data.transforms import ImageTransformCfg, check_sizes, inference_geometry, with_overrides
-from g2d.downstream.harness import make_loader, progress_bar
+from g2d.downstream.harness import Frozen, make_loader, progress_bar
 from g2d.downstream.protocol import GeometryArgs
-from g2d.downstream.towers import Frozen, ImageTower
 from g2d.errors import DataError
 from g2d.fingerprint import digest, file_stamp
-from g2d.metrics import nan_mean
+from g2d.metrics import auroc_per_class, auroc_undefined, nan_mean
 from g2d.peers import global_input
+from g2d.towers import ImageTower
 
 __all__ = ["geometry_from_args", "POOLINGS", "extract_features", "cached_features", "model_key",
-           "default_cache_dir", "label_tasks", "geometry_source", "train_positives",
+           "default_cache_dir", "label_tasks", "geometry_source", "evaluate_scores", "train_positives",
            "leave_out_classes_without_positives"]
 
 log = logging.getLogger("g2d.downstream")
@@ -180,6 +180,24 @@ def label_tasks(ds: Any, spec: str) -> list[str]:
     return tasks
 
 
+def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], multiclass: bool
+                    ) -> dict[str, Any]:
+    """Metrics of class scores ``[N, K]`` (probabilities) against labels ``[N, K]`` (NaN = unknown).
+
+    Multi-label: ``auc`` (macro over classes with both label values) and ``auc_per_class``.
+    Multi-class: also ``acc`` (top-1, micro) and ``acc_per_class`` (recall of each class).
+    """
+    per = auroc_per_class(scores, labels, tasks)
+    out: dict[str, Any] = {"auc": nan_mean(per), "auc_per_class": per,
+                           "undefined": auroc_undefined(labels, tasks)}
+    if multiclass:
+        pred, true = scores.argmax(1), labels.argmax(1)
+        out["acc"] = float((pred == true).mean()) if len(true) else math.nan
+        out["acc_per_class"] = {t: float((pred[true == k] == k).mean()) if (true == k).any() else math.nan
+                                for k, t in enumerate(tasks)}
+    return out
+
+
 def train_positives(labels: np.ndarray, tasks: list[str]) -> dict[str, int]:
     """Training images with a positive label, per class (``labels`` ``[N, K]``, NaN unknown)."""
     y = np.asarray(labels, dtype=np.float64).reshape(len(labels), len(tasks))
@@ -188,7 +206,7 @@ def train_positives(labels: np.ndarray, tasks: list[str]) -> dict[str, int]:
 
 def leave_out_classes_without_positives(test: dict[str, Any], positives: dict[str, int], what: str
                                         ) -> dict[str, Any]:
-    """``test`` (:func:`g2d.downstream.linear_probe.evaluate_scores`) with ``auc`` the mean over the
+    """``test`` (:func:`evaluate_scores`) with ``auc`` the mean over the
     classes that had a positive training image only (a head that never saw a positive of a class
     scores it by chance, MGCA #39), saying so: ``train_positives`` per class, ``classes_without_train_positives``
     and ``auc_all_classes`` (the mean over every class with a defined AUROC); a warning names them.

@@ -27,6 +27,7 @@ from g2d.data.labelled.specs import open_dataset
 from g2d.data.transforms import ImageTransformCfg, build_transform
 from g2d.downstream.features import (
     check_split,
+    evaluate_scores,
     geometry_from_args,
     geometry_source,
     label_tasks,
@@ -34,15 +35,14 @@ from g2d.downstream.features import (
     train_positives,
 )
 from g2d.downstream.harness import Fit, make_loader, progress_bar
-from g2d.downstream.linear_probe import evaluate_scores
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.fingerprint import absolute_paths, dataset_identity, digest
 from g2d.losses import classification_loss
 from g2d.metrics import is_multiclass
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.peers import global_input
+from g2d.towers import load_image_tower, resolve_device
 
 __all__ = ["run", "Classifier"]
 

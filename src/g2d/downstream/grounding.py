@@ -41,7 +41,6 @@ from g2d.downstream.features import check_split, geometry_from_args, geometry_so
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_text_image_model, resolve_device
 from g2d.errors import DataError
 from g2d.inference.grounding import (
     RESAMPLING,
@@ -50,6 +49,7 @@ from g2d.inference.grounding import (
     to_original,
 )
 from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
+from g2d.towers import load_text_image_model, resolve_device
 
 __all__ = ["run", "DEFAULT_PROMPTS", "ground_truth_original"]
 

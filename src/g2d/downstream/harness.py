@@ -1,6 +1,7 @@
-"""The training harness every downstream protocol uses: seeded loaders, progress, and one epoch loop
-(:class:`Fit`: early stopping on a validation score, best-state tracking, an atomic per-epoch
-checkpoint and resume) for segmentation, detection, fine-tuning and the linear probe."""
+"""The training harness every downstream protocol uses: seeded loaders, progress, frozen modules
+(:class:`Frozen`), and one epoch loop (:class:`Fit`: early stopping on a validation score,
+best-state tracking, an atomic per-epoch checkpoint and resume) for segmentation, detection,
+fine-tuning and the linear probe."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from g2d.checkpoint import load_checkpoint, save_checkpoint
 from g2d.data.labelled import collate_labelled
 from g2d.seeding import seed_worker
 
-__all__ = ["make_loader", "shuffled_loader", "batches", "progress_bar", "Fit", "finished_metrics", "INPUT_KEYS"]
+__all__ = ["make_loader", "shuffled_loader", "batches", "progress_bar", "Frozen", "Fit", "finished_metrics",
+           "INPUT_KEYS"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -55,6 +57,29 @@ def batches(loader: Iterable, progress: bool, desc: str) -> Iterable[dict[str, A
     for b in loader:
         if b is not None:
             yield b
+
+
+class Frozen(nn.Module):
+    """A module that stays frozen: no gradients, and eval mode (BatchNorm statistics included)
+    whatever ``.train()`` is called on a parent. Peers set ``requires_grad=False`` only, so their
+    "frozen" encoders still update BatchNorm running statistics; ``update_bn=True`` reproduces that.
+    """
+
+    def __init__(self, module: nn.Module, update_bn: bool = False) -> None:
+        super().__init__()
+        self.module, self.update_bn = module, update_bn
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Frozen:
+        super().train(mode)
+        self.module.train(mode and self.update_bn)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
 
 
 @dataclass

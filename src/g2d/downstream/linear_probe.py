@@ -1,6 +1,6 @@
 """``g2d eval linear``: a linear classifier on frozen, pooled image features (paper A.4.3, MGCA protocol).
 
-The encoder is frozen in eval mode (:class:`g2d.downstream.towers.Frozen`: no gradients, BatchNorm
+The encoder is frozen in eval mode (:class:`g2d.downstream.harness.Frozen`: no gradients, BatchNorm
 statistics untouched). Features are extracted once per image and cached (see
 :func:`g2d.downstream.features.cached_features`), so the head trains on a feature matrix.
 
@@ -33,6 +33,7 @@ from g2d.downstream.features import (
     cached_features,
     check_split,
     default_cache_dir,
+    evaluate_scores,
     geometry_from_args,
     geometry_source,
     label_tasks,
@@ -43,13 +44,13 @@ from g2d.downstream.features import (
 from g2d.downstream.harness import Fit
 from g2d.downstream.protocol import GeometryArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import load_image_tower, resolve_device
 from g2d.errors import DataError
 from g2d.fingerprint import absolute_paths
 from g2d.losses import classification_loss
-from g2d.metrics import auroc_per_class, auroc_undefined, is_multiclass, nan_mean
+from g2d.metrics import is_multiclass
+from g2d.towers import load_image_tower, resolve_device
 
-__all__ = ["run", "train_linear_head", "evaluate_scores"]
+__all__ = ["run", "train_linear_head"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -73,24 +74,6 @@ class Args(GeometryArgs):
                                          '~/.cache/g2d/features)')
     no_feature_cache: bool = arg(False, help='extract features in memory only')
     extract_batch_size: int = arg(64)
-
-
-def evaluate_scores(scores: np.ndarray, labels: np.ndarray, tasks: list[str], multiclass: bool
-                    ) -> dict[str, Any]:
-    """Metrics of class scores ``[N, K]`` (probabilities) against labels ``[N, K]`` (NaN = unknown).
-
-    Multi-label: ``auc`` (macro over classes with both label values) and ``auc_per_class``.
-    Multi-class: also ``acc`` (top-1, micro) and ``acc_per_class`` (recall of each class).
-    """
-    per = auroc_per_class(scores, labels, tasks)
-    out: dict[str, Any] = {"auc": nan_mean(per), "auc_per_class": per,
-                           "undefined": auroc_undefined(labels, tasks)}
-    if multiclass:
-        pred, true = scores.argmax(1), labels.argmax(1)
-        out["acc"] = float((pred == true).mean()) if len(true) else math.nan
-        out["acc_per_class"] = {t: float((pred[true == k] == k).mean()) if (true == k).any() else math.nan
-                                for k, t in enumerate(tasks)}
-    return out
 
 
 def _probs(logits: Tensor, multiclass: bool) -> Tensor:

@@ -33,13 +33,12 @@ from g2d.downstream.features import check_split, geometry_from_args, geometry_so
 from g2d.downstream.harness import make_loader, progress_bar
 from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
-from g2d.downstream.towers import ImageTower, load_text_image_model, resolve_device
 from g2d.errors import ConfigError, DataError
 from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 from g2d.metrics import threshold_metrics
-from g2d.model import G2DModel
+from g2d.towers import load_text_image_model, resolve_device
 
-__all__ = ["run", "require_g2d", "THRESHOLD_RULES"]
+__all__ = ["run", "THRESHOLD_RULES"]
 
 log = logging.getLogger("g2d.downstream")
 
@@ -61,17 +60,6 @@ class Args(TextImageArgs):
     threshold: str = arg('val',
                          help="'val' (max F1 on the validation split), 'test-max-f1' (MedKLIP oracle) or a number")
     batch_size: int = arg(64)
-
-
-def require_g2d(tower: ImageTower, what: str) -> G2DModel:
-    """The tower's whole G2D model, or a clear error for image-only towers (baselines, peers' encoders)."""
-    if tower.model is not None:
-        return tower.model
-    if tower.peer is not None:
-        raise ConfigError(f"{what} needs G2D's attention pooling; {tower.name} (a peer's model) has none. For a "
-                          "peer's image-text similarity maps use g2d eval grounding or g2d ground (docs/peers.md)")
-    raise ConfigError(f"{what} needs a pre-trained G2D model (--model PATH to an export, run folder or "
-                      "checkpoint); 'random' and 'imagenet' are image-only baselines")
 
 
 # ------------------------------------------------------------------------------------------ prompts

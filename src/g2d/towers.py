@@ -1,5 +1,8 @@
-"""The model under test as the protocols see it: the image tower (encoder, decoder, whole model),
-frozen modules, devices."""
+"""The one door to a model for evaluation and inference: a G2D model (export, run folder, checkpoint,
+``hf-hub:``), a baseline (``random``, ``imagenet``) or a peer's checkpoint (``KIND:PATH``) as the image
+tower the protocols use (:func:`load_image_tower`) or as an image-text model for zero-shot and grounding
+(:func:`load_text_image_model`), and the device they run on (:func:`resolve_device`). The downstream
+protocols, the inference commands and the web app all load through here."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from g2d.config import ImageEncoderCfg
 from g2d.data.transforms import ImageTransformCfg
@@ -22,32 +24,9 @@ from g2d.model.image_encoder import ResNetEncoder
 from g2d.peer_vlm import load_peer_vl_model
 from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
 
-__all__ = ["Frozen", "ImageTower", "load_image_tower", "load_text_image_model", "resolve_device"]
+__all__ = ["ImageTower", "load_image_tower", "load_text_image_model", "resolve_device", "require_g2d"]
 
-log = logging.getLogger("g2d.downstream")
-
-
-class Frozen(nn.Module):
-    """A module that stays frozen: no gradients, and eval mode (BatchNorm statistics included)
-    whatever ``.train()`` is called on a parent. Peers set ``requires_grad=False`` only, so their
-    "frozen" encoders still update BatchNorm running statistics; ``update_bn=True`` reproduces that.
-    """
-
-    def __init__(self, module: nn.Module, update_bn: bool = False) -> None:
-        super().__init__()
-        self.module, self.update_bn = module, update_bn
-        for p in module.parameters():
-            p.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> Frozen:
-        super().train(mode)
-        self.module.train(mode and self.update_bn)
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+log = logging.getLogger("g2d.towers")
 
 
 @dataclass
@@ -136,3 +115,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def require_g2d(tower: ImageTower, what: str) -> G2DModel:
+    """The tower's whole G2D model, or a clear error for image-only towers (baselines, peers' encoders)."""
+    if tower.model is not None:
+        return tower.model
+    if tower.peer is not None:
+        raise ConfigError(f"{what} needs G2D's attention pooling; {tower.name} (a peer's model) has none. For a "
+                          "peer's image-text similarity maps use g2d eval grounding or g2d ground (docs/peers.md)")
+    raise ConfigError(f"{what} needs a pre-trained G2D model (--model PATH to an export, run folder or "
+                      "checkpoint); 'random' and 'imagenet' are image-only baselines")
