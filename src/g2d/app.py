@@ -24,11 +24,9 @@ import numpy as np
 import torch
 
 from g2d.data.images import read_image
-from g2d.data.transforms import build_transform, eval_geometry
 from g2d.errors import DataError, ImageReadError
 from g2d.figures import heat_overlay
-from g2d.inference.grounding import dense_similarity, to_original
-from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
+from g2d.inference.engine import ImageTextInferenceEngine
 from g2d.model import G2DModel
 from g2d.pseudo_mask import build_pseudo_masks
 
@@ -61,14 +59,11 @@ def analyse(model: G2DModel, path: str | Path, findings: str, prompts: str | Non
     """
     names = _findings(findings)
     img = read_image(path)                                                     # [H, W] in [0, 1]
-    x = build_transform(model.preprocess, train=False)(img)[None]              # [1, 1, S, S]
-    device = model.logit_scale.device
-    x = x.to(device)
-    probs = ZeroShotScorer(model, class_prompts(names, load_prompts(prompts)))(x)[0]
-    geom = eval_geometry(img.shape, model.preprocess)
-    dense = dense_similarity(model, x.expand(len(names), -1, -1, -1), [f"there is {n}" for n in names])
-    heats = [(heat_overlay(img, to_original(dense[i].cpu(), geom).numpy(), legend=f"there is {n}"), n)
-             for i, n in enumerate(names)]
+    engine = ImageTextInferenceEngine.for_model(model)
+    probs = engine.zero_shot([img], names, prompts)[0]
+    maps = engine.similarity_maps(img, [f"there is {n}" for n in names])
+    heats = [(heat_overlay(img, m, legend=f"there is {n}"), n) for m, n in zip(maps, names)]
+    x = engine.prepare(img)                                                    # [1, 1, S, S]
     out = model.image_forward(x, decode=False)
     attention = out.attention.float()                                          # [1, heads, h, w]
     mask = build_pseudo_masks(attention, x.float(), model.cfg.pseudo_mask)[0, 0].cpu().numpy()

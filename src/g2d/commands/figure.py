@@ -103,19 +103,20 @@ def grounding_figure(model: str, images: Sequence[str | Path], prompts: Sequence
     :raises FileNotFoundError: an image that does not exist (before the model is loaded).
     :return: the written PNG paths, combined figure first.
     """
-    from g2d.commands.infer import check_images, check_prompts, load_for_inference, prompt_maps
+    from g2d.commands.infer import check_images
     from g2d.data.images import read_image
     from g2d.figures import prompt_panels
+    from g2d.inference.engine import ImageTextInferenceEngine, check_prompts
 
     check_prompts(list(prompts), "--prompts")
     check_images([str(p) for p in images])
     out_dir = Path(out_dir)
     panels = _panel_paths(images, out_dir, "grounding_panels.png")
-    net, geom, _ = load_for_inference(model, "g2d figure grounding", text_model=text_model,
-                                      trust_pickle=trust_pickle, device=device, resize=resize,
-                                      image_size=image_size)
+    engine = ImageTextInferenceEngine.load(model, "g2d figure grounding", text_model=text_model,
+                                           trust_pickle=trust_pickle, device=device, resize=resize,
+                                           image_size=image_size)
     originals = [read_image(p) for p in images]                             # [H, W] in [0, 1] each
-    heats = [prompt_maps(net, geom, img, list(prompts)) for img in originals]
+    heats = [engine.similarity_maps(img, list(prompts)) for img in originals]
     names = [Path(p).name for p in images]
     written = [prompt_panels(originals, heats, prompts, out_dir / "grounding_panels.png", names)]
     for i, path in enumerate(panels):

@@ -20,19 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from g2d.data.images import read_image
-from g2d.data.transforms import (
-    ImageTransformCfg,
-    build_transform,
-    check_sizes,
-    eval_geometry,
-    inference_geometry,
-    with_overrides,
-)
 from g2d.figures import heat_overlay
 
-__all__ = ["register", "run_zero_shot", "run_ground", "heat_overlay", "load_for_inference", "check_images",
-           "check_prompts", "add_model_args",
-           "prompt_maps"]
+__all__ = ["register", "run_zero_shot", "run_ground", "check_images", "add_model_args"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -74,24 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(run=run_ground)
 
 
-def load_for_inference(spec: str, what: str, *, text_model: str | None = None, trust_pickle: bool = False,
-                       device: str = "auto", resize: int | None = None, image_size: int | None = None):
-    """A text-image model (G2D or a cosine peer's ``KIND:PATH``), the geometry its images get (the
-    model's own unless ``resize``/``image_size`` are given) and the device, for ``g2d zero-shot``,
-    ``g2d ground`` and ``g2d figure grounding``."""
-    from g2d.towers import load_text_image_model, resolve_device
-
-    dev = resolve_device(device)
-    tower, model = load_text_image_model(spec, what, trust_pickle, text_model, dev)
-    if tower.model is not None:
-        cfg = tower.model.config
-        check_sizes(resize, image_size, image_size or cfg.model.image_size)
-        geom = inference_geometry(resize or cfg.data.resize, image_size or cfg.model.image_size, cfg.data.augment)
-    else:  # a peer's own evaluation pipeline
-        geom = with_overrides(tower.preprocess or ImageTransformCfg(), resize, image_size)
-    return model, geom, dev
-
-
 def check_images(images: list[str]) -> None:
     """Stop before the (slow) model load when an image is missing."""
     missing = [p for p in images if not Path(p).is_file()]
@@ -100,33 +72,21 @@ def check_images(images: list[str]) -> None:
                                                                    if len(missing) > 1 else ""))
 
 
-def check_prompts(prompts: list[str], flag: str) -> None:
-    """A blank prompt embeds as [CLS][SEP] alone: a map of nothing, so refuse it."""
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError(f"{flag}: every prompt must have words, got {list(prompts)!r}")
+def _engine(args: argparse.Namespace):
+    from g2d.inference.engine import ImageTextInferenceEngine
 
-
-def _load(args: argparse.Namespace):
     check_images(getattr(args, "images", None) or [args.image])
-    return load_for_inference(args.model, f"g2d {args.command}", text_model=args.text_model,
-                              trust_pickle=args.trust_pickle, device=args.device, resize=args.resize,
-                              image_size=args.image_size)
+    return ImageTextInferenceEngine.load(args.model, f"g2d {args.command}", text_model=args.text_model,
+                                        trust_pickle=args.trust_pickle, device=args.device, resize=args.resize,
+                                        image_size=args.image_size)
 
 
 def run_zero_shot(args: argparse.Namespace) -> int:
-    from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
-
     findings = [f.strip() for f in args.findings.split(",") if f.strip()]
     if not findings:
         raise ValueError("--findings is empty")
-    model, geom, device = _load(args)
-    scorer = ZeroShotScorer(model, class_prompts(findings, load_prompts(args.prompts)))
-    transform = build_transform(geom, train=False)
-    rows = []
-    for path in args.images:
-        x = transform(read_image(path))[None].to(device)
-        p = scorer(x)[0].cpu().tolist()
-        rows.append([path, *p])
+    probs = _engine(args).zero_shot([read_image(p) for p in args.images], findings, args.prompts)
+    rows = [[path, *p.tolist()] for path, p in zip(args.images, probs)]
     width = max(len(Path(r[0]).name) for r in rows)
     print("image".ljust(width) + "".join(f"  {f:>{max(len(f), 6)}}" for f in findings))
     for r in rows:
@@ -141,24 +101,15 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     return 0
 
 
-def prompt_maps(model, geom: ImageTransformCfg, img: np.ndarray, prompts: list[str]) -> list[np.ndarray]:
-    """Each prompt's similarity map ``[H, W]`` on the original image ``img`` ``[H, W]`` (NaN outside
-    the model's crop), for ``g2d ground`` and ``g2d figure grounding``."""
-    from g2d.inference.grounding import dense_similarity, to_original
-
-    x = build_transform(geom, train=False)(img)[None].expand(len(prompts), -1, -1, -1)
-    dense = dense_similarity(model, x, prompts)                              # [P, h, w]
-    g = eval_geometry(img.shape, geom)
-    return [to_original(d, g).numpy() for d in dense]
-
-
 def run_ground(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from g2d.inference.engine import check_prompts
+
     check_prompts([args.text], "--text")
-    model, geom_cfg, device = _load(args)
+    engine = _engine(args)
     img = read_image(args.image)                                             # [H, W] in [0, 1]
-    heat = prompt_maps(model, geom_cfg, img, [args.text])[0]
+    heat = engine.similarity_maps(img, [args.text])[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     legend = None if args.no_legend else args.text
