@@ -103,3 +103,27 @@ def test_yaml_tags_are_not_executed(tmp_path):
 
 def test_default_config_object_is_paper():
     assert G2DConfig() == get_config("paper")
+
+
+def test_pretraining_specs_use_the_one_grammar(tmp_path):
+    """csv: options after '?' (as labelled specs take them) are the data.* fields of the same names;
+    an option a kind does not take, or one given twice with two values, is refused naming it."""
+    from g2d.config import DataCfg, pretrain_source
+    from g2d.errors import ConfigError
+
+    src = pretrain_source(DataCfg(spec="csv:notes.csv?image_col=file&text_col=notes&image_dir=images"))
+    assert (src.kind, src.path, src.image_col, src.text_col, src.image_dir) == ("csv", "notes.csv", "file", "notes",
+                                                                                 "images")
+    same = pretrain_source(DataCfg(spec="csv:notes.csv", image_col="file", text_col="notes", image_dir="images"))
+    assert same == src
+    assert pretrain_source(DataCfg(spec="mimic:/store")).path == "/store"
+    assert pretrain_source(DataCfg()).kind == "synthetic"
+    for spec, fields, message in (("csv:a.csv?labels=x", {}, "not 'labels'"),
+                                  ("mimic:/s?image_col=x", {}, "a mimic spec takes no path or options"),
+                                  ("synthetic:12", {}, "a synthetic spec takes no path"),
+                                  ("siim:/data", {}, "use 'synthetic'"),
+                                  ("csv:a.csv?image_col=file", {"image_col": "path"}, "give it once"),
+                                  ("csv:a.csv?split_col=fold", {}, "split_col and split go together"),
+                                  ("csv:a.csv?image_col", {}, "not key=value")):
+        with pytest.raises(ConfigError, match=message):
+            pretrain_source(DataCfg(spec=spec, **fields))

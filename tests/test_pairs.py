@@ -22,6 +22,7 @@ from g2d.data.transforms import (
     eval_geometry,
     to_grayscale_float,
 )
+from g2d.errors import DataError
 
 SECRET = "ZQXJ-private-report-token"  # must never show up in logs
 
@@ -156,12 +157,12 @@ def test_all_following_images_bad_raises(tmp_path: Path) -> None:
     (tmp_path / "b.png").write_bytes(b"\x89PNG")
     _write_csv(tmp_path / "t.csv", ["image", "text"], [["a.png", "x"], ["b.png", "y"]])
     ds = ImageTextPairs(PairsCfg(str(tmp_path / "t.csv")), _eval_tf())
-    with pytest.raises(RuntimeError, match="failed to decode"):
+    with pytest.raises(DataError, match="failed to decode"):
         ds[0]
 
 
 def test_too_many_bad_rows(bad_table: Path) -> None:
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(DataError) as e:
         ImageTextPairs(PairsCfg(str(bad_table)), _eval_tf())  # default max_skip_fraction 0.1
     msg = str(e.value)
     assert "pairs.csv" in msg and "'empty_text': 2" in msg and "'missing_image': 1" in msg

@@ -28,8 +28,8 @@ import g2d
 import g2d.train.loop as loop
 from g2d.checkpoint import load_checkpoint
 from g2d.cli import main
-from g2d.errors import CheckpointError
-from g2d.train.loop import NonFiniteLossError, Pretrainer
+from g2d.errors import CheckpointError, NonFiniteLossError
+from g2d.train.loop import Pretrainer
 
 SRC = str(Path(g2d.__file__).parents[1])
 

@@ -116,9 +116,9 @@ def test_load_model_rejects_wrong_architecture(tiny_cfg, tmp_path):
 
 def test_pretrain_on_real_covid_notes(tiny_cfg, tmp_path, covid_notes_dir):
     csv = covid_notes_dir / "metadata.csv"
-    cfg = _cfg(tiny_cfg, **{"data.spec": f"csv:{csv}", "data.image_col": "file", "data.text_col": "notes",
-                            "data.image_dir": "images", "train.max_steps": 3, "train.batch_size": 8,
-                            "model.text.model": "tiny"})
+    # the columns and image folder as spec options (g2d.data_spec's grammar, as labelled specs)
+    cfg = _cfg(tiny_cfg, **{"data.spec": f"csv:{csv}?image_col=file&text_col=notes&image_dir=images",
+                            "train.max_steps": 3, "train.batch_size": 8, "model.text.model": "tiny"})
     result = pretrain(cfg, tmp_path, progress=False)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor([h["total"] for h in result.history])))
     model = g2d.load_model(tmp_path / "export")

@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g2d {name}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from g2d.errors import CheckpointWriteError
+        from g2d.errors import CheckpointWriteError, NonFiniteLossError
         from g2d.train.distributed import world_info_from_env
-        from g2d.train.loop import NonFiniteLossError
 
         if isinstance(err, (CheckpointWriteError, NonFiniteLossError)) and not args.verbose:
             # the run cannot go on (no checkpoints / diverged); the last checkpoint is intact

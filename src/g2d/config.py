@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from g2d.data_spec import split_spec
 from g2d.errors import ConfigError
 from g2d.pseudo_mask import PseudoMaskCfg
 
@@ -132,7 +133,8 @@ class LossCfg:
 
 @dataclass
 class DataCfg:
-    # "synthetic", "csv:FILE" (image-text table).
+    # "synthetic", "csv:FILE" (image-text table; options after '?', e.g. csv:FILE?image_col=file&text_col=notes,
+    # as the fields below) or "mimic:DIR" (a store of g2d prepare mimic): g2d.data_spec's grammar.
     spec: str = "synthetic"
     image_col: str = "image"
     text_col: str = "text"
@@ -273,6 +275,61 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "train.ckpt_every": 100,
     },
 }
+
+
+# options of a csv: pre-training spec (csv:FILE?image_col=file&text_col=notes): the DataCfg fields of the
+# same names, and the row filter and delimiter of g2d.data.pretraining.pairs.PairsCfg
+PRETRAIN_CSV_OPTIONS = ("image_col", "text_col", "image_dir", "split_col", "split", "delimiter")
+
+
+@dataclass(frozen=True)
+class PretrainSource:
+    """``data.spec`` resolved (:func:`pretrain_source`): ``kind`` synthetic, csv or mimic, its path,
+    and for a ``csv:`` table the columns, image folder, row filter and delimiter."""
+
+    kind: str
+    path: str = ""
+    image_col: str = "image"
+    text_col: str = "text"
+    image_dir: str | None = None
+    split_col: str | None = None
+    split: str | None = None
+    delimiter: str | None = None
+
+
+def pretrain_source(data: DataCfg) -> PretrainSource:
+    """What ``data.spec`` names, read with the one data-spec grammar (:func:`g2d.data_spec.split_spec`):
+    ``synthetic``, ``csv:FILE[?image_col=..&text_col=..&image_dir=..&split_col=..&split=..&delimiter=..]``
+    or ``mimic:DIR``. A ``csv:`` option and the ``data.*`` field of the same name may both be given only
+    with one value.
+
+    :raises ConfigError: another kind, a missing path, or an option the kind does not take.
+    """
+    try:
+        kind, path, opts = split_spec(data.spec)
+    except ValueError as err:
+        raise ConfigError(f"data.spec: {err}") from None
+    if kind not in ("synthetic", "csv", "mimic") or (kind != "synthetic" and not path):
+        raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic', 'csv:FILE[?options]' or 'mimic:DIR'")
+    takes = PRETRAIN_CSV_OPTIONS if kind == "csv" else ()
+    unknown = sorted(set(opts) - set(takes))
+    if unknown or (kind == "synthetic" and path):
+        raise ConfigError(f"data.spec={data.spec!r}: a {kind} spec takes "
+                          + (f"the options {', '.join(takes)}" if takes else "no path or options")
+                          + (f", not {unknown[0]!r}" if unknown else ""))
+    values: dict[str, Any] = {}
+    defaults = DataCfg()
+    for key in takes:
+        field_value = getattr(data, key, None)
+        if key in opts:
+            if field_value != getattr(defaults, key, None) and field_value != opts[key]:
+                raise ConfigError(f"data.spec sets {key}={opts[key]!r} and data.{key}={field_value!r}: give it once")
+            values[key] = opts[key]
+        elif field_value is not None:
+            values[key] = field_value
+    if (values.get("split_col") is None) != (values.get("split") is None):
+        raise ConfigError(f"data.spec={data.spec!r}: split_col and split go together (the row filter is explicit)")
+    return PretrainSource(kind, path, **values)
 
 
 def list_presets() -> list[str]:
@@ -478,15 +535,14 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     if loss.contrastive_only_steps < 0:
         raise ConfigError("loss.contrastive_only_steps must be >= 0")
 
-    if not (data.spec == "synthetic" or data.spec.startswith(("csv:", "mimic:"))):
-        raise ConfigError(f"data.spec={data.spec!r}: use 'synthetic', 'csv:FILE' or 'mimic:DIR'")
-    if check_paths and data.spec.startswith("mimic:") and not (Path(data.spec[6:]) / "manifest.csv.gz").is_file():
-        raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {data.spec[6:]}; "
+    source = pretrain_source(data)
+    if check_paths and source.kind == "mimic" and not (Path(source.path) / "manifest.csv.gz").is_file():
+        raise ConfigError(f"data.spec: no prepared store (DIR/manifest.csv.gz) at {source.path}; "
                           "run g2d prepare mimic")
-    if check_paths and data.spec.startswith("csv:") and not Path(data.spec[4:]).is_file():
-        raise ConfigError(f"data.spec: CSV file not found: {data.spec[4:]}")
-    if check_paths and data.spec.startswith("csv:") and data.image_dir is not None:
-        folder = Path(data.spec[4:]).absolute().parent / data.image_dir  # an absolute image_dir wins
+    if check_paths and source.kind == "csv" and not Path(source.path).is_file():
+        raise ConfigError(f"data.spec: CSV file not found: {source.path}")
+    if check_paths and source.kind == "csv" and source.image_dir is not None:
+        folder = Path(source.path).absolute().parent / source.image_dir  # an absolute image_dir wins
         if not folder.is_dir():
             raise ConfigError(f"data.image_dir: image folder not found: {folder}")
     _choice("data.augment", data.augment, ("paper", "release", "none"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["ConfigError", "DataError", "LabelSpaceError", "ImageReadError", "ImageInputError", "CheckpointError",
-           "CheckpointWriteError"]
+           "CheckpointWriteError", "NonFiniteLossError"]
 
 
 class ConfigError(ValueError):
@@ -50,3 +50,8 @@ class ImageReadError(RuntimeError):
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive pre-training steps had a non-finite loss (``train.max_consecutive_nonfinite``);
+    the last checkpoint is intact."""

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from g2d.checkpoint import atomic_write, export_model
+from g2d.config import pretrain_source
 
 __all__ = ["PREPROCESS_FILE", "CARD_FILE", "HUB_PREFIX", "save_pretrained", "model_card", "resolve_hub"]
 
@@ -55,7 +56,7 @@ def model_card(cfg: Any, metrics: list[dict[str, Any]], name: str = "g2d model")
             "tags": ["medical-imaging", "chest-x-ray", "vision-language", "g2d", "zero-shot-classification",
                      "image-segmentation"],
             "pipeline_tag": "zero-shot-image-classification"}
-    if data.startswith("mimic:"):
+    if pretrain_source(cfg.data).kind == "mimic":
         meta["datasets"] = ["mimic-cxr"]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              "A G2D model (Liu et al., NeurIPS 2024: global and dense vision-language pre-training for chest "

@@ -9,18 +9,23 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from g2d.config import G2DConfig
+from g2d.config import G2DConfig, pretrain_source
+from g2d.errors import DataError
 
 
 def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Any:
-    """The image-text dataset named by ``cfg.data.spec``: "synthetic", "csv:FILE" (an image-text
-    table) or "mimic:DIR" (a store written by ``g2d prepare mimic``; its ``train`` split).
+    """The image-text dataset named by ``cfg.data.spec`` (:func:`g2d.config.pretrain_source`): "synthetic",
+    "csv:FILE[?options]" (an image-text table) or "mimic:DIR" (a store written by ``g2d prepare mimic``;
+    its ``train`` split).
+
+    :raises DataError: a table or store that cannot be used (missing file, column, too many bad rows).
 
     :return: a sized map-style dataset of ``{"image", "text"}`` samples (``SyntheticCXR``,
         ``ImageTextPairs`` or ``ShardedPairs``; the latter two also report bad images).
     """
     data, size = cfg.data, cfg.model.image_size
-    if data.spec == "synthetic":
+    source = pretrain_source(data)
+    if source.kind == "synthetic":
         from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
 
         return SyntheticCXR(SyntheticCXRCfg(num_samples=data.synthetic_samples, image_size=size,
@@ -29,12 +34,16 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Any:
     from g2d.data.transforms import ImageTransformCfg, build_transform
 
     tf = build_transform(ImageTransformCfg(resize=data.resize, crop=size, augment=data.augment), train)
-    if data.spec.startswith("mimic:"):
+    if source.kind == "mimic":
         from g2d.data.pretraining.shards import ShardedPairs
 
-        return ShardedPairs(data.spec[len("mimic:"):], split="train", transform=tf)
-    return ImageTextPairs(PairsCfg(path=data.spec[4:], image_col=data.image_col, text_col=data.text_col,
-                                   image_dir=data.image_dir, max_skip_fraction=data.max_skip_fraction), tf)
+        return ShardedPairs(source.path, split="train", transform=tf)
+    try:
+        return ImageTextPairs(PairsCfg(path=source.path, image_col=source.image_col, text_col=source.text_col,
+                                       image_dir=source.image_dir, split_col=source.split_col, split=source.split,
+                                       delimiter=source.delimiter, max_skip_fraction=data.max_skip_fraction), tf)
+    except DataError as err:  # the message says which setting named the table
+        raise DataError(f"data.spec: {err}") from None
 
 
 def dataset_texts(dataset: Any) -> list[str]:

@@ -26,7 +26,7 @@ from g2d.attention_diagnostics import (
 from g2d.checkpoint import export_model, load_checkpoint, save_checkpoint
 from g2d.config import G2DConfig, config_from_dict, save_config
 from g2d.data.pretraining.pairs import collate_pairs
-from g2d.errors import DataError
+from g2d.errors import DataError, NonFiniteLossError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
 from g2d.objective import cache_embeddings, compute_losses
@@ -52,10 +52,6 @@ log = logging.getLogger("g2d.train")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss."""
 
 
 @dataclass
@@ -176,10 +172,7 @@ class Pretrainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
 
-        try:
-            self.dataset: Any = build_pretrain_dataset(cfg, train=True)
-        except (ValueError, RuntimeError) as err:  # unreadable table, too many unusable rows
-            raise DataError(f"data.spec: {' '.join(str(err).split())}") from None
+        self.dataset: Any = build_pretrain_dataset(cfg, train=True)  # DataError for an unusable table or store
         if len(self.dataset) < cfg.train.batch_size * d.world_size:
             raise DataError(f"dataset has {len(self.dataset)} samples, fewer than one global batch "
                             f"({cfg.train.batch_size} x {d.world_size})")

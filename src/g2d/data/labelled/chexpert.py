@@ -25,8 +25,6 @@ view1_frontal.jpg``), so the full-size and the small download share one split ta
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import math
 import re
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from g2d.data.labelled.dataset import Record, SkipLog
+from g2d.data.tables import read_table
 from g2d.errors import DataError
 
 __all__ = ["read_chexpert", "make_split", "carve_by_patient", "SPLIT_TABLE", "SPLIT_SEED", "COMPETITION",
@@ -82,50 +81,41 @@ def canonical_id(path: str) -> str:
     return rest if sep and head.lower().startswith("chexpert") else path
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt", newline="") if p.suffix == ".gz" else open(p, newline="")
-
-
 def _rows(csv_path: Path, skipped: SkipLog, frontal_only: bool) -> Iterator[tuple[str, dict[str, str], str]]:
     """Valid rows of a CheXpert CSV as ``(canonical id, row, "file:row")``; bad rows are skipped."""
     name = csv_path.name
     seen: set[str] = set()
     n_lateral = 0
-    try:
-        with _open_text(csv_path) as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            missing = [c for c in (*_META, *OBSERVATIONS) if c not in cols]
-            if missing:
-                raise DataError(f"chexpert: {csv_path} lacks columns {missing} (is it a CheXpert train/valid.csv?)")
-            for k, row in enumerate(reader, start=2):  # row 1 is the header
-                where = f"{name}:{k}"
-                path = (row.get("Path") or "").strip()
-                if not path:
-                    skipped.skip("blank_path", where)
-                    continue
-                if not _PATIENT.search(path):
-                    skipped.skip("no_patient_in_path", where)
-                    continue
-                view = (row.get("Frontal/Lateral") or "").strip()
-                if view not in ("Frontal", "Lateral"):
-                    skipped.skip("bad_view", where, f"Frontal/Lateral={view!r}")
-                    continue
-                bad = [c for c in OBSERVATIONS if (row.get(c) or "").strip() not in _VALUES]
-                if bad:
-                    skipped.skip("bad_label", where, f"{bad[0]}={row.get(bad[0])!r} (allowed 1.0, 0.0, -1.0, blank)")
-                    continue
-                rid = canonical_id(path)
-                if rid in seen:
-                    skipped.skip("duplicated_id", where)
-                    continue
-                seen.add(rid)
-                if frontal_only and view != "Frontal":
-                    n_lateral += 1
-                    continue
-                yield rid, row, where
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"chexpert: cannot read {csv_path}: {e}") from e
+    header, rows = read_table(csv_path)
+    missing = [c for c in (*_META, *OBSERVATIONS) if c not in header]
+    if missing:
+        raise DataError(f"chexpert: {csv_path} lacks columns {missing} (is it a CheXpert train/valid.csv?)")
+    for r in rows:
+        row, where = r.cells, r.where
+        path = row.get("Path", "")
+        if not path:
+            skipped.skip("blank_path", where)
+            continue
+        if not _PATIENT.search(path):
+            skipped.skip("no_patient_in_path", where)
+            continue
+        view = row.get("Frontal/Lateral", "")
+        if view not in ("Frontal", "Lateral"):
+            skipped.skip("bad_view", where, f"Frontal/Lateral={view!r}")
+            continue
+        bad = [c for c in OBSERVATIONS if row.get(c, "") not in _VALUES]
+        if bad:
+            skipped.skip("bad_label", where, f"{bad[0]}={row.get(bad[0])!r} (allowed 1.0, 0.0, -1.0, blank)")
+            continue
+        rid = canonical_id(path)
+        if rid in seen:
+            skipped.skip("duplicated_id", where)
+            continue
+        seen.add(rid)
+        if frontal_only and view != "Frontal":
+            n_lateral += 1
+            continue
+        yield rid, row, where
     if n_lateral:
         log.info("chexpert: %s: %d lateral views left out (frontal filter)", name, n_lateral)
 

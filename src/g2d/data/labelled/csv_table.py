@@ -1,4 +1,5 @@
-"""``csv:FILE`` - any labelled chest X-ray table, plus the table helpers the public-set readers share.
+"""``csv:FILE`` - any labelled chest X-ray table (read with :func:`g2d.data.tables.read_table`, the one
+table reader), and the label parsing the public-set readers share.
 
 Columns (names configurable, header names are matched after stripping spaces):
 
@@ -13,7 +14,7 @@ Columns (names configurable, header names are matched after stripping spaces):
     (``x + w``, ``y + h``, continuous edges). A blank cell means no box.
 ``split`` (optional)
     ``train`` / ``val`` / ``test`` (``valid`` and ``validation`` are read as ``val``). Without the
-    column, :func:`g2d.data.sets.open_dataset` draws a seeded 70/15/15 split by patient (or image).
+    column, :func:`g2d.data.labelled.specs.open_dataset` draws a seeded 70/15/15 split by patient (or image).
 ``patient`` (optional)
     Patient id; seeded splits never put one patient in two splits.
 ``prompt`` (optional)
@@ -30,18 +31,15 @@ duplicated image, an unknown split name - are named with ``file:row``, counted i
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import math
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from g2d.data.labelled.dataset import FileMask, Record, SkipLog, parse_label_size
+from g2d.data.tables import TableRow, read_table
 from g2d.errors import DataError
 
 __all__ = ["read_labelled_csv", "UnionMask", "SPLIT_TABLE", "read_table", "parse_label", "TableRow"]
@@ -63,64 +61,6 @@ class UnionMask:
         for p in self.parts:
             m |= p(hw)
         return m
-
-
-@dataclass
-class TableRow:
-    """One data row of a table: ``where`` is ``"file:line"`` for messages, ``cells`` by column name."""
-
-    where: str
-    cells: dict[str, str]
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    """A text handle on ``.csv``, ``.csv.gz`` or a ``.zip`` holding one CSV (as Kaggle ships them)."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
-    if name.endswith(".zip"):
-        zf = zipfile.ZipFile(path)
-        members = [m for m in zf.namelist() if m.lower().endswith(".csv") and not m.startswith("__MACOSX")]
-        if len(members) != 1:
-            raise DataError(f"{path}: expected one .csv inside the zip, found {members}")
-        return io.TextIOWrapper(zf.open(members[0]), encoding="utf-8-sig", newline="")
-    return open(path, newline="", encoding="utf-8-sig")
-
-
-def read_table(path: str | Path, required: Sequence[str] = ()) -> tuple[list[str], Iterator[TableRow]]:
-    """Header (stripped names) and rows of a CSV (``.csv``, ``.csv.gz`` or single-file ``.zip``).
-
-    Column names are stripped of spaces, so Kaggle's ``" EncodedPixels"`` reads as ``EncodedPixels``.
-    Cell values are stripped too. Rows shorter than the header get blank cells; fully blank lines are
-    skipped by :mod:`csv`.
-
-    Raises:
-        DataError: the file is missing, empty, or lacks a ``required`` column.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: file not found")
-    f = _open_text(p)
-    reader = csv.reader(f)
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        f.close()
-        raise DataError(f"{p}: empty table (no header)") from None
-    missing = [c for c in required if c not in header]
-    if missing:
-        f.close()
-        raise DataError(f"{p}: missing column(s) {missing}; found {header}")
-
-    def rows() -> Iterator[TableRow]:
-        with f:
-            for row in reader:
-                if not any(c.strip() for c in row):
-                    continue
-                cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(header)}
-                yield TableRow(f"{p.name}:{reader.line_num}", cells)
-
-    return header, rows()
 
 
 def parse_label(value: str) -> float:

@@ -24,8 +24,6 @@ the carve and the subsets are published, not recomputed by a random generator on
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import os
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 
 from g2d.data.labelled.dataset import Record, SkipLog
 from g2d.data.labelled.splits import load_order, order_ranks
+from g2d.data.tables import read_table
 from g2d.errors import DataError
 
 __all__ = ["read_cxr14", "make_split", "order_ids", "CLASSES", "SPLIT_TABLE", "ORDER_TABLE", "SPLIT_SEED",
@@ -54,48 +53,39 @@ _LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 _LISTS = {"train_val_list.txt": "trainval", "test_list.txt": "test"}
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt", newline="") if p.suffix == ".gz" else open(p, newline="")
-
-
 def _entries(label_file: Path, skipped: SkipLog) -> dict[str, tuple[np.ndarray, str, str]]:
     """``{image index: (labels [14], patient, "file:row")}`` of a Data_Entry table; bad rows skipped."""
-    name = label_file.name
     out: dict[str, tuple[np.ndarray, str, str]] = {}
-    try:
-        with _open_text(label_file) as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("Image Index", "Finding Labels", "Patient ID") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"cxr14: {label_file} lacks columns {missing} (is it Data_Entry_2017*.csv?)")
-            for k, row in enumerate(reader, start=2):
-                where = f"{name}:{k}"
-                image = (row["Image Index"] or "").strip()
-                findings = [t.strip() for t in (row["Finding Labels"] or "").split("|")]
-                patient = (row["Patient ID"] or "").strip()
-                if not image:
-                    skipped.skip("blank_image_index", where)
-                    continue
-                if not patient:
-                    skipped.skip("blank_patient_id", where)
-                    continue
-                unknown = [t for t in findings if t not in _INDEX and t != "No Finding"]
-                if unknown:
-                    skipped.skip("bad_label", where, f"unknown finding {unknown[0]!r}")
-                    continue
-                if "No Finding" in findings and len(findings) > 1:
-                    skipped.skip("bad_label", where, "'No Finding' together with findings")
-                    continue
-                if image in out:
-                    skipped.skip("duplicated_id", where, f"first at {out[image][2]}")
-                    continue
-                labels = np.zeros(len(CLASSES), np.float32)
-                for t in findings:
-                    if t in _INDEX:
-                        labels[_INDEX[t]] = 1.0
-                out[image] = (labels, patient, where)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cxr14: cannot read {label_file}: {e}") from e
+    header, rows = read_table(label_file)
+    missing = [c for c in ("Image Index", "Finding Labels", "Patient ID") if c not in header]
+    if missing:
+        raise DataError(f"cxr14: {label_file} lacks columns {missing} (is it Data_Entry_2017*.csv?)")
+    for r in rows:
+        row, where = r.cells, r.where
+        image = row["Image Index"]
+        findings = [t.strip() for t in row["Finding Labels"].split("|")]
+        patient = row["Patient ID"]
+        if not image:
+            skipped.skip("blank_image_index", where)
+            continue
+        if not patient:
+            skipped.skip("blank_patient_id", where)
+            continue
+        unknown = [t for t in findings if t not in _INDEX and t != "No Finding"]
+        if unknown:
+            skipped.skip("bad_label", where, f"unknown finding {unknown[0]!r}")
+            continue
+        if "No Finding" in findings and len(findings) > 1:
+            skipped.skip("bad_label", where, "'No Finding' together with findings")
+            continue
+        if image in out:
+            skipped.skip("duplicated_id", where, f"first at {out[image][2]}")
+            continue
+        labels = np.zeros(len(CLASSES), np.float32)
+        for t in findings:
+            if t in _INDEX:
+                labels[_INDEX[t]] = 1.0
+        out[image] = (labels, patient, where)
     return out
 
 

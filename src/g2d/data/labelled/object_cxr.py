@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.data.labelled.csv_table import read_table
 from g2d.data.labelled.dataset import Record, SkipLog
+from g2d.data.tables import read_table
 from g2d.errors import DataError
 
 __all__ = ["read_object_cxr", "make_split", "parse_annotation", "SPLIT_TABLE", "SPLIT_SEED", "TASKS",

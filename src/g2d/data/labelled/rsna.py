@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.data.labelled.csv_table import read_table
 from g2d.data.labelled.dataset import BoxMask, Record, SkipLog, parse_label_size
+from g2d.data.tables import read_table
 from g2d.errors import DataError
 
 __all__ = ["read_rsna", "make_split", "SPLIT_TABLE", "SPLIT_SEED", "TASKS"]

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.data.labelled.csv_table import read_table
 from g2d.data.labelled.dataset import LabelledCXR, Record, SkipLog, parse_label_size
 from g2d.data.labelled.splits import fraction_count, load_split, subset_ranks
+from g2d.data.tables import read_table
 from g2d.errors import DataError, ImageReadError
 
 __all__ = ["read_siim", "make_split", "balance_train", "RLEMask", "decode_rle", "find_images",

@@ -43,6 +43,7 @@ from g2d.data.labelled.splits import (
     subset_ranks,
 )
 from g2d.data.transforms import ImageTransformCfg
+from g2d.data_spec import split_spec
 from g2d.errors import DataError
 
 __all__ = ["READERS", "open_dataset", "parse_spec", "with_options", "SyntheticLabelled", "assign_random_split"]
@@ -97,16 +98,9 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
     :raises DataError: no ``NAME:``, an option without ``=``, or one the reader does not take.
     """
-    if ":" not in spec:
+    if ":" not in spec.partition("?")[0]:
         raise DataError(f"data spec {spec!r}: expected NAME:PATH (e.g. siim:/data/siim), csv:FILE or synthetic")
-    name, rest = spec.split(":", 1)
-    path, _, query = rest.partition("?")
-    opts: dict[str, str] = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise DataError(f"data spec {spec!r}: option {item!r} is not key=value")
-        opts[key.strip()] = value.strip()
+    name, path, opts = split_spec(spec)
     if opts and name in READERS:
         params = {p.name: p for p in inspect.signature(_reader(name)[0]).parameters.values()
                   if p.name != "path" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}

@@ -38,6 +38,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from g2d.data.tables import read_table
+
 __all__ = ["SPLITS", "SPLIT_DIR", "check_fraction", "fraction_count", "load_split", "split_ids",
            "write_split", "rank_train", "rank_groups", "write_order", "load_order", "order_ranks", "subset_ranks",
            "check_subset"]
@@ -112,18 +114,17 @@ def _write_table(path: str | Path, header: list[str], rows: Iterable[Sequence]) 
 
 
 def _read_table(name_or_path: str | Path, columns: set[str]) -> list[dict[str, str]]:
+    """The rows of a shipped table name (``"siim"``) or a path, with exactly ``columns``."""
     p = Path(name_or_path)
     if not p.suffix:
         p = SPLIT_DIR / f"{name_or_path}.csv.gz"
     if not p.is_file():
         shipped = sorted(q.name.removesuffix(".csv.gz") for q in SPLIT_DIR.glob("*.csv.gz"))
         raise FileNotFoundError(f"no split table {p} (shipped: {shipped})")
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != columns:
+    header, rows = read_table(p, sorted(columns))
+    if set(header) != columns:
         raise ValueError(f"{p}: expected columns {','.join(sorted(columns))}")
-    return rows
+    return [r.cells for r in rows]
 
 
 def write_split(path: str | Path, assignment: dict[str, str], seed: int) -> Path:

@@ -63,6 +63,7 @@ from g2d.data.pretraining.shards import (
     write_shard,
 )
 from g2d.data.pretraining.text import count_tokens, extract_sections, pretrain_text
+from g2d.data.tables import read_table
 from g2d.errors import DataError
 from g2d.fingerprint import file_stamp
 
@@ -120,17 +121,18 @@ class MimicPrepareCfg:
 
 
 def _read_gz_table(path: Path, needed: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows ``(data_row, {column: value})`` of a gzipped CSV; DataError naming missing columns."""
+    """Rows ``(data_row, {column: value})`` of a gzipped CSV (:func:`g2d.data.tables.read_table`);
+    DataError naming missing columns or an unreadable file."""
     if not path.is_file():
         raise DataError(f"{path}: not found (expected the official MIMIC-CXR-JPG file)")
     try:
-        with gzip.open(path, "rt", newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in needed if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path.name}: missing columns {missing}; found {reader.fieldnames}")
-            yield from enumerate(reader, 1)
-    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
+        header, rows = read_table(path)
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise DataError(f"{path.name}: missing columns {missing}; found {header}")
+        for n, row in enumerate(rows, 1):
+            yield n, row.cells
+    except (OSError, EOFError) as e:
         raise DataError(f"{path.name}: cannot read ({type(e).__name__}: {e})") from None
 
 

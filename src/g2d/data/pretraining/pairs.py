@@ -6,7 +6,8 @@ Bad rows are handled explicitly, never silently:
   image path is empty, or whose image file does not exist are dropped; each is logged (CSV file name
   and 1-based data row, header excluded, blank lines not counted) and counted in
   :attr:`ImageTextPairs.skipped` by reason. If the dropped share exceeds ``max_skip_fraction`` the
-  constructor raises :class:`RuntimeError` with the counts;
+  constructor raises :class:`~g2d.errors.DataError` with the counts (as every unusable table does:
+  missing file or column, a ragged row, not UTF-8);
 - an image that fails to decode when it is read (zero-byte, truncated, not an image) is logged,
   counted under ``"decode_error"`` and replaced by the next index ``(i + 1) % n`` (bounded number of
   tries), so DataLoader batches stay full.
@@ -16,7 +17,6 @@ Report text is never logged (privacy); only file names and row numbers are.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections import Counter
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from g2d.data.images import read_image
 from g2d.data.pretraining.text import clean_report, is_missing_text
-from g2d.errors import ImageReadError
+from g2d.data.tables import read_table
+from g2d.errors import DataError, ImageReadError
 
 __all__ = ["PairsCfg", "ImageTextPairs", "collate_pairs"]
 
@@ -99,48 +100,6 @@ class _PackedStrings:
         return self._data[lo:hi].tobytes().decode("utf-8")
 
 
-def _read_table(cfg: PairsCfg) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and ``(data_row, fields)`` rows of the CSV; ValueError if it cannot be parsed."""
-    path = cfg.path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pairs table not found: {path}")
-    delimiter = cfg.delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
-    rows: list[tuple[int, list[str]]] = []
-    try:
-        # utf-8-sig: tolerate a byte-order mark written by spreadsheet programs.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter, strict=True)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise ValueError(f"{path}: empty file, no header row") from None
-            header = [h.strip() for h in header]
-            n = 0
-            for fields in reader:
-                if not fields:  # blank line
-                    continue
-                n += 1
-                if len(fields) != len(header):
-                    raise ValueError(
-                        f"{path}: data row {n} (line {reader.line_num}) has {len(fields)} fields, "
-                        f"the header has {len(header)}; the CSV is malformed (unbalanced quotes?)")
-                rows.append((n, fields))
-    except csv.Error as e:
-        raise ValueError(f"{path}: cannot parse CSV: {e}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    return header, rows
-
-
-def _column_index(header: list[str], name: str, path: str, role: str) -> int:
-    matches = [i for i, h in enumerate(header) if h == name]
-    if not matches:
-        raise ValueError(f"{path}: missing {role} column {name!r}; columns found: {header}")
-    if len(matches) > 1:
-        raise ValueError(f"{path}: {role} column {name!r} appears {len(matches)} times; columns found: {header}")
-    return matches[0]
-
-
 class ImageTextPairs(torch.utils.data.Dataset):
     """Image-report pairs from a CSV table.
 
@@ -164,26 +123,28 @@ class ImageTextPairs(torch.utils.data.Dataset):
         self.skipped: Counter[str] = Counter()
         self._name = os.path.basename(cfg.path)
 
-        header, table = _read_table(cfg)
-        img_i = _column_index(header, cfg.image_col, cfg.path, "image")
-        txt_i = _column_index(header, cfg.text_col, cfg.path, "text")
-        split_i = _column_index(header, cfg.split_col, cfg.path, "split") if cfg.split_col else None
+        # the one table reader, strict: a ragged row (an unbalanced quote) shifts no column silently
+        header, rows_iter = read_table(cfg.path, strict=True, delimiter=cfg.delimiter)
+        for col, role in ((cfg.image_col, "image"), (cfg.text_col, "text"), (cfg.split_col, "split")):
+            if col is not None and col not in header:
+                raise DataError(f"{cfg.path}: missing {role} column {col!r}; columns found: {header}")
+        table = [(n, r.cells) for n, r in enumerate(rows_iter, 1)]
 
         csv_dir = os.path.dirname(os.path.abspath(cfg.path))
         base = os.path.join(csv_dir, cfg.image_dir) if cfg.image_dir else csv_dir
         if not os.path.isdir(base):
-            raise FileNotFoundError(f"{cfg.path}: image folder not found: {base}")
+            raise DataError(f"{cfg.path}: image folder not found: {base}")
 
         self.n_rows = len(table)
         self.n_other_split = 0
         paths: list[str] = []
         texts: list[str] = []
         rows: list[int] = []
-        for row, fields in table:
-            if split_i is not None and fields[split_i].strip() != cfg.split:
+        for row, cells in table:
+            if cfg.split_col is not None and cells[cfg.split_col] != cfg.split:
                 self.n_other_split += 1
                 continue
-            raw = fields[txt_i]
+            raw = cells[cfg.text_col]
             text = ""
             reason: str | None = None
             if is_missing_text(raw):
@@ -194,7 +155,7 @@ class ImageTextPairs(torch.utils.data.Dataset):
                 text = clean_report(raw) if cfg.clean_text else raw
                 if not text:
                     reason = "empty_after_cleaning"
-            rel = fields[img_i].strip()
+            rel = cells[cfg.image_col]
             if reason is None and not rel:
                 reason = "empty_image_path"
             image_path = os.path.join(base, rel)
@@ -216,10 +177,10 @@ class ImageTextPairs(torch.utils.data.Dataset):
         considered = self.n_rows - self.n_other_split
         n_skipped = sum(self.skipped.values())
         if considered == 0:
-            raise ValueError(f"{cfg.path}: no data rows" + (
+            raise DataError(f"{cfg.path}: no data rows" + (
                 f" with {cfg.split_col} == {cfg.split!r}" if cfg.split_col else ""))
         if not paths or n_skipped / considered > cfg.max_skip_fraction:
-            raise RuntimeError(
+            raise DataError(
                 f"{cfg.path}: {n_skipped} of {considered} rows unusable "
                 f"({n_skipped / considered:.1%} > max_skip_fraction {cfg.max_skip_fraction:.1%}): "
                 f"{dict(sorted(self.skipped.items()))}")
@@ -269,7 +230,7 @@ class ImageTextPairs(torch.utils.data.Dataset):
             if img is None:
                 continue
             return {"image": self.transform(img), "text": self._texts[j], "index": j, "requested": i}
-        raise RuntimeError(
+        raise DataError(
             f"{self.cfg.path}: images of data rows {int(self.rows[i])} and the following "
             f"{min(self.cfg.max_decode_retries, n - 1)} samples all failed to decode")
 
