@@ -271,3 +271,16 @@ def test_text_backbone_learning_rate_scale(tiny_cfg, tmp_path):
     assert [g["initial_lr"] for g in groups] == pytest.approx([1e-3, 1e-3 * 0.05])
     assert {id(p) for p in groups[1]["params"]} == text and text
     assert not text & {id(p) for p in groups[0]["params"]}
+
+
+def test_the_trainer_logs_every_term_the_objective_names(tiny_cfg, tmp_path):
+    """Loss terms are declared once (g2d.objective.StepLosses.terms): a term the objective adds, here the
+    attention concentration, reaches the history and TensorBoard without a change to the trainer."""
+    cfg = _cfg(tiny_cfg, **{"train.max_steps": 2, "loss.attention_concentration": 0.5})
+    result = pretrain(cfg, tmp_path, progress=False)
+    assert {"total", "vla", "pa", "acc", "fg", "concentration"} <= set(result.history[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "train/concentration" in events.Tags()["scalars"]

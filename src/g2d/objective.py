@@ -31,17 +31,20 @@ Phase = Callable[[str], AbstractContextManager]
 
 @dataclass
 class StepLosses:
-    """One (micro-)batch's losses (scalars): ``total`` and ``objective`` carry the graph; the others
-    are detached. ``objective`` is what this micro-batch backpropagates (its share of the step's
-    loss: ``total / micro_batches`` without cached negatives); ``acc`` is the in-batch image-to-text
-    top-1, ``fg`` the pseudo masks' foreground fraction."""
+    """One (micro-)batch's losses. ``total`` and ``objective`` carry the graph: ``objective`` is what
+    this micro-batch backpropagates (its share of the step's loss: ``total / micro_batches`` without
+    cached negatives). ``terms`` are the named, detached scalars the trainer logs, whatever they are
+    (declared here only): ``total``, ``vla`` (contrastive), ``pa`` (pixel alignment), ``acc``
+    (in-batch image-to-text top-1), ``fg`` (the pseudo masks' foreground fraction), and
+    ``concentration`` when ``loss.attention_concentration`` is set."""
 
     total: Tensor
-    vla: Tensor
-    pa: Tensor
-    acc: Tensor
-    fg: Tensor
     objective: Tensor
+    terms: dict[str, Tensor]
+
+    @property
+    def vla(self) -> Tensor:
+        return self.terms["vla"]
 
 
 @dataclass
@@ -131,11 +134,15 @@ def compute_losses(model: G2DModel, images: Tensor, tokens: dict[str, Tensor], c
             pa, fg = pixel_alignment_loss(logits, masks, cfg.loss), masks.mean()
         pa_weight = cfg.loss.pa_weight if step >= cfg.loss.contrastive_only_steps else 0.0
         per_image = pa_weight * pa
+        extra = {}
         if cfg.loss.attention_concentration:
-            per_image = per_image + cfg.loss.attention_concentration * attention_concentration_loss(out.image.attention)
+            conc = attention_concentration_loss(out.image.attention)
+            per_image = per_image + cfg.loss.attention_concentration * conc
+            extra["concentration"] = conc.detach()
         total = vla + per_image
         objective = total / micro_batches if cached is None else vla + per_image / micro_batches
         with torch.no_grad():
             acc = (out.image.embedding @ out.text_embedding.T).argmax(1).eq(
                 torch.arange(images.shape[0], device=images.device)).float().mean()
-    return StepLosses(total, vla.detach(), pa.detach(), acc, fg, objective)
+    terms = {"total": total.detach(), "vla": vla.detach(), "pa": pa.detach(), "acc": acc, "fg": fg, **extra}
+    return StepLosses(total, objective, terms)

@@ -400,8 +400,8 @@ class Pretrainer:
                             losses.total = losses.total * float("nan")
                             losses.objective = losses.objective * float("nan")
                         self.scaler.scale(losses.objective).backward()
-                    for k in ("total", "vla", "pa", "acc", "fg"):
-                        sums[k] = sums.get(k, 0) + getattr(losses, k).detach().float()
+                    for k, term in losses.terms.items():  # whatever the objective names
+                        sums[k] = sums.get(k, 0) + term.float()
                     count += 1
                     finite &= torch.isfinite(losses.total.detach())  # every micro-batch of the step
                 step_ok = all_ranks_true(finite)
@@ -438,25 +438,23 @@ class Pretrainer:
                     rate = samples_since / max(now - t_last, 1e-9)
                     t_last, samples_since = now, 0
                     result.history.append({"step": self.step, "lr": lr, "samples_per_s": rate, **means})
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     if bar is not None:
-                        bar.set_postfix(loss=f"{means['total']:.3f}", vla=f"{means['vla']:.3f}",
-                                        pa=f"{means['pa']:.3f}", sps=f"{rate:.1f}")
+                        bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "sps": f"{rate:.1f}"})
                     if writer is not None:
-                        for k, v in means.items():
-                            writer.add_scalar(f"train/{k}", v, self.step)
+                        for k, mean in means.items():
+                            writer.add_scalar(f"train/{k}", mean, self.step)
                         writer.add_scalar("train/lr", lr, self.step)
                         writer.add_scalar("train/samples_per_s", rate, self.step)
                     if d.is_main and not self.progress:
-                        log.info("step %d/%d loss %.4f vla %.4f pa %.4f lr %.2e %.1f samples/s",
-                                 self.step, self.total_steps, means["total"], means["vla"],
-                                 means["pa"], lr, rate)
+                        log.info("step %d/%d %s lr %.2e %.1f samples/s", self.step, self.total_steps, shown, lr, rate)
                 if self.probe is not None and (self.step % cfg.train.probe_every == 0
                                                or self.step == self.total_steps):
                     probe = self._run_probe()
                     result.probes.append({"step": self.step, **probe})
                     if writer is not None:
-                        for k, v in probe.items():
-                            writer.add_scalar(f"attention/{k}", v, self.step)
+                        for k, score in probe.items():
+                            writer.add_scalar(f"attention/{k}", score, self.step)
                     log.info("step %d attention: collapse r %.3f, pointing %.3f (prior %.3f), "
                              "pseudo-mask IoU %.3f (prior %.3f)", self.step, probe["collapse_r"],
                              probe["pointing"], probe["pointing_prior"], probe["iou"], probe["iou_prior"])
