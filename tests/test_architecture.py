@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # bottom to top; a module belongs to the first layer with a prefix that matches its dotted name
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("primitives", ("g2d.errors", "g2d.fingerprint", "g2d.metrics", "g2d.figures", "g2d.pseudo_mask",
-                    "g2d.image_input", "g2d.seeding", "g2d.testing")),
+                    "g2d.image_input", "g2d.data_spec", "g2d.seeding", "g2d.testing")),
     ("configuration", ("g2d.config",)),
     ("data", ("g2d.data", "g2d.losses")),
     ("model", ("g2d.model", "g2d.checkpoint", "g2d.hub")),

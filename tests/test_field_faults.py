@@ -152,11 +152,11 @@ def _tiny_siim(root, n_train=8, n_pos=2):
 def test_siim_segmentation_trains_on_the_balanced_set(tmp_path, monkeypatch, mode, n_train, n_pos):
     import functools
 
-    import g2d.downstream.segmentation as seg
+    import g2d.downstream.dense as dense
 
     _tiny_siim(tmp_path / "siim")
     # the folder holds 12 of the table's 12,047 ids: lift the missing-ids guard for this test only
-    monkeypatch.setattr(seg, "open_dataset", functools.partial(open_dataset, max_skip_fraction=1.0))
+    monkeypatch.setattr(dense, "open_dataset", functools.partial(open_dataset, max_skip_fraction=1.0))
     out = tmp_path / f"out_{mode}"
     spec = f"siim:{tmp_path / 'siim'}?label_size=image"  # the fixture's RLE is in its 64-px images
     assert main(["eval", "segmentation", "--data", spec, "--model", "random", "--arch", "resnet18",
@@ -376,7 +376,8 @@ def test_a_set_is_the_same_set_however_its_path_is_spelled(tmp_path, monkeypatch
     """dataset_identity leaves out the mask paths as spelled (their files' stamps stay in); a
     reproduce store that kept the identity of before (mask paths as spelled) is still accepted."""
     from g2d.fingerprint import dataset_identity, digest
-    from g2d.reproduce import Column, Experiment, Row, Runner, Scale, _LazyFill
+    from g2d.reproduce import Column, Experiment, Row, Runner, Scale
+    from g2d.reproduce.spec import _LazyFill
 
     table = _images_table(tmp_path / "set")
     monkeypatch.chdir(tmp_path)

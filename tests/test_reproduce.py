@@ -15,7 +15,6 @@ from g2d.reproduce import (
     Row,
     Runner,
     Scale,
-    _LazyFill,
     format_csv,
     format_differences,
     format_fraction_tables,
@@ -28,6 +27,7 @@ from g2d.reproduce import (
     prepare_jsrt,
     pretrain_metrics,
 )
+from g2d.reproduce.spec import _LazyFill
 
 DATA = Path(__file__).parent / "data"
 
@@ -122,7 +122,7 @@ def _mini_scale(tiny_text_dir) -> Scale:
 @pytest.mark.slow
 def test_runner_runs_two_cells_and_resumes_a_half_done_table(tiny_text_dir, tmp_path):
     from g2d.downstream import protocol
-    from g2d.reproduce import _pretrain
+    from g2d.reproduce.runner import _pretrain
 
     exp = Experiment("mini", "Mini", [Column("enc", "segmentation", "syn", "dice", 0.5, {"transfer": "encoder"}),
                                       Column("enc-dec", "segmentation", "syn", "dice", 0.5,
@@ -387,7 +387,7 @@ def test_a_store_is_found_however_its_paths_are_spelled(tmp_path, monkeypatch):
     """--out runs/x from the parent folder and --out /abs/runs/x (and data specs likewise) key the
     same pre-training and cells; a store written before keys were made absolute is still found when
     the command spells its paths as it did then (g2d.fingerprint.absolute_paths)."""
-    import g2d.reproduce as rp
+    import g2d.reproduce.runner as rp
 
     (tmp_path / "sets").mkdir()
     (tmp_path / "sets" / "labels.csv").write_text("image,label\n")
