@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from helpers import parse_protocol_args
 
 from g2d.downstream import detection as det
-from g2d.downstream import protocol
 from g2d.downstream.yolo import (
     COCO_ANCHORS,
     STRIDES,
@@ -28,7 +28,7 @@ BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--i
 
 
 def _args(out, *extra: str):
-    return protocol.parse("detection", [*BASE, "--out", str(out), *extra])
+    return parse_protocol_args("detection", [*BASE, "--out", str(out), *extra])
 
 
 # ----------------------------------------------------------------------------------------- mAP
@@ -135,9 +135,9 @@ def test_targets_mark_best_anchor_per_scale_and_ignore_overlapping_anchors():
 
 
 def test_defaults_follow_the_paper():
-    a = protocol.parse("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.01"])
+    a = parse_protocol_args("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.01"])
     assert det._defaults(a) == (8, 2e-4)
-    a = protocol.parse("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.1"])
+    a = parse_protocol_args("detection", ["--data", "synthetic", "--out", "x", "--fraction", "0.1"])
     assert det._defaults(a) == (16, 5e-4)
     assert (a.weight_decay, a.epochs, a.patience, a.conf_threshold, a.nms_threshold, a.image_size,
             a.head_width) == (1e-6, 50, 10, 0.5, 0.5, 224, 1024)

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import parse_protocol_args
 
-from g2d.downstream import features, finetune, linear_probe, protocol
+from g2d.downstream import features, finetune, linear_probe
 from g2d.losses import masked_bce
 from g2d.metrics import auroc_per_class, is_multiclass
 
@@ -16,7 +17,7 @@ SMALL = ["--arch", "resnet18", "--resize", "32", "--image-size", "32", "--num-wo
 
 
 def _linear_args(tmp_path, out, *extra):
-    return protocol.parse("linear", ["--data", "synthetic:16", "--model", "random", "--out", str(out),
+    return parse_protocol_args("linear", ["--data", "synthetic:16", "--model", "random", "--out", str(out),
                                              "--feature-cache", str(tmp_path / "cache"), "--epochs", "3",
                                              *SMALL, *extra])
 
@@ -104,7 +105,7 @@ def test_single_label_sets_use_softmax_and_accuracy():
 
 
 def _ft_args(out, epochs, *extra):
-    return protocol.parse("finetune", ["--data", "synthetic:8", "--out", str(out), "--epochs", str(epochs),
+    return parse_protocol_args("finetune", ["--data", "synthetic:8", "--out", str(out), "--epochs", str(epochs),
                                                "--batch-size", "4", "--seed", "3", *SMALL, *extra])
 
 

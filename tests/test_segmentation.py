@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from helpers import parse_protocol_args
 
-from g2d.downstream import protocol
 from g2d.downstream import segmentation as seg
 from g2d.downstream.dense import square_geometry
 from g2d.metrics import dice_mgca_batch_mean, dice_per_image
@@ -20,7 +20,7 @@ BASE = ["--data", "synthetic:8", "--model", "random", "--arch", "resnet18", "--i
 
 
 def _args(out, *extra: str):
-    return protocol.parse("segmentation", [*BASE, "--out", str(out), *extra])
+    return parse_protocol_args("segmentation", [*BASE, "--out", str(out), *extra])
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -305,7 +305,7 @@ def test_jsrt_lungs_beat_trivial_predictions(jsrt_dir, tmp_path):
         for i, c in enumerate(cases):
             split = "train" if i < 14 else "val" if i < 16 else "test"
             w.writerow([f"images/{c}", f"masks/left_lung/{c};masks/right_lung/{c}", split])
-    args = protocol.parse("segmentation", [
+    args = parse_protocol_args("segmentation", [
         "--data", f"csv:{table}", "--model", "random", "--arch", "resnet18", "--image-size", "64",
         "--batch-size", "7", "--lr", "3e-3", "--epochs", "4", "--patience", "4", "--num-workers", "0",
         "--no-progress", "--figures", "1", "--out", str(tmp_path / "out")])

@@ -104,16 +104,6 @@ def loss_curves(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel:
     return _save(fig, path)
 
 
-def overlay_heatmap(image: Tensor, heat: Tensor, path: str | Path, title: str = "") -> Path:
-    """A single image [H, W] with a heat map [H, W] overlaid."""
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image.cpu().numpy(), cmap="gray")
-    ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.45)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    return _save(fig, path)
-
-
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +113,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["attention_panels", "grounding_panels", "prompt_panels", "loss_curves", "overlay_heatmap", "heat_overlay"]
+__all__ = ["attention_panels", "grounding_panels", "prompt_panels", "loss_curves", "heat_overlay"]
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, legend: str | None = None,

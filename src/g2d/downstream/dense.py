@@ -47,7 +47,7 @@ def open_splits(args: Any) -> dict[str, Any]:
     square geometry ``--image-size`` (``args``: a protocol's ``Args`` with those fields).
 
     SIIM segmentation trains on MGCA/GLoRIA's balanced set (every positive plus as many negatives,
-    the fraction taken from that set; :func:`g2d.data.siim.balance_train`) unless
+    the fraction taken from that set; :func:`g2d.data.labelled.siim.balance_train`) unless
     ``--siim-train all``; val and test keep every image."""
     geom = square_geometry(args.image_size)
     balance = dataset_name(args.data) == "siim" and getattr(args, "siim_train", "balanced") == "balanced"

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "TextImageArgs", "DenseArgs", "arg", "add_flags", "parse",
+__all__ = ["PROTOCOLS", "ProtocolArgs", "GeometryArgs", "TextImageArgs", "DenseArgs", "arg", "add_flags",
            "make", "run", "module", "key_fields", "completed_key_fields", "content_inputs"]
 
 # name -> (module, one-line description): the protocols ``g2d eval`` runs
@@ -172,13 +172,6 @@ def make(name: str, **values: Any) -> ProtocolArgs:
                 raise ValueError(f"{name}: {f.name} must be {'an' if typ == 'int' else 'a'} {typ}, "
                                  f"got {value!r}") from None
     return cls(**values)
-
-
-def parse(name: str, argv: list[str]) -> ProtocolArgs:
-    """The protocol's ``Args`` from command-line flags (``SystemExit`` on a bad flag, as argparse)."""
-    p = add_flags(argparse.ArgumentParser(prog=f"g2d eval {name}", description=PROTOCOLS[name][1]),
-                  module(name).Args)
-    return module(name).Args(**vars(p.parse_args(argv)))
 
 
 def run(name: str, args: ProtocolArgs) -> dict[str, Any]:

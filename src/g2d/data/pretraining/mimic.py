@@ -18,14 +18,14 @@ Rules, in the order they are applied (each dropped image is counted under its re
    MGCA's preprocessing which the paper follows; laterals, ``LL``, ``AP AXIAL``, ... are dropped);
    ``no_view``: an empty ``ViewPosition`` (no view recorded), dropped too and counted apart;
 4. ``no_report``: no report file for the study;
-5. ``no_findings_or_impression``: the report has neither section (:func:`g2d.data.text.extract_sections`);
+5. ``no_findings_or_impression``: the report has neither section (:func:`g2d.data.pretraining.text.extract_sections`);
    a report with only one of them uses that one;
 6. ``too_few_tokens``: fewer than ``min_tokens`` (3, MGCA) word tokens in the final text;
 7. ``missing_image``: the JPEG does not exist;
 8. ``corrupt_image``: it exists but does not decode (named in the report and the log; never fatal).
 
 Text (``text_recipe``): ``"paper"`` = cleaned FINDINGS then IMPRESSION
-(:func:`g2d.data.text.pretrain_text`); ``"release"`` = the released code's ``release_text``.
+(:func:`g2d.data.pretraining.text.pretrain_text`); ``"release"`` = the released code's ``release_text``.
 
 The work is split into shards of ``shard_size`` images processed in parallel; a shard whose tar and
 sidecar exist with the same inputs and settings is not redone, so an interrupted run resumes and a

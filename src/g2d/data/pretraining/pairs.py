@@ -51,7 +51,7 @@ class PairsCfg:
         max_skip_fraction: largest tolerated share of dropped rows (after the split filter).
         image_dir: folder the image paths are relative to, itself relative to the CSV's folder (or
             absolute); ``None`` means the CSV's folder. covid-notes needs ``"images"``.
-        clean_text: apply :func:`g2d.data.text.clean_report` to the text at construction; rows it
+        clean_text: apply :func:`g2d.data.pretraining.text.clean_report` to the text at construction; rows it
             leaves empty are dropped as ``"empty_after_cleaning"``. ``False`` keeps the raw text.
         delimiter: field separator; ``None`` -> tab for ``.tsv``, else comma.
         max_decode_retries: how many following indices to try when an image fails to decode.

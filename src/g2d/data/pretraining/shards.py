@@ -212,9 +212,9 @@ class ShardedPairs(torch.utils.data.Dataset):
     """Map-style image-text pairs from a store's ``split``.
 
     ``dataset[i]`` is ``{"image": FloatTensor [1, S, S], "text": str, "index": int}`` (the layout of
-    :class:`g2d.data.pairs.ImageTextPairs`, so :func:`g2d.data.pairs.collate_pairs` applies), the
-    image being ``transform(PIL.Image)``; without a transform it is the stored image as float32
-    ``[1, H, W]`` in [0, 1].
+    :class:`g2d.data.pretraining.pairs.ImageTextPairs`, so
+    :func:`g2d.data.pretraining.pairs.collate_pairs` applies), the image being
+    ``transform(PIL.Image)``; without a transform it is the stored image as float32 ``[1, H, W]`` in [0, 1].
 
     Memory: the index is memory-mapped and each process keeps at most 64 shard files open, so
     DataLoader workers (fork or spawn) share nothing that grows with the dataset.

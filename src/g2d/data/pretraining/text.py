@@ -1,6 +1,6 @@
 """Report text handling: a cleaner for any report and the released G2D code's text recipe.
 
-:func:`clean_report` is the default used by :class:`g2d.data.pairs.ImageTextPairs`.
+:func:`clean_report` is the default used by :class:`g2d.data.pretraining.pairs.ImageTextPairs`.
 :func:`release_text` reproduces, quirks included, how the released code builds the text of a
 MIMIC-CXR pair from the ``findings`` and ``impression`` columns (``PRETRAIN/utils/dataset.py``).
 """
