@@ -17,10 +17,10 @@ from g2d.data.transforms import ImageTransformCfg
 from g2d.errors import ConfigError
 from g2d.factory import create_image_encoder, load_model
 from g2d.fingerprint import model_identity
-from g2d.inference.interface import TextImageModel
 from g2d.model import G2DModel
 from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
+from g2d.model.interface import TextImageModel
 from g2d.peer_vlm import load_peer_vl_model
 from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
 

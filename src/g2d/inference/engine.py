@@ -22,9 +22,9 @@ from g2d.data.transforms import (
     with_overrides,
 )
 from g2d.inference.grounding import dense_similarity, to_original
-from g2d.inference.interface import TextImageModel
 from g2d.inference.zeroshot import ZeroShotScorer, class_prompts, load_prompts
 from g2d.model import G2DModel
+from g2d.model.interface import TextImageModel
 from g2d.towers import load_text_image_model, resolve_device
 
 __all__ = ["ImageTextInferenceEngine", "check_prompts"]
@@ -41,7 +41,7 @@ def check_prompts(prompts: Sequence[str], what: str) -> None:
 class ImageTextInferenceEngine:
     """A text-image model, the geometry its inputs get and the device it runs on.
 
-    :ivar model: G2D's model or a peer's (:class:`g2d.inference.interface.TextImageModel`).
+    :ivar model: G2D's model or a peer's (:class:`g2d.model.interface.TextImageModel`).
     :ivar geometry: the deterministic resize and crop of its inputs (the model's pre-training geometry
         unless overridden, a peer's own evaluation pipeline).
     """

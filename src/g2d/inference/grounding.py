@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from g2d.image_input import as_model_input
-from g2d.inference.interface import TextImageModel
+from g2d.model.interface import TextImageModel
 
 __all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
            "BINARIZE_RULES", "RESAMPLING"]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from g2d.errors import DataError
 from g2d.image_input import as_model_input
-from g2d.inference.interface import TextImageModel
+from g2d.model.interface import TextImageModel
 
 __all__ = ["prompt_text", "load_prompts", "check_prompt_pair", "class_prompts", "prompt_embeddings", "zero_shot_scores",
            "ZeroShotScorer"]
