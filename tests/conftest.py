@@ -18,6 +18,19 @@ def _dataset_dir(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches the suite writes (the text prefix store, pooled features) in a folder of its own, never
+    the user's ~/.cache/g2d."""
+    old = os.environ.get("G2D_CACHE")
+    os.environ["G2D_CACHE"] = str(tmp_path_factory.mktemp("g2d_cache"))
+    yield
+    if old is None:
+        os.environ.pop("G2D_CACHE", None)
+    else:
+        os.environ["G2D_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def jsrt_dir() -> Path:
     return _dataset_dir("jsrt")

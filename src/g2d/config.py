@@ -177,6 +177,13 @@ class TrainCfg:
     # micro-batch's own (cheaper: no extra forward; a smaller, different contrastive task).
     accum_negatives: str = "batch"
     clip_grad: float | None = None
+    # The frozen text prefix's output stored once per report and fed to the trainable layers
+    # (g2d.train.text_prefix): "auto" (a store under $G2D_CACHE, default ~/.cache/g2d/text-prefix,
+    # reused across epochs, runs and ranks), a folder (e.g. on storage every node reads), or "off".
+    # Used only where it gives the same result: a frozen prefix (model.text.freeze_embeddings and
+    # freeze_layers > 0). Stored as float16 (or "float32": train.text_prefix_dtype).
+    text_prefix_store: str = "auto"
+    text_prefix_dtype: str = "float16"
     seed: int = 42
     log_every: int = 10
     # Attention diagnostics (docs/attention.md) on a fixed held-out probe batch every this many
@@ -572,6 +579,9 @@ def validate(cfg: G2DConfig, check_paths: bool = True) -> None:
     if train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
     _choice("train.accum_negatives", train.accum_negatives, ("batch", "micro"))
+    _choice("train.text_prefix_dtype", train.text_prefix_dtype, ("float16", "float32"))
+    if not train.text_prefix_store:
+        raise ConfigError("train.text_prefix_store must be 'auto', 'off' or a folder")
     if train.clip_grad is not None and train.clip_grad <= 0:
         raise ConfigError("train.clip_grad must be positive or null")
     if train.ckpt_every < 1 or train.log_every < 1:

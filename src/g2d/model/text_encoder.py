@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +87,77 @@ def _offline() -> bool:
 
 def _find_layers(model: Any) -> nn.ModuleList:
     """The transformer's list of layers (BERT: ``encoder.layer``; DistilBERT: ``transformer.layer``)."""
+    return _layers_at(model)[2]
+
+
+def _layers_at(model: Any) -> tuple[Any, str, nn.ModuleList]:
+    """(parent module, attribute name, the layer list) of the transformer's layers."""
     n = getattr(model.config, "num_hidden_layers", None)
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
-        mod: Any = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
+        parent: Any = model
+        *head, attr = path.split(".")
+        for part in head:
+            parent = getattr(parent, part, None)
+            if parent is None:
                 break
+        mod = getattr(parent, attr, None) if parent is not None else None
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return mod
+            return parent, attr, mod
     raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
 #: Key of the length-grouping plan in :meth:`TextEncoder.tokenize`'s output (not a model input).
 LENGTH_GROUPS = "length_groups"
+#: Key of stored frozen-prefix hidden states ``[B, L, hidden]`` in the tokens (:meth:`TextEncoder.prefix_states`).
+PREFIX_STATES = "prefix_states"
+
+
+class ReportTokenizer:
+    """The text tower's tokenization of a batch of reports, apart from the model so a DataLoader worker
+    can run it (picklable: the tokenizer and the text settings only)."""
+
+    def __init__(self, tokenizer: Any, cfg: TextEncoderCfg) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def __call__(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Pad to the longest text in the batch, truncated at ``max_length`` tokens.
+
+        With ``length_buckets > 1`` the result also holds a length-grouping plan under
+        :data:`LENGTH_GROUPS` (computed here on the host, so the forward never syncs with the device).
+        """
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.cfg.max_length, return_tensors="pt")
+        out: dict[str, Any] = {k: v for k, v in enc.items()}
+        plan = self._length_plan(enc["attention_mask"])
+        if plan is not None:
+            out[LENGTH_GROUPS] = {"order": plan[0], "inverse": plan[1], "groups": plan[2]}
+        return tokens_to(out, device)
+
+    def _length_plan(self, mask: Tensor):
+        """(order, inverse order, [(start, end, length)]) for ``length_buckets`` groups of reports
+        sorted by length, or None when grouping would not save at least 10 % of the tokens."""
+        n_groups = min(self.cfg.length_buckets, mask.shape[0])
+        if n_groups < 2 or getattr(self.tokenizer, "padding_side", "right") != "right":
+            return None  # slicing [:, :length] is only valid for right padding
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        bounds = torch.linspace(0, mask.shape[0], n_groups + 1).round().long().tolist()
+        sorted_len = lengths[order].tolist()
+        groups = [(a, b, int(sorted_len[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if sum((b - a) * n for a, b, n in groups) > 0.9 * mask.numel():
+            return None
+        return order, torch.argsort(order), groups
+
+
+def tokens_to(tokens: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Tokens (tensors, the length-grouping plan, stored prefix states) on ``device``."""
+    out: dict[str, Any] = {}
+    for k, v in tokens.items():
+        if k == LENGTH_GROUPS:
+            out[k] = {"order": v["order"].to(device), "inverse": v["inverse"].to(device), "groups": v["groups"]}
+        else:
+            out[k] = v.to(device, non_blocking=True)
+    return out
 
 
 class TextEncoder(nn.Module):
@@ -147,43 +205,67 @@ class TextEncoder(nn.Module):
         return self
 
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """Pad to the longest text in the batch, truncated at ``max_length`` tokens.
+        """:meth:`ReportTokenizer.__call__` with this encoder's tokenizer and settings."""
+        return ReportTokenizer(self.tokenizer, self.cfg)(texts, device)
 
-        With ``length_buckets > 1`` the result also holds a length-grouping plan under
-        :data:`LENGTH_GROUPS` (computed here on the host, so the forward never syncs with the device).
-        """
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
-                             max_length=self.cfg.max_length, return_tensors="pt")
-        out = {k: v.to(device) for k, v in enc.items()}
-        plan = self._length_plan(enc["attention_mask"])
-        if plan is not None:
-            out[LENGTH_GROUPS] = {"order": plan[0].to(device), "inverse": plan[1].to(device),
-                                  "groups": plan[2]}
-        return out
+    @property
+    def prefix_modules(self) -> list[nn.Module]:
+        """The modules of the frozen prefix: the embeddings and the first ``freeze_layers`` layers."""
+        embeddings = getattr(self.backbone, "embeddings", self.backbone.get_input_embeddings())
+        return [embeddings, *list(_find_layers(self.backbone))[: self.cfg.freeze_layers]]
 
-    def _length_plan(self, mask: Tensor):
-        """(order, inverse order, [(start, end, length)]) for ``length_buckets`` groups of reports
-        sorted by length, or None when grouping would not save at least 10 % of the tokens."""
-        n_groups = min(self.cfg.length_buckets, mask.shape[0])
-        if n_groups < 2 or getattr(self.tokenizer, "padding_side", "right") != "right":
-            return None  # slicing [:, :length] is only valid for right padding
-        lengths = mask.sum(1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        bounds = torch.linspace(0, mask.shape[0], n_groups + 1).round().long().tolist()
-        sorted_len = lengths[order].tolist()
-        groups = [(a, b, int(sorted_len[a])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        if sum((b - a) * n for a, b, n in groups) > 0.9 * mask.numel():
-            return None
-        return order, torch.argsort(order), groups
+    @property
+    def prefix_storable(self) -> bool:
+        """The frozen prefix (embeddings and the first ``freeze_layers`` layers, all frozen) is a
+        deterministic function of a report's tokens, so its output can be stored
+        (:meth:`prefix_states`) and fed back (:data:`PREFIX_STATES`). Not with trainable embeddings
+        (the release's choice) or no frozen layer."""
+        return self.cfg.freeze_embeddings and self.cfg.freeze_layers > 0
+
+    @contextlib.contextmanager
+    def _layers(self, kept: slice) -> Iterator[None]:
+        """Run the backbone with only ``layers[kept]`` (the others are skipped, not computed)."""
+        parent, attr, layers = _layers_at(self.backbone)
+        setattr(parent, attr, nn.ModuleList(list(layers)[kept]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, layers)
+
+    @torch.no_grad()
+    def prefix_states(self, tokens: dict[str, Tensor]) -> Tensor:
+        """The frozen prefix's output ``[B, L, hidden]``: the input of the first trainable layer, for
+        the (right-padded) tokens given. Each report's rows at its real tokens do not depend on the
+        padding (padded keys are masked), so they can be stored per report.
+
+        :raises ValueError: the prefix is not storable (:attr:`prefix_storable`)."""
+        if not self.prefix_storable:
+            raise ValueError("the text prefix is not frozen (model.text.freeze_embeddings, freeze_layers): nothing "
+                             "to store")
+        inputs = {k: v for k, v in tokens.items() if k not in (LENGTH_GROUPS, PREFIX_STATES)}
+        with self._layers(slice(0, self.cfg.freeze_layers)):
+            return self.backbone(**inputs).last_hidden_state
 
     def _embed(self, tokens: dict[str, Tensor]) -> Tensor:
-        prefix_no_grad = self._no_grad_prefix and self._grad_mode
-        try:
-            if prefix_no_grad:
-                torch.set_grad_enabled(False)
-            out = self.backbone(**tokens)
-        finally:
-            torch.set_grad_enabled(self._grad_mode)
+        stored = tokens.get(PREFIX_STATES)
+        inputs = {k: v for k, v in tokens.items() if k != PREFIX_STATES}
+        if stored is not None:  # the frozen prefix's output, stored: only the trainable layers run
+            embeddings = self.backbone.get_input_embeddings()
+            module = getattr(self.backbone, "embeddings", embeddings)
+            hook = module.register_forward_hook(lambda m, args, kwargs, out: stored.to(out.dtype), with_kwargs=True)
+            try:
+                with self._layers(slice(self.cfg.freeze_layers, None)):
+                    out = self.backbone(**inputs)
+            finally:
+                hook.remove()
+        else:
+            prefix_no_grad = self._no_grad_prefix and self._grad_mode
+            try:
+                if prefix_no_grad:
+                    torch.set_grad_enabled(False)
+                out = self.backbone(**inputs)
+            finally:
+                torch.set_grad_enabled(self._grad_mode)
         hidden = out.last_hidden_state
         if self.cfg.pooling == "mean":  # over real tokens only: padding must not change the result
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -192,8 +274,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: dict[str, Any]) -> Tensor:
         """:param tokens: tokenizer output (``input_ids``, ``attention_mask``, ...), optionally with
-        the length-grouping plan of :meth:`tokenize`; each group runs padded to its own longest
-        report (right padding, absolute positions: the same result as one padded batch).
+        the length-grouping plan of :meth:`tokenize` (each group runs padded to its own longest
+        report: right padding, absolute positions, the same result as one padded batch) and with the
+        frozen prefix's stored output under :data:`PREFIX_STATES` (then only the trainable layers run).
         :return: [B, hidden]: the first ([CLS]) token's hidden state, or with ``pooling="mean"`` the
             mean over non-padding tokens."""
         self._grad_mode = torch.is_grad_enabled()

@@ -29,6 +29,7 @@ from g2d.data.pretraining.pairs import collate_pairs
 from g2d.errors import DataError, NonFiniteLossError
 from g2d.factory import check_image_weights, create_model, prepare_text_model
 from g2d.model import G2DModel
+from g2d.model.text_encoder import ReportTokenizer, tokens_to
 from g2d.objective import cache_embeddings, compute_losses
 from g2d.seeding import seed_everything
 from g2d.train.data import (
@@ -47,6 +48,7 @@ from g2d.train.distributed import (
     union_over_ranks,
 )
 from g2d.train.scheduler import build_scheduler
+from g2d.train.text_prefix import PrefixCollate, TextPrefixStore, default_store_root, prefix_identity
 
 log = logging.getLogger("g2d.train")
 
@@ -194,6 +196,7 @@ class Pretrainer:
         self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             compile_model(self.model)
+        self.collate = self._prefix_collate()
         self.forward: Any = wrap_ddp(self.model, d.device) if d.distributed else self.model
         # fused kernels on CUDA; multi-tensor (foreach) on CPU, several times faster than the default
         fused = d.device.type == "cuda"
@@ -229,6 +232,21 @@ class Pretrainer:
             self._load_state(state)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                      self.epoch, self.batch_in_epoch)
+
+    def _prefix_collate(self) -> PrefixCollate:
+        """The loader's collate: tokenization in the workers, and the stored frozen text prefix
+        (:mod:`g2d.train.text_prefix`) where ``train.text_prefix_store`` is on and the prefix is frozen.
+        One process per machine writes the store; the others wait for it."""
+        encoder, t = self.model.text_encoder, self.cfg.train
+        store = None
+        if t.text_prefix_store != "off" and encoder.prefix_storable:
+            root = default_store_root() if t.text_prefix_store == "auto" else Path(t.text_prefix_store)
+            store = TextPrefixStore(root / prefix_identity(encoder, t.text_prefix_dtype))
+            if self.dist.local_rank == 0:
+                store.add(encoder, dataset_texts(self.dataset), t.text_prefix_dtype, progress=self.progress)
+            barrier()
+            store.reload()
+        return PrefixCollate(collate_pairs, ReportTokenizer(encoder.tokenizer, encoder.cfg), store)
 
     def _planned_steps(self, world_size: int) -> int:
         """The run's optimizer steps with ``world_size`` processes: every epoch, or ``train.max_steps``."""
@@ -275,7 +293,7 @@ class Pretrainer:
             # it (SeededSamples seeds each sample by epoch and index).
             gen = torch.Generator().manual_seed(cfg.train.seed * 7919)
             self._dl = DataLoader(SeededSamples(self.dataset, cfg.train.seed), batch_size=cfg.train.batch_size,
-                                  sampler=self.sampler, num_workers=workers, collate_fn=collate_pairs,
+                                  sampler=self.sampler, num_workers=workers, collate_fn=self.collate,
                                   drop_last=True, pin_memory=self.dist.device.type == "cuda", generator=gen,
                                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
         return self._dl
@@ -374,7 +392,7 @@ class Pretrainer:
                     self.dataset.note_served(batch["requested"], batch["index"])
                 images = batch["image"].to(d.device, non_blocking=True)
                 images = images.contiguous(memory_format=torch.channels_last)
-                pending.append((images, self.model.tokenize(batch["text"])))
+                pending.append((images, tokens_to(batch["tokens"], d.device)))
                 self.batch_in_epoch += 1
                 samples_since += images.shape[0] * d.world_size
                 if len(pending) < acc_steps:
