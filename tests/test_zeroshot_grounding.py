@@ -4,12 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import parse_protocol_args
 from PIL import Image
 
 from g2d import metrics
 from g2d.data.labelled.dataset import LabelledCXR, Record
 from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
-from g2d.downstream import grounding, protocol, zeroshot
+from g2d.downstream import grounding, zeroshot
 from g2d.errors import ConfigError, DataError
 from g2d.inference import zeroshot as zs
 from g2d.inference.grounding import RESAMPLING, binarize, to_original
@@ -82,7 +83,7 @@ def test_zero_shot_scores_are_a_two_way_softmax():
 
 @pytest.mark.slow
 def test_zeroshot_run_with_tiny_model(tiny_model, tmp_path):
-    args = protocol.parse("zeroshot", ["--data", "synthetic:16", "--model", str(tiny_model),
+    args = parse_protocol_args("zeroshot", ["--data", "synthetic:16", "--model", str(tiny_model),
                                                "--out", str(tmp_path / "val"), *COMMON])
     m = zeroshot.run(args)
     saved = json.loads((tmp_path / "val" / "metrics.json").read_text())
@@ -91,13 +92,13 @@ def test_zeroshot_run_with_tiny_model(tiny_model, tmp_path):
         assert 0.0 <= saved[key] <= 1.0
         assert set(saved[f"{key}_per_class"]) == {"opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly"}
     assert saved["prompts"]["effusion"] == [["pleural effusion", "no pleural effusion"]]
-    oracle = zeroshot.run(protocol.parse("zeroshot",
+    oracle = zeroshot.run(parse_protocol_args("zeroshot",
         ["--data", "synthetic:16", "--model", str(tiny_model), "--out", str(tmp_path / "oracle"),
          "--threshold", "test-max-f1", *COMMON]))
     assert "MedKLIP" in oracle["threshold_rule_description"] and oracle["auc"] == pytest.approx(m["auc"])
     assert oracle["f1"] >= m["f1"] - 1e-9  # the oracle threshold maximises test F1
     with pytest.raises(ConfigError, match="G2D model"):
-        zeroshot.run(protocol.parse("zeroshot", ["--data", "synthetic:16", "--model", "random",
+        zeroshot.run(parse_protocol_args("zeroshot", ["--data", "synthetic:16", "--model", "random",
                                                          "--out", str(tmp_path / "r"), *COMMON]))
 
 
@@ -167,7 +168,7 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
 
     monkeypatch.setattr(grounding, "open_dataset", fake_open)
     monkeypatch.setattr(grounding, "dense_similarity", fake_similarity)
-    args = protocol.parse("grounding", ["--data", "csv:boxes.csv", "--model", str(tiny_model),
+    args = parse_protocol_args("grounding", ["--data", "csv:boxes.csv", "--model", str(tiny_model),
                                                 "--out", str(tmp_path / "g"), "--resize", "32",
                                                 "--image-size", "32", *COMMON])
     m = grounding.run(args)
@@ -180,18 +181,18 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
     assert (tmp_path / "g" / "per_image.csv").read_text().startswith("id,prompt,recall")
 
     # --prompt overrides the record's prompt; random models are refused
-    grounding.run(protocol.parse("grounding",
+    grounding.run(parse_protocol_args("grounding",
         ["--data", "csv:boxes.csv", "--model", str(tiny_model), "--out", str(tmp_path / "g2"),
          "--prompt", "consolidation", "--resize", "32", "--image-size", "32", *COMMON]))
     assert seen["prompts"] == ["consolidation"]
     with pytest.raises(ConfigError, match="G2D model"):
-        grounding.run(protocol.parse("grounding", ["--data", "synthetic:8", "--model", "random",
+        grounding.run(parse_protocol_args("grounding", ["--data", "synthetic:8", "--model", "random",
                                                            "--out", str(tmp_path / "r"), *COMMON]))
 
 
 @pytest.mark.slow
 def test_grounding_on_synthetic_with_the_real_model(tiny_model, tmp_path):
-    m = grounding.run(protocol.parse("grounding",
+    m = grounding.run(parse_protocol_args("grounding",
         ["--data", "synthetic:16", "--model", str(tiny_model), "--out", str(tmp_path), "--figures", "2", *COMMON]))
     assert m["images"] > 0 and all(0.0 <= m[k] <= 1.0 for k in ("recall", "iou", "dice", "pointing"))
     assert m["skipped"].get("negative_image", 0) > 0
