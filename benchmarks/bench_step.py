@@ -31,12 +31,19 @@ Variants (``--variants``; every ratio is against ``release_design``):
   the CPU step runs in fp32 in every variant).
 * ``g2d_foreach_adamw`` — ``g2d`` with the foreach AdamW instead of the fused one (CUDA; foreach is
   already the CPU default).
+* ``g2d_text_store`` — ``g2d`` with ``train.text_prefix_store``: the frozen prefix's output (float16)
+  stored once per report and handed by the loader with the tokens; only the trainable text layers run.
+  The store is built before timing (its build time is printed apart), as the trainer builds it at set-up.
+* ``g2d_text_store_cpu_bf16`` / ``g2d_trainable_emb_cpu_bf16`` / ``release_design_cpu_bf16`` — with bf16
+  autocast on the CPU (``train.cpu_bf16``): a precision choice that changes the numbers, not a pure
+  speed-up; ``release_design_cpu_bf16`` is the release design at the same precision.
 
 Semantic differences between ``g2d`` and ``release_design``: (1) frozen vs. trainable token
 embeddings (``g2d_trainable_emb`` removes it); (2) the pseudo masks follow the paper (body mask,
 bilinear upsampling, bilateral smoothing) instead of the release's nearest/quantile masks; (3) bf16 vs.
-fp16 autocast on CUDA. Length grouping, padding, memory format and optimizer implementation change
-no result.
+fp16 autocast on CUDA, (4) with ``*_cpu_bf16``, bf16 vs. fp32 on the CPU. Length grouping, padding,
+memory format, optimizer implementation and the text store (float16 states: within half precision's
+rounding, docs/benchmarks.md) change no result.
 
     PYTHONPATH=src python benchmarks/bench_step.py --device cpu --batch 8 --steps 3
     PYTHONPATH=src python benchmarks/bench_step.py --device cuda --batch 128 --steps 20 --warmup 5
@@ -94,6 +101,8 @@ class Variant:
     pin_memory: bool = True  # with --pin-memory, on CUDA
     persistent_workers: bool = True
     epoch_steps: int | None = None  # restart the loader every this many steps (None: the whole set)
+    text_store: bool = False  # train.text_prefix_store: the frozen prefix's stored output, from the loader
+    cpu_bf16: bool = False  # train.cpu_bf16: bf16 autocast on the CPU (a precision choice, not a speed-up)
     notes: list[str] = field(default_factory=list)
 
 
@@ -114,6 +123,11 @@ VARIANTS: dict[str, Variant] = {
     "g2d_fp32": Variant(amp="fp32"),
     "g2d_fp16": Variant(amp="fp16"),
     "g2d_foreach_adamw": Variant(optimizer="foreach"),
+    "g2d_text_store": Variant(text_store=True),
+    "g2d_text_store_cpu_bf16": Variant(text_store=True, cpu_bf16=True),
+    "g2d_trainable_emb_cpu_bf16": Variant(freeze_embeddings=False, cpu_bf16=True),
+    "release_design_cpu_bf16": Variant(release=True, freeze_embeddings=False, length_buckets=1,
+                                       channels_last=False, optimizer="loop", cpu_bf16=True),
 }
 
 
@@ -245,8 +259,21 @@ class Runner:
         workers = args.workers if v.workers is None else v.workers
         if v.epoch_steps:
             dataset = torch.utils.data.Subset(dataset, range(v.epoch_steps * args.batch))
+        collate = collate_pairs
+        if v.text_store:  # built before timing, as the trainer does at set-up (the build is timed apart)
+            from g2d.model.text_encoder import ReportTokenizer
+            from g2d.train.text_prefix import PrefixCollate, TextPrefixStore, prefix_identity
+
+            enc = self.model.text_encoder
+            folder = Path(tempfile.mkdtemp(prefix="g2d_bench_store_"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            store = TextPrefixStore(folder / prefix_identity(enc, "float16"))
+            t = time.perf_counter()
+            store.add(enc, [dataset[i]["text"] for i in range(len(dataset))])
+            self.store_build_s = time.perf_counter() - t
+            collate = PrefixCollate(collate_pairs, ReportTokenizer(enc.tokenizer, enc.cfg), store)
         self.loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True,
-                                 collate_fn=collate_pairs, num_workers=workers,
+                                 collate_fn=collate, num_workers=workers,
                                  pin_memory=cuda and args.pin_memory and v.pin_memory,
                                  persistent_workers=workers > 0 and v.persistent_workers,
                                  prefetch_factor=args.prefetch if workers else None)
@@ -263,7 +290,11 @@ class Runner:
             self.it = iter(self.loader)
             return next(self.it)
 
-    def _tokenize(self, texts: list[str]) -> dict:
+    def _tokenize(self, texts: list[str], batch: dict | None = None) -> dict:
+        if batch is not None and "tokens" in batch:  # tokenized in the loader, with the stored prefix
+            from g2d.model.text_encoder import tokens_to
+
+            return tokens_to(batch["tokens"], self.device)
         if self.v.release:
             tok = self.model.text_encoder.tokenizer(texts, padding="max_length", truncation=True,
                                                     max_length=256, return_tensors="pt")
@@ -277,9 +308,11 @@ class Runner:
             images = batch["image"].to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            tok = self._tokenize(batch["text"])
+            tok = self._tokenize(batch["text"], batch)
         self._last_tokens = tok  # counted after the step's final sync (no extra host sync)
-        amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else \
+            torch.autocast("cpu", dtype=torch.bfloat16) if self.v.cpu_bf16 and self.device.type == "cpu" else \
+            contextlib.nullcontext()
         with amp:
             # the trainer's objective (g2d.objective), its phases timed: forward, pseudo_masks, losses
             release = (lambda attn, imgs: release_pseudo_masks(attn, imgs.shape[-1])) if self.v.release else None
@@ -391,6 +424,7 @@ def run(args) -> dict:
             "length_buckets": r.cfg.model.text.length_buckets,
             "workers": r.loader.num_workers, "pin_memory": r.loader.pin_memory,
             "persistent_workers": r.loader.persistent_workers, "epoch_steps": r.v.epoch_steps,
+            **({"text_store_build_s": r.store_build_s} if r.v.text_store else {}),
         }
         if device.type == "cuda":
             res["peak_mem_gib"] = r.peak_mem / 2**30

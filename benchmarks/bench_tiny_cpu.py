@@ -35,6 +35,8 @@ VARIANTS = {
     "bf16_channels_last": {"train.cpu_bf16": True, "train.precision": "bf16", "channels_last": True},
     "stride32": {"model.image.output_stride": 32},
     "compile": {"train.compile": True},
+    "bf16_channels_last_compile": {"train.cpu_bf16": True, "train.precision": "bf16", "channels_last": True,
+                                   "train.compile": True},
 }
 
 

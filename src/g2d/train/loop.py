@@ -241,9 +241,13 @@ class Pretrainer:
         store = None
         if t.text_prefix_store != "off" and encoder.prefix_storable:
             root = default_store_root() if t.text_prefix_store == "auto" else Path(t.text_prefix_store)
-            store = TextPrefixStore(root / prefix_identity(encoder, t.text_prefix_dtype))
+            device = self.dist.device
+            compute = "fp32" if isinstance(_autocast(self.cfg, device), contextlib.nullcontext) else \
+                f"{device.type}-{t.precision}"
+            store = TextPrefixStore(root / prefix_identity(encoder, t.text_prefix_dtype, compute))
             if self.dist.local_rank == 0:
-                store.add(encoder, dataset_texts(self.dataset), t.text_prefix_dtype, progress=self.progress)
+                store.add(encoder, dataset_texts(self.dataset), t.text_prefix_dtype, progress=self.progress,
+                          autocast=lambda: _autocast(self.cfg, device))
             barrier()
             store.reload()
         return PrefixCollate(collate_pairs, ReportTokenizer(encoder.tokenizer, encoder.cfg), store)

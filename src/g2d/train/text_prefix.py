@@ -22,6 +22,7 @@ writing at the same time) makes its batch compute the prefix instead: never a wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,10 +52,11 @@ def default_store_root() -> Path:
     return Path(os.environ.get("G2D_CACHE", Path.home() / ".cache" / "g2d")) / "text-prefix"
 
 
-def prefix_identity(encoder: TextEncoder, dtype: str) -> str:
+def prefix_identity(encoder: TextEncoder, dtype: str, compute: str = "fp32") -> str:
     """What the stored states depend on: the frozen modules' weights (embeddings and the first
     ``freeze_layers`` layers, by value), the tokenizer (class, vocabulary, lower-casing), ``max_length``,
-    ``freeze_layers`` and the storage dtype."""
+    ``freeze_layers``, the storage dtype and the precision they were computed in (``compute``: the
+    training step's autocast, e.g. ``cpu-bf16``, so stored states are the ones the step would compute)."""
     h = hashlib.sha256()
     for module in encoder.prefix_modules:
         for name, t in sorted(module.state_dict().items()):
@@ -63,7 +65,7 @@ def prefix_identity(encoder: TextEncoder, dtype: str) -> str:
     tok = encoder.tokenizer
     vocab = sorted(tok.get_vocab().items())
     return digest([STORE_VERSION, type(tok).__name__, vocab, bool(getattr(tok, "do_lower_case", False)),
-                   encoder.cfg.max_length, encoder.cfg.freeze_layers, dtype, h.hexdigest()])[:20]
+                   encoder.cfg.max_length, encoder.cfg.freeze_layers, dtype, compute, h.hexdigest()])[:20]
 
 
 def report_key(ids: Sequence[int]) -> str:
@@ -107,9 +109,10 @@ class TextPrefixStore:
         return self._chunk(name)[start:start + rows]
 
     def add(self, encoder: TextEncoder, texts: Sequence[str], dtype: str = "float16", batch_size: int = 64,
-            progress: bool = False) -> int:
+            progress: bool = False, autocast: Callable[[], Any] = contextlib.nullcontext) -> int:
         """Compute and write the states of the reports of ``texts`` not stored yet (one new chunk, then
-        the merged index, both written atomically). Returns the number of reports added."""
+        the merged index, both written atomically), under ``autocast()`` (the training step's, so the
+        states are those the step would compute). Returns the number of reports added."""
         missing: dict[str, list[int]] = {}
         for i in range(0, len(texts), 1024):
             enc = encoder.tokenizer(list(texts[i:i + 1024]), truncation=True, max_length=encoder.cfg.max_length)
@@ -122,7 +125,7 @@ class TextPrefixStore:
         from tqdm.auto import tqdm
 
         device = next(encoder.parameters()).device
-        keys = list(missing)
+        keys = sorted(missing, key=lambda k: len(missing[k]))  # batches of similar length: little padding
         token_types = "token_type_ids" in getattr(encoder.tokenizer, "model_input_names", ())
         parts, entries, row = [], {}, 0
         chunk = digest(keys)[:16]
@@ -133,7 +136,8 @@ class TextPrefixStore:
                           leave=False):
                 batch_keys = keys[i:i + batch_size]
                 ids_list = [missing[k] for k in batch_keys]
-                states = encoder.prefix_states(_padded(ids_list, token_types, device)).float().cpu().numpy()
+                with autocast():
+                    states = encoder.prefix_states(_padded(ids_list, token_types, device)).float().cpu().numpy()
                 for j, (k, ids) in enumerate(zip(batch_keys, ids_list)):
                     parts.append(states[j, :len(ids)].astype(dtype))
                     entries[k] = [chunk, row, len(ids)]
