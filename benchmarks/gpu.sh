@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check: step throughput/memory at paper size (g2d vs release design) and a short
+# One prepared GPU check: step throughput/memory at paper size (g2d, with the text prefix store, vs the
+# release design) and a short
 # end-to-end `g2d pretrain` with the paper model on CUDA (bf16, channels_last, fused AdamW).
 # Flags of bench_step.py: docs/benchmarks.md.
 # Usage on the device machine: bash benchmarks/gpu.sh  (writes to $OUT or ./gpu_out)
@@ -15,10 +16,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 if [ "$PART" != 2 ]; then
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_pseudo_mask.py -k cuda > "$OUT/pytest_cuda.log" 2>&1
 echo "cuda pseudo-mask test exit $?"; tail -3 "$OUT/pytest_cuda.log"
-# side by side: g2d (bf16, fused AdamW, channels_last, length-grouped text) vs release design
-# (fp16 + GradScaler, pad to 256, NumPy masks with a host sync), and g2d with trainable embeddings
+# side by side: g2d (bf16, fused AdamW, channels_last, length-grouped text), g2d with the stored frozen
+# text prefix (train.text_prefix_store; its build time is in the JSON), the release design (fp16 +
+# GradScaler, pad to 256, NumPy masks with a host sync), and g2d with trainable embeddings
 for B in 64 128; do
   timeout 250 python3 benchmarks/bench_step.py --device cuda --batch $B --steps 10 --warmup 3 \
+    --variants g2d,g2d_text_store,g2d_trainable_emb,release_design \
     --flops --peak-tflops 989 --json "$OUT/step_b$B.json" > "$OUT/step_b$B.log" 2>&1
   echo "bench batch $B exit $?"; tail -8 "$OUT/step_b$B.log"
 done
