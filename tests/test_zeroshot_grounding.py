@@ -10,7 +10,7 @@ from PIL import Image
 from g2d import metrics
 from g2d.data.labelled.dataset import LabelledCXR, Record
 from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
-from g2d.downstream import grounding, zeroshot
+from g2d.downstream import grounding, heatmaps, zeroshot
 from g2d.errors import ConfigError, DataError
 from g2d.inference import zeroshot as zs
 from g2d.inference.grounding import RESAMPLING, binarize, to_original
@@ -167,7 +167,7 @@ def test_grounding_maps_back_to_the_original_boxes(tiny_model, tmp_path, monkeyp
         return inside.float()[None].repeat(len(prompts), 1, 1)
 
     monkeypatch.setattr(grounding, "open_dataset", fake_open)
-    monkeypatch.setattr(grounding, "dense_similarity", fake_similarity)
+    monkeypatch.setattr(heatmaps, "dense_similarity", fake_similarity)
     args = parse_protocol_args("grounding", ["--data", "csv:boxes.csv", "--model", str(tiny_model),
                                                 "--out", str(tmp_path / "g"), "--resize", "32",
                                                 "--image-size", "32", *COMMON])

@@ -15,9 +15,7 @@ Metrics (means over positive images, and per prompt):
 - ``iou`` = ``|P and G| / |P or G|`` and ``dice`` = ``2 |P and G| / (|P| + |G|)`` per image (MedKLIP);
 - ``pointing``: MedKLIP's point score (an arg-max pixel inside G).
 
-Prompt per image: ``--prompt TEXT``, else the record's ``extra["prompt"]`` (``csv:`` sets with a
-``prompt`` column) or a sample's ``prompt``, else a synthetic image's single finding, else the set's
-default (``rsna``: "pneumonia", ``siim``: "pneumothorax", or the name of a set's only label).
+Prompt per image: as :mod:`g2d.downstream.heatmaps` says (``--prompt``, the record's, the set's).
 """
 
 from __future__ import annotations
@@ -31,31 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from g2d.data.images import read_image
-from g2d.data.labelled.dataset import BoxMask, LabelledCXR, labels_at
 from g2d.data.labelled.specs import open_dataset
-from g2d.data.transforms import ImageTransformCfg, eval_geometry
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source
-from g2d.downstream.harness import make_loader, progress_bar
+from g2d.downstream.heatmaps import grounding_cases
 from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
 from g2d.errors import DataError
-from g2d.inference.grounding import (
-    RESAMPLING,
-    binarize,
-    dense_similarity,
-    to_original,
-)
+from g2d.inference.grounding import RESAMPLING, binarize
 from g2d.metrics import dice_per_image, iou_per_image, pointing_game, recall_per_image
 from g2d.towers import load_text_image_model, resolve_device
 
-__all__ = ["run", "DEFAULT_PROMPTS", "ground_truth_original"]
+__all__ = ["run"]
 
 log = logging.getLogger("g2d.downstream")
-
-DEFAULT_PROMPTS = {"rsna": "pneumonia", "siim": "pneumothorax"}
 
 
 @dataclass(kw_only=True)
@@ -72,43 +59,6 @@ class Args(TextImageArgs):
     figures: int = arg(8, help='heat-map panels of the first N positive images')
 
 
-def ground_truth_original(ds: Any, sample: dict[str, Any], index: int) -> np.ndarray:
-    """bool ``[H, W]`` ground truth at the file's resolution (mask, else filled boxes, else empty)."""
-    hw = tuple(sample["orig_hw"])
-    if isinstance(ds, LabelledCXR):
-        boxes, mask = labels_at(ds.records[index], hw)  # the sample was read, so its labels fit
-        if mask is not None:
-            return mask
-        if boxes is not None and len(boxes):
-            return BoxMask(tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes))(hw)
-        return np.zeros(hw, bool)
-    # sets generated at the output size (synthetic): the sample's own mask is the original
-    return sample["mask"][0].numpy() > 0.5
-
-
-def _prompt(args, ds, sample: dict[str, Any], index: int, default: str | None) -> str | None:
-    if args.prompt:
-        return args.prompt
-    if isinstance(ds, LabelledCXR) and ds.records[index].extra.get("prompt"):
-        return str(ds.records[index].extra["prompt"])
-    if sample.get("prompt"):
-        return str(sample["prompt"])
-    if "prompt_findings" in sample:  # synthetic: the mask is the union, so only one finding has a prompt
-        from g2d.data.synthetic import prompt_for
-
-        found = sample["prompt_findings"]
-        return prompt_for(*found[0]) if len(found) == 1 else None
-    return default
-
-
-def _default_prompt(args, ds) -> str | None:
-    name = args.data.split(":", 1)[0]
-    if name in DEFAULT_PROMPTS:
-        return DEFAULT_PROMPTS[name]
-    tasks = list(getattr(ds, "tasks", []))
-    return tasks[0].replace("_", " ").lower() if len(tasks) == 1 else None
-
-
 def run(args: Args) -> dict[str, Any]:
     device = resolve_device(args.device)
     tower, model = load_text_image_model(args.model, "zero-shot grounding", args.trust_pickle, args.text_model,
@@ -120,54 +70,16 @@ def run(args: Args) -> dict[str, Any]:
         raise DataError(f"{args.data}: zero-shot grounding needs masks or boxes")
     if args.prompt is not None and not args.prompt.strip():
         raise DataError("--prompt is empty; leave it out for the per-record / per-set prompts")
-    default = _default_prompt(args, ds)
-    # a set rendered at the output size has no resize/crop to undo
-    out_geom = geom_cfg if isinstance(ds, LabelledCXR) else ImageTransformCfg(
-        resize=geom_cfg.output_size, crop=geom_cfg.output_size, augment="none")
     out = Path(args.out)
     skipped: Counter[str] = Counter()
     per_image: list[dict[str, Any]] = []
-    panels = 0
-    loader = make_loader(ds, args.batch_size, args.num_workers)
-    for batch in progress_bar(loader, len(loader), "grounding", args.no_progress):
-        if batch is None:
-            continue
-        keep, prompts, truths = [], [], []
-        for j, index in enumerate(batch["index"]):
-            sample = {k: v[j] for k, v in batch.items()}
-            truth = ground_truth_original(ds, sample, index)
-            if not truth.any():
-                skipped["negative_image"] += 1
-                continue
-            prompt = _prompt(args, ds, sample, index, default)
-            if prompt is None:
-                skipped["no_prompt"] += 1
-                continue
-            keep.append(j)
-            prompts.append(prompt)
-            truths.append(truth)
-        if not keep:
-            continue
-        dense = dense_similarity(model, batch["image"][keep], prompts)          # [b, h, w]
-        for k, j in enumerate(keep):
-            geom = eval_geometry(batch["orig_hw"][j], out_geom)
-            heat = to_original(dense[k], geom)                                  # [H, W], NaN outside crop
-            target = torch.from_numpy(truths[k])[None]
-            pred = binarize(heat[None], args.level, args.binarize)
-            rec = {"id": batch["id"][j], "prompt": prompts[k],
-                   "recall": float(recall_per_image(pred, target)[0]), "iou": float(iou_per_image(pred, target)[0]),
-                   "dice": float(dice_per_image(pred, target)[0]),
-                   "pointing": float(pointing_game(heat[None], target)[0])}
-            per_image.append(rec)
-            if panels < args.figures:
-                from g2d.figures import grounding_panels
-
-                index = batch["index"][j]
-                img = (torch.from_numpy(read_image(ds.records[index].image)) if isinstance(ds, LabelledCXR)
-                       else batch["image"][j, 0])
-                grounding_panels(img[None, None], heat[None], target.float(), [prompts[k]],
-                                 out / "figures" / f"grounding_{panels:02d}.png")
-                panels += 1
+    for case in grounding_cases(args, ds, model, geom_cfg, skipped, out / "figures", args.figures):
+        pred = binarize(case.heat[None], args.level, args.binarize)
+        per_image.append({"id": case.id, "prompt": case.prompt,
+                          "recall": float(recall_per_image(pred, case.truth)[0]),
+                          "iou": float(iou_per_image(pred, case.truth)[0]),
+                          "dice": float(dice_per_image(pred, case.truth)[0]),
+                          "pointing": float(pointing_game(case.heat[None], case.truth)[0])})
     if not per_image:
         raise DataError(f"{args.data} {args.split}: no positive image with a prompt to ground "
                         f"(skipped: {dict(skipped)}); pass --prompt TEXT")
