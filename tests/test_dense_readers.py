@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_dicom
 from PIL import Image
 
 from g2d.data.labelled import object_cxr, rsna, siim
@@ -24,32 +25,6 @@ GEOM32 = ImageTransformCfg(resize=32, crop=32, augment="none", keep_aspect=False
 
 
 # ----------------------------------------------------------------------------- file writers
-def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
-    """A minimal uncompressed 16-bit grayscale DICOM."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.ascontiguousarray(arr.astype(np.uint16)).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
 def write_png(path: Path, arr: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr.astype(np.uint8)).save(path)

@@ -379,7 +379,7 @@ def test_release_text_quirks() -> None:
 def test_pairs_read_images_through_the_one_reader_dicom_included(tmp_path: Path) -> None:
     """Pre-training pairs and labelled sets share g2d.data.images.read_image: a DICOM pair reads as its
     labelled twin does (MONOCHROME1 inverted), and a PNG pair exactly as before."""
-    from test_dense_readers import write_dicom
+    from helpers import write_dicom
 
     from g2d.data.images import read_image
 

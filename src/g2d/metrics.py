@@ -25,7 +25,8 @@ log = logging.getLogger("g2d.metrics")
 __all__ = ["MAP_IOU_THRESHOLDS", "dice_per_image", "dice_mgca_batch_mean", "iou_per_image", "recall_per_image",
            "pointing_game", "DetectionScores", "mean_average_precision", "is_multiclass", "auroc_per_class",
            "auroc_undefined", "nan_mean", "max_f1_threshold", "threshold_metrics", "image_to_text_top1",
-           "paired_bootstrap"]
+           "paired_bootstrap", "cnr", "mean_iou_over_thresholds", "otsu_binarize", "PHRASE_IOU_THRESHOLDS",
+           "bootstrap_interval"]
 
 
 # MGCA / G2D A.4.1: mAP averaged over IoU 0.40, 0.45, ..., 0.75 (8 thresholds)
@@ -147,6 +148,89 @@ def pointing_game(heat: Tensor, target: Tensor) -> Tensor:
     h = torch.nan_to_num(heat.flatten(1).float(), nan=-float("inf"))
     top = h == h.max(1, keepdim=True).values
     return (top & target.flatten(1).bool()).any(1).float()
+
+
+#: BioViL-T's phrase-grounding mIoU: IoU of ``map > t`` with the boxes, averaged over these raw cosine
+#: thresholds (the values of the public re-implementation vios-s/ldm-phrase-grounding
+#: ``metrics/eval_metrics.py``; the papers do not list them).
+PHRASE_IOU_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def cnr(heat: Tensor, target: Tensor) -> Tensor:
+    """Contrast-to-noise ratio per map (BioViL, Boecking et al. ECCV 2022, MS-CXR phrase grounding):
+    ``|mean_A - mean_notA| / sqrt(var_A + var_notA)`` of the similarity values inside the ground truth
+    ``A`` and outside it, over the valid (non-NaN) pixels; population variances.
+
+    :param heat: [B, H, W] raw similarities (NaN = outside the model's view). :param target: bool [B, H, W]
+        (the union of a phrase's boxes). :return: [B]; NaN where either region has no valid pixel or
+        both variances are 0.
+    """
+    h = heat.flatten(1).double()
+    t = target.flatten(1).bool()
+    valid = ~torch.isnan(h)
+    out = []
+    for hv, tv, vv in zip(h, t, valid):
+        inside, outside = hv[tv & vv], hv[~tv & vv]
+        if inside.numel() == 0 or outside.numel() == 0:
+            out.append(float("nan"))
+            continue
+        spread = math.sqrt(float(inside.var(unbiased=False) + outside.var(unbiased=False)))
+        out.append(abs(float(inside.mean() - outside.mean())) / spread if spread > 0 else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def mean_iou_over_thresholds(heat: Tensor, target: Tensor,
+                             thresholds: Sequence[float] = PHRASE_IOU_THRESHOLDS) -> Tensor:
+    """Per map [B, H, W], the IoU of ``heat > t`` with ``target`` averaged over ``thresholds`` (BioViL-T's
+    mIoU; see :data:`PHRASE_IOU_THRESHOLDS`). NaN pixels are never foreground. :return: [B]."""
+    h = torch.nan_to_num(heat.float(), nan=-float("inf"))
+    return torch.stack([iou_per_image(h > t, target) for t in thresholds]).double().mean(0)
+
+
+def otsu_binarize(heat: Tensor) -> Tensor:
+    """CheXlocalize's default segmentation of a saliency map (``heatmap_to_segmentation.py``): min-max
+    normalise each map over its valid pixels, keep the pixels above Otsu's threshold
+    (scikit-image's ``threshold_otsu``). NaN pixels are background; a constant map gives an empty mask.
+
+    :param heat: [B, H, W]. :return: bool [B, H, W].
+    """
+    from skimage.filters import threshold_otsu
+
+    out = torch.zeros(heat.shape, dtype=torch.bool)
+    for k, m in enumerate(heat.double()):
+        valid = ~torch.isnan(m)
+        v = m[valid]
+        if v.numel() == 0 or float(v.max() - v.min()) <= 0:
+            continue
+        norm = (m - v.min()) / (v.max() - v.min())
+        t = threshold_otsu(norm[valid].numpy())
+        out[k] = (norm > t) & valid
+    return out
+
+
+def bootstrap_interval(values: np.ndarray, groups: Sequence[object] | None = None, n_boot: int = 1000,
+                       confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of ``values`` [N] (NaN ignored) with a percentile bootstrap interval that resamples whole
+    ``groups`` (e.g. images, when an image has several phrases; default: each value its own group),
+    CheXlocalize's 1,000 replicates over CXRs. Written here because scipy's ``bootstrap`` resamples
+    single observations, not clusters.
+
+    :return: ``{"mean", "low", "high", "n"}``; NaN bounds when no value is finite.
+    """
+    v = np.asarray(values, np.float64)
+    keys = list(range(len(v))) if groups is None else list(groups)
+    if len(keys) != len(v):
+        raise ValueError(f"{len(v)} values but {len(keys)} group keys")
+    ok = np.isfinite(v)
+    if not ok.any():
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    index = {g: i for i, g in enumerate(dict.fromkeys(k for k, o in zip(keys, ok) if o))}
+    gid = np.array([index[k] for k, o in zip(keys, ok) if o])
+    vs, cs = np.bincount(gid, weights=v[ok]), np.bincount(gid).astype(np.float64)  # per-group sums, counts
+    w = np.random.default_rng(seed).multinomial(len(vs), np.full(len(vs), 1.0 / len(vs)), size=n_boot)
+    reps = (w @ vs) / (w @ cs)
+    lo, hi = np.quantile(reps, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"mean": float(v[ok].mean()), "low": float(lo), "high": float(hi), "n": int(ok.sum())}
 
 
 def is_multiclass(labels: np.ndarray) -> bool:

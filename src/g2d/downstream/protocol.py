@@ -34,6 +34,8 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
     "finetune": ("g2d.downstream.finetune", "whole-model fine-tuning: per-class and mean AUROC"),
     "zeroshot": ("g2d.downstream.zeroshot", "zero-shot classification from prompts: AUROC, F1, accuracy"),
     "grounding": ("g2d.downstream.grounding", "zero-shot grounding heat maps: recall, IoU, Dice"),
+    "phrase-grounding": ("g2d.downstream.phrase_grounding", "phrase grounding (MS-CXR, CheXlocalize, VinDr): "
+                         "CNR, mIoU, hit rate, Dice"),
     "attention": ("g2d.downstream.attention", "attention diagnostics: collapse, pointing game, "
                   "pseudo-mask IoU against the position-only prior"),
 }

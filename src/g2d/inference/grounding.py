@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch import Tensor
 from g2d.image_input import as_model_input
 from g2d.model.interface import TextImageModel
 
-__all__ = ["similarity_maps", "dense_similarity", "to_original", "binarize",
+__all__ = ["similarity_maps", "dense_similarity", "to_original", "smooth", "binarize",
            "BINARIZE_RULES", "RESAMPLING"]
 
 # how the dense similarity map reaches the original image's pixels (to_original), for result files
@@ -61,28 +62,44 @@ def similarity_maps(model: TextImageModel, images: Tensor, prompts: list[str]) -
     return F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def to_original(heat: Tensor, geom: dict[str, Any]) -> Tensor:
+def to_original(heat: Tensor, geom: dict[str, Any], out_hw: tuple[int, int] | None = None,
+                mode: str = "bilinear") -> Tensor:
     """A map over the model's input crop ``[h, w]`` (any resolution covering the ``S x S`` crop, e.g.
     the dense ``S/32`` grid) -> the original image ``[H, W]``, undoing resize and centre crop.
 
     Each original pixel centre is mapped into crop coordinates (the inverse of
-    :func:`g2d.data.transforms.crop_to_original`) and the map is sampled bilinearly there (the same
-    as upsampling the map bilinearly to ``S x S`` first). Pixels whose centre falls outside the crop
-    are NaN (as BioViL's NaN padding).
+    :func:`g2d.data.transforms.crop_to_original`) and the map is sampled there (``mode``: ``bilinear``,
+    the same as upsampling the map bilinearly to ``S x S`` first, or ``nearest``, hi-ml's default).
+    Pixels whose centre falls outside the crop are NaN (as BioViL's NaN padding).
 
     :param geom: :func:`g2d.data.transforms.eval_geometry` of the original image.
+    :param out_hw: another pixel grid over the same image (labels given at another resolution, e.g.
+        RSNA's 1024-px boxes on a 512-px conversion); default the image's own ``[H, W]``.
     """
     h0, w0 = geom["orig_hw"]
+    ho, wo = out_hw or (h0, w0)
     sy, sx = geom["scale_yx"]
     s = geom["crop_hw"][0]
-    ys = (torch.arange(h0, dtype=torch.float64) + 0.5) * sy - geom["crop_top"]     # crop pixel-edge coords
-    xs = (torch.arange(w0, dtype=torch.float64) + 0.5) * sx - geom["crop_left"]
+    ys = (torch.arange(ho, dtype=torch.float64) + 0.5) * (h0 / ho) * sy - geom["crop_top"]  # crop pixel-edge coords
+    xs = (torch.arange(wo, dtype=torch.float64) + 0.5) * (w0 / wo) * sx - geom["crop_left"]
     gy, gx = torch.meshgrid(ys / s * 2 - 1, xs / s * 2 - 1, indexing="ij")         # [-1, 1] = crop edges
     grid = torch.stack([gx, gy], dim=-1).float()[None]
-    out = F.grid_sample(heat.float()[None, None], grid, mode="bilinear", padding_mode="border",
+    out = F.grid_sample(heat.float()[None, None], grid, mode=mode, padding_mode="border",
                         align_corners=False)[0, 0]
     inside = (gy.abs() <= 1) & (gx.abs() <= 1)
     return torch.where(inside, out, torch.full_like(out, float("nan")))
+
+
+def smooth(heat: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of dense maps ``[B, h, w]`` with ``sigma`` in grid cells (hi-ml's
+    ``get_similarity_map_from_raw_data``: ``scipy.ndimage.gaussian_filter``, sigma 1.5, before
+    upsampling); ``sigma`` 0 returns the maps unchanged."""
+    if sigma <= 0:
+        return heat
+    from scipy.ndimage import gaussian_filter
+
+    arr = heat.detach().cpu().double().numpy()
+    return torch.from_numpy(np.stack([gaussian_filter(a, sigma=sigma) for a in arr])).to(heat.dtype)
 
 
 def binarize(heat: Tensor, level: float = 0.5, rule: str = "minmax") -> Tensor:

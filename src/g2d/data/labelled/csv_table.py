@@ -19,14 +19,22 @@ Columns (names configurable, header names are matched after stripping spaces):
     Patient id; seeded splits never put one patient in two splits.
 ``prompt`` (optional)
     Free text kept in ``Record.extra["prompt"]`` (e.g. a grounding phrase).
+``id`` (optional)
+    The record's id (default: the image path as written). With it, several rows may share an image,
+    one per phrase (phrase grounding); without a ``patient`` column such rows count as one patient,
+    so a seeded split keeps them together.
+``finding`` (optional)
+    The finding or structure a phrase names, kept in ``Record.extra["finding"]`` (phrase grounding's
+    per-finding summary).
 label columns
     Chosen with ``labels="a,b,c"`` (or a list). Values ``1`` / ``0`` (``1.0`` / ``0.0`` too); a blank
     cell or ``nan`` is NaN (unknown); ``-1`` is NaN as well (CheXpert-style *uncertain*: the
     evaluation treats it as unknown and skips it). ``labels=None`` reads no label column.
 
 Bad rows - a missing image or mask file, a malformed box, a label value such as ``yes``, a
-duplicated image, an unknown split name - are named with ``file:row``, counted in the
-:class:`~g2d.data.labelled.SkipLog` and skipped. Record ids are the image paths as written in the CSV.
+duplicated image (or id), an unknown split name - are named with ``file:row``, counted in the
+:class:`~g2d.data.labelled.SkipLog` and skipped. Record ids are the ``id`` cells, else the image paths as
+written in the CSV.
 """
 
 from __future__ import annotations
@@ -108,14 +116,15 @@ def _label_names(labels: str | Sequence[str] | None) -> list[str]:
 
 def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, image_col: str = "image",
                       mask_col: str = "mask", boxes_col: str = "boxes", split_col: str = "split",
-                      patient_col: str = "patient", prompt_col: str = "prompt",
-                      label_size: str | int | None = None) -> tuple[list[Record], list[str], SkipLog]:
+                      patient_col: str = "patient", prompt_col: str = "prompt", id_col: str = "id",
+                      finding_col: str = "finding", label_size: str | int | None = None
+                      ) -> tuple[list[Record], list[str], SkipLog]:
     """Read a labelled table (see the module docstring for the columns).
 
     Args:
         path: the CSV file (``.csv`` / ``.csv.gz``); image and mask paths are relative to its folder.
         labels: label columns, ``"a,b,c"`` or a list; ``None`` reads none (``tasks == []``).
-        image_col ... prompt_col: column names; optional columns that are absent are simply unused.
+        image_col ... finding_col: column names; optional columns that are absent are simply unused.
         label_size: the pixel space of the boxes and masks when it is not each image's own (e.g.
             ``1024`` or ``"2048x1536"``, W x H); they are rescaled to the image read. Default: image
             pixels. See :func:`g2d.data.labelled.parse_label_size`.
@@ -134,7 +143,7 @@ def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, ima
     header, rows = read_table(path, required=[image_col, *tasks])
     root = path.parent
     skipped = SkipLog(f"csv:{path.name}")
-    has = {c: c in header for c in (mask_col, boxes_col, split_col, patient_col, prompt_col)}
+    has = {c: c in header for c in (mask_col, boxes_col, split_col, patient_col, prompt_col, id_col, finding_col)}
     records: list[Record] = []
     seen: set[str] = set()
     for row in rows:
@@ -143,8 +152,12 @@ def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, ima
         if not img:
             skipped.skip("blank_image", row.where)
             continue
-        if img in seen:
-            skipped.skip("duplicated_image", row.where)
+        rid = c[id_col] if has[id_col] else img
+        if not rid:
+            skipped.skip("blank_id", row.where)
+            continue
+        if rid in seen:
+            skipped.skip("duplicated_id" if has[id_col] else "duplicated_image", row.where)
             continue
         img_path = root / img
         if not img_path.is_file():
@@ -177,10 +190,11 @@ def read_labelled_csv(path: Path, labels: str | Sequence[str] | None = None, ima
             if split is None:
                 skipped.skip("bad_split", row.where, f"split {c[split_col]!r} is not train/val/test")
                 continue
-        extra = {"prompt": c[prompt_col]} if has[prompt_col] else {}
-        patient = (c[patient_col] or None) if has[patient_col] else None
-        seen.add(img)
-        records.append(Record(id=img, image=str(img_path), labels=lab, boxes=boxes, mask=mask,
+        extra = {k: c[col] for k, col in (("prompt", prompt_col), ("finding", finding_col)) if has[col]}
+        patient = ((c[patient_col] or None) if has[patient_col]
+                   else f"image:{img}" if has[id_col] else None)  # one image's phrases stay in one split
+        seen.add(rid)
+        records.append(Record(id=rid, image=str(img_path), labels=lab, boxes=boxes, mask=mask,
                               patient=patient, split=split, source=row.where, extra=extra, label_hw=label_hw))
     if not records:
         raise DataError(f"csv:{path}: no usable rows ({skipped.summary()})")

@@ -9,12 +9,16 @@ Specs (``PATH`` is the set's downloaded folder, laid out as published):
 ``chexpert:DIR``   CheXpert (``train.csv``, ``valid.csv``)
 ``cxr14:DIR``      ChestX-ray14 (``Data_Entry_2017*.csv``, ``train_val_list.txt``, ``test_list.txt``)
 ``covidx:DIR``     COVIDx (label ``.txt`` files)
+``ms-cxr:DIR``     MS-CXR phrase grounding (``MS_CXR_Local_Alignment_v*.csv``; ``?images=`` MIMIC-CXR-JPG)
+``chexlocalize:DIR`` CheXlocalize (``gt_segmentations_{val,test}.json``; ``?images=`` CheXpert)
+``vindr:DIR``      VinDr-CXR (``annotations/*.csv`` + DICOMs; ``?readers=all|majority&unit=finding|image``)
 ``csv:FILE``       any table: ``image`` + optional ``mask``, ``boxes``, ``split`` and label columns
 ``synthetic[:N]``  the embedded synthetic set (N training images, default 256)
 =================  ==========================================================================
 
-Public sets use the split tables shipped in :mod:`g2d.data.labelled.splits`; ``csv:`` tables use their
-``split`` column, or else a seeded 70/15/15 split by patient (or image) id.
+Public sets use the split tables shipped in :mod:`g2d.data.labelled.splits`, or the splits the
+dataset itself defines (MS-CXR's ``split`` column, CheXlocalize's val/test files, VinDr's train/test);
+``csv:`` tables use their ``split`` column, or else a seeded 70/15/15 split by patient (or image) id.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ READERS: dict[str, str] = {
     "chexpert": "g2d.data.labelled.chexpert:read_chexpert",
     "cxr14": "g2d.data.labelled.cxr14:read_cxr14",
     "covidx": "g2d.data.labelled.covidx:read_covidx",
+    "ms-cxr": "g2d.data.labelled.ms_cxr:read_ms_cxr",
+    "chexlocalize": "g2d.data.labelled.chexlocalize:read_chexlocalize",
+    "vindr": "g2d.data.labelled.vindr:read_vindr",
     "csv": "g2d.data.labelled.csv_table:read_labelled_csv",
 }
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from g2d.data.synthetic.findings import FINDING_LOCATIONS, FINDINGS
+from g2d.data.synthetic.findings import FINDING_LOCATIONS, FINDING_TERMS, FINDINGS, NEGATION_CUES
 
 # --------------------------------------------------------------------------- reports
 
@@ -135,3 +136,19 @@ def prompt_for(finding: str, location: str | None = None) -> str:
     if finding == "cardiomegaly":
         return "cardiomegaly, the heart is enlarged"
     return f"{base} at the {location}"
+
+
+def finding_sentence(report: str, finding: str, location: str) -> str:
+    """The sentence of ``report`` that states ``finding`` at ``location`` (its phrase, for phrase
+    grounding): the one holding the location verbatim and one of the finding's terms, without a
+    negation cue (:func:`make_report` writes exactly one such sentence per finding).
+
+    :raises ValueError: no such sentence (not a report of this generator).
+    """
+    for sentence in re.split(r"(?<=\.)\s+", report):
+        low = sentence.lower()
+        if (location in low and any(t in low for t in FINDING_TERMS[finding])
+                and not any(c in low for c in NEGATION_CUES)):
+            return sentence
+    raise ValueError(f"no sentence states {finding} at {location} in {report!r}")
+
