@@ -315,6 +315,9 @@ def test_zero_shot_and_grounding_protocols_run_on_a_peer(kind, peers, tmp_path):
     assert 0.0 <= m["auc"] <= 1.0 and m["model"] == f"{kind}:{path}"
     g = protocol.run("grounding", protocol.make("grounding", out=str(tmp_path / "gr"), figures=1, **common))
     assert 0.0 <= g["dice"] <= 1.0 and g["images"] > 0
+    p = protocol.run("phrase-grounding", protocol.make("phrase-grounding", out=str(tmp_path / "pg"), figures=0,
+                                                       bootstrap=50, **common))
+    assert p["pairs"] > 0 and 0.0 <= p["hit"] <= 1.0 and p["model"] == f"{kind}:{path}"
 
 
 def test_g2d_zero_shot_and_ground_commands_take_a_peer(peers, tmp_path, capsys):
