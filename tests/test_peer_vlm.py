@@ -1,8 +1,9 @@
 """Peers' image-text models for zero-shot and grounding (g2d.peer_vlm): for BioViL, MGCA, GLoRIA,
-ConVIRT and MedCLIP, a checkpoint in the peer's exact layout (image trunk, image head, text backbone
-under its prefix, text head) and a tiny text model folder (config + tokenizer; BioViL's weights) are
-built here from random weights; the loaded model must give the embeddings the peer's own recipe gives
-(computed here with plain torch / transformers modules), and the protocols must run on it. No download."""
+ConVIRT, MedCLIP and M-FLAG (a BenchX file), a checkpoint in the peer's exact layout (image trunk,
+image head, text backbone under its prefix, text head) and a tiny text model folder (config +
+tokenizer; BioViL's weights) are built here from random weights; the loaded model must give the
+embeddings the peer's own recipe gives (computed here with plain torch / transformers modules), and
+the protocols must run on it. No download."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from g2d.peer_vlm import PEER_TEXT, load_peer_vl_model
 CORPUS = ["there is a small pneumothorax at the right apex", "no pneumothorax", "pleural effusion at the left base",
           "the heart is enlarged", "a nodule in the right upper zone", "no acute cardiopulmonary process"] * 5
 PROMPTS = ["small pneumothorax at the right apex", "no pleural effusion", "the heart is enlarged"]
+# layouts reached through another --model kind: M-FLAG is a BenchX method (benchx:M-FLAG.pth)
+LOAD_AS = {"mflag": "benchx"}
 
 
 def _trunk() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -268,17 +271,32 @@ def peers(tmp_path_factory, bert_dir, roberta_dir):
         t = tok([s.rstrip("!?.") for s in texts], padding=True, return_tensors="pt")
         return head(bert4(**t).last_hidden_state[:, 0])
     out["biovil"] = (root / "biovil.pt", bdir, lambda x: projector(feats(x)[1]).mean((2, 3)), biovil_text)
+
+    # M-FLAG as BenchX saves it (M-FLAG.pth, a raw state dict): encoder.* (torchvision names, fc Identity),
+    # proj_v / proj_t Linear-BN-ReLU-Linear-BN(affine=False), CXR-BERT-general under lm_model (bert.* and its
+    # MLM head); the text folder is a cxr-bert config + tokenizer
+    bert5 = _bert(bert_dir, pooler=False)
+    pv, pt = _mlp(512, 64, 16, bn=True, last_bn_affine=False), _mlp(32, 64, 16, bn=True, last_bn_affine=False)
+    state = {**_prefixed("encoder", trunk), **_prefixed("proj_v", pv.state_dict()),
+             **_prefixed("proj_t", pt.state_dict()), **_prefixed("lm_model.bert", bert5.state_dict()),
+             "lm_model.cls.predictions.bias": torch.zeros(120)}
+    torch.save(state, root / "M-FLAG.pth")
+
+    def mflag_text(texts):
+        t = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        return pt(bert5(**t).last_hidden_state[:, 0])
+    out["mflag"] = (root / "M-FLAG.pth", bdir, lambda x: pv(feats(x)[1].mean((2, 3))), mflag_text)
     return out
 
 
 def test_every_cosine_peer_has_a_layout_here(peers):
-    assert set(peers) == set(PEER_TEXT) == {"biovil", "mgca", "gloria", "convirt", "medclip"}
+    assert set(peers) == set(PEER_TEXT) == {"biovil", "mgca", "gloria", "convirt", "medclip", "mflag"}
 
 
 @pytest.mark.parametrize("kind", sorted(PEER_TEXT))
 def test_embeddings_follow_the_peers_recipe(kind, peers):
     path, folder, image_ref, text_ref = peers[kind][:4]
-    model = load_peer_vl_model(kind, path, str(folder))
+    model = load_peer_vl_model(LOAD_AS.get(kind, kind), path, str(folder))
     torch.manual_seed(4)
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
@@ -487,7 +505,8 @@ def test_a_head_with_one_layer_or_key_changed_is_refused_by_name(peers, kind, pr
     from g2d.peers import PEER_KINDS
 
     obj = torch.load(peers[kind][0], weights_only=True)
-    state = next((obj[c] for c in PEER_KINDS[kind].container if isinstance(obj, dict) and c in obj), obj)
+    container = PEER_KINDS[LOAD_AS.get(kind, kind)].container
+    state = next((obj[c] for c in container if isinstance(obj, dict) and c in obj), obj)
     moved = {}
     for k in drop:
         if f"{prefix}.{k}" in state:
@@ -497,7 +516,7 @@ def test_a_head_with_one_layer_or_key_changed_is_refused_by_name(peers, kind, pr
     assert moved or add
     torch.save(obj, tmp_path / "changed.pt")
     with pytest.raises(CheckpointError, match=rf"{kind}: .*{prefix}\.{named}"):
-        load_peer_vl_model(kind, tmp_path / "changed.pt", str(peers[kind][1]))
+        load_peer_vl_model(LOAD_AS.get(kind, kind), tmp_path / "changed.pt", str(peers[kind][1]))
 
 
 @pytest.mark.parametrize("change", ["remove", "rename", "add"])
@@ -537,3 +556,23 @@ def test_peer_entry_points_keep_the_input_contract(peers):
             with pytest.raises(ImageInputError, match=rf"{kind} .*\[0, 1\]"):
                 call(x * 255)
             torch.testing.assert_close(call(u8), call(u8.float() / 255))
+
+
+def test_benchx_files_take_their_methods_text_tower_and_benchx_input(peers, tmp_path):
+    """A BenchX MGCA file (MGCA's own layout) is MGCA's image-text model fed BenchX's input: mean 0.4978,
+    std 0.2449, no 299 px resize; BenchX's MedKLIP has no image-text cosine."""
+    path, folder, _, text_ref = peers["mgca"][:4]
+    model = load_peer_vl_model("benchx", path, str(folder))
+    assert model.report["benchx_method"] == "MGCA-resnet50" and model.peer_kind.global_input is None
+    torch.testing.assert_close(model.image_encoder.mean.flatten(), torch.full((3,), 0.4978))
+    mgca = load_peer_vl_model("mgca", path, str(folder))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(PROMPTS), mgca.encode_text(PROMPTS))
+        mgca.image_encoder.mean.fill_(0.4978)   # MGCA's encoder and head on BenchX's input, at 64 px
+        mgca.image_encoder.std.fill_(0.2449)
+        expected = mgca.image_head(mgca.image_encoder(x)[-1].mean((2, 3)))
+        torch.testing.assert_close(model.encode_image(x), F.normalize(expected, dim=-1))
+    torch.save({"model": {f"module.res_features.{i}.weight": torch.zeros(1) for i in (0,)}}, tmp_path / "MedKLIP.pth")
+    with pytest.raises(ConfigError, match=r"benchx \(MedKLIP\).*query decoder"):
+        load_peer_vl_model("benchx", tmp_path / "MedKLIP.pth")

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torchvision
 
+from g2d.data.transforms import ImageTransformCfg
 from g2d.downstream import protocol
 from g2d.errors import CheckpointError, ConfigError
-from g2d.peers import PEER_KINDS, load_peer_encoder, split_model_spec
+from g2d.peers import BENCHX_METHODS, PEER_KINDS, load_peer_encoder, resolve_kind, split_model_spec
 from g2d.towers import load_image_tower
 
 CHILD_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
@@ -69,6 +70,9 @@ def _layouts(tv, tv1, tv18):
                      "text_model.model.embeddings.position_ids": torch.arange(8)[None],
                      "text_model.projection_head.weight": torch.randn(512, 768)}, tv),
         "xrv": (tv18, tv18),
+        # BenchX's M-FLAG.pth: a raw state dict, encoder.* (torchvision names, fc Identity), heads, CXR-BERT
+        "benchx": ({**{f"encoder.{k}": v for k, v in _trunk(tv).items()}, "proj_v.0.weight": noise,
+                    "proj_t.0.weight": noise, "lm_model.bert.embeddings.word_embeddings.weight": noise}, tv),
     }
 
 
@@ -106,7 +110,8 @@ def test_an_encoder_file_with_one_key_removed_renamed_or_added_is_refused_by_nam
 
     obj = torch.load(peer_files[kind][0], weights_only=True)
     state = _container_state(obj, kind)
-    prefix = PEER_KINDS[kind].prefix
+    resolved, _ = resolve_kind(kind, state, peer_files[kind][0])   # benchx: the method's layout
+    prefix = resolved.prefix
     key = next(k for k in state if re.match(prefix + r"(layer2|5)\.0\.bn1\.bias$", k))
     start = re.match(prefix, key).end()
     if change == "remove":
@@ -116,7 +121,7 @@ def test_an_encoder_file_with_one_key_removed_renamed_or_added_is_refused_by_nam
         state[key + "_v2"] = state.pop(key)
         named = "layer2.0.bn1.bias"
     else:
-        named = key[:start] + ("11.weight" if PEER_KINDS[kind].index_names else "extra_layer.weight")
+        named = key[:start] + ("11.weight" if resolved.index_names else "extra_layer.weight")
         state[named] = torch.zeros(3)
     torch.save(obj, tmp_path / "changed.pt")
     with pytest.raises(CheckpointError, match=re.escape(named)):
@@ -135,10 +140,10 @@ def test_each_kind_loads_the_original_weights(kind, peer_files):
             torch.testing.assert_close(got[k], v.expand(-1, 3, -1, -1) / 3)
         else:
             torch.testing.assert_close(got[k], v, msg=f"{kind}: {k}")
-    assert report["arch"] == "resnet18" and report["kind"] == kind
+    k, _ = resolve_kind(kind, _container_state(torch.load(path, weights_only=True), kind), path)
+    assert report["arch"] == "resnet18" and report["kind"] == k.name
     assert report["absent"] == (["layer4"] if kind == "medklip" else [])
     assert report["conv1_channels"] == (1 if kind in ("prior", "xrv") else 3)
-    k = PEER_KINDS[kind]
     torch.testing.assert_close(encoder.mean.flatten(), torch.tensor(k.mean))
     torch.testing.assert_close(encoder.std.flatten(), torch.tensor(k.std))
 
@@ -302,7 +307,6 @@ def test_mgca_gloria_medclip_inputs_are_their_own(peer_files, tmp_path):
     tower = load_image_tower(f"mgca:{peer_files['mgca'][0]}")
     tower.encoder.register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
     from g2d.data.labelled.specs import open_dataset
-    from g2d.data.transforms import ImageTransformCfg
     from g2d.downstream.features import extract_features
     from g2d.downstream.finetune import Classifier
 
@@ -340,3 +344,57 @@ def test_a_release_decoder_or_head_with_one_key_changed_is_refused_by_name(tmp_p
     torch.save(state, tmp_path / "run_encoder_decoder.pth")
     with pytest.raises(CheckpointError, match=re.escape(named)):
         load_image_tower(f"g2d-release:{tmp_path / 'run_encoder_decoder.pth'}")
+
+
+def _benchx_files(tv) -> dict[str, object]:
+    """One file per BenchX ResNet method, in the form BenchX saves it (configs/_base_/models/*.yml prefixes;
+    ConVIRT through BenchX's VisualEncoder with named children; MedKLIP's Sequential indices, no layer4)."""
+    noise = torch.randn(4, 4)
+    named = _trunk(tv)
+    return {
+        "MGCA-resnet50": {"state_dict": {**{f"img_encoder_q.model.{k}": v for k, v in named.items()},
+                                         "img_encoder_q.global_embed.head.0.weight": noise}, "epoch": 49},
+        "GLoRIA": {"state_dict": {**{f"gloria.img_encoder.model.{k}": v for k, v in named.items()},
+                                  "gloria.img_encoder.global_embedder.weight": noise},
+                   "hyper_parameters": {"lr": 5e-5}},
+        "ConVIRT": {"model": {**{f"visual.model.{k}": v for k, v in named.items()}, "vis_proj.0.weight": noise}},
+        "MedKLIP": {"model": {k: v for k, v in _indexed(tv, "module.res_features.").items()
+                              if not k.startswith("module.res_features.7.")}},
+        "MedCLIP-resnet50": {**{f"vision_model.model.{k}": v for k, v in named.items()},
+                             "vision_model.model.fc.weight": torch.randn(512, 512)},
+        "M-FLAG": {**{f"encoder.{k}": v for k, v in named.items()}, "proj_v.0.weight": noise},
+    }
+
+
+def test_benchx_files_load_as_their_methods_with_benchx_input(tmp_path):
+    tv = _resnet()
+    files = _benchx_files(tv)
+    assert set(files) == {m for m, _, _ in BENCHX_METHODS}
+    for method, obj in files.items():
+        path = tmp_path / f"{method}.pt"
+        torch.save(obj, path)
+        tower = load_image_tower(f"benchx:{path}")
+        assert tower.peer["benchx_method"] == method, method
+        assert tower.preprocess == ImageTransformCfg(resize=224, crop=224, augment="none")   # BenchX's, for all
+        assert tower.global_input is None                                                   # no 299 px resize
+        torch.testing.assert_close(tower.encoder.mean.flatten(), torch.full((3,), 0.4978))
+        torch.testing.assert_close(tower.encoder.std.flatten(), torch.full((3,), 0.2449))
+        got = tower.encoder.state_dict()
+        for k, v in tv.items():
+            if k.startswith("fc.") or k.endswith("num_batches_tracked") or (method == "MedKLIP" and "layer4" in k):
+                continue
+            torch.testing.assert_close(got[k], v, msg=f"{method}: {k}")
+        assert tower.peer["absent"] == (["layer4"] if method == "MedKLIP" else [])
+
+
+def test_benchx_vit_and_unknown_files_are_refused(tmp_path):
+    torch.save({"state_dict": {"img_encoder_q.model.patch_embed.proj.weight": torch.zeros(2, 3, 16, 16),
+                               "img_encoder_q.model.blocks.0.norm1.weight": torch.zeros(2)}}, tmp_path / "vit.ckpt")
+    with pytest.raises(CheckpointError, match="ViT or Swin"):
+        load_image_tower(f"benchx:{tmp_path / 'vit.ckpt'}")
+    torch.save({"model": {"vision_encoder.visual.pos_embed": torch.zeros(1, 2, 3)}}, tmp_path / "mrm.pth")
+    with pytest.raises(CheckpointError, match="ViT or Swin"):
+        load_image_tower(f"benchx:{tmp_path / 'mrm.pth'}")
+    torch.save({"backbone.conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no BenchX method's image-encoder prefix"):
+        load_image_tower(f"benchx:{tmp_path / 'other.pth'}")

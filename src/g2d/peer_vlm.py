@@ -36,7 +36,15 @@ from torch import Tensor, nn
 from g2d.errors import CheckpointError, ConfigError, DataError
 from g2d.image_input import as_model_input
 from g2d.model.text_encoder import _offline, check_tokenizer
-from g2d.peers import PEER_KINDS, PeerEncoder, global_input, load_peer_encoder, read_peer_state
+from g2d.peers import (
+    PEER_KINDS,
+    PeerEncoder,
+    PeerKind,
+    global_input,
+    load_peer_encoder,
+    read_peer_state,
+    resolve_kind,
+)
 
 __all__ = ["PeerText", "PEER_TEXT", "HEAD_LAYOUTS", "IGNORABLE_BUFFERS", "PeerVLModel", "load_peer_vl_model"]
 
@@ -122,6 +130,11 @@ PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
              not_done="report cleaning (r2gen_clean_report) is approximated by lower-casing; the grounding "
                       "map applies vis_proj to each layer-4 cell",
              source="ViLMedic: models/selfsup/conVIRT.py (lin_proj(pooler_output), vis_proj(avgpool), tau 0.1)"),
+    PeerText("mflag", "microsoft/BiomedVLP-CXR-BERT-general", "lm_model.bert", "cls", "proj_t", "proj_v", "proj_v",
+             max_length=512,
+             not_done="the grounding map applies proj_v to each layer-4 cell (M-FLAG has no grounding code)",
+             source="M-FLAG (BenchX's copy, unifier/models/vlm_src/MFLAG/utils/utils_builder.py): CXR-BERT-general "
+                    "[CLS] of the last layer -> proj_t, avg-pooled layer 4 -> proj_v"),
     PeerText("medclip", "emilyalsentzer/Bio_ClinicalBERT", "text_model.model", "medclip",
              "text_model.projection_head", "vision_model.model.fc", "vision_model.model.fc", max_length=77,
              logit_scale=None, text_pooler=True,
@@ -158,6 +171,9 @@ HEAD_LAYOUTS: dict[tuple[str, str], tuple[str, ...]] = {
     # MedCLIP modeling_medclip.py: fc and projection_head, Linear without bias
     ("medclip", "vision_model.model.fc"): ("linear-nobias",),
     ("medclip", "text_model.projection_head"): ("linear-nobias",),
+    # M-FLAG ResNet_CXRBert: Linear, BN, ReLU, Linear, BN(affine=False) (vision 2048 and text 768 -> 1024)
+    ("mflag", "proj_v"): ("linear", "bn", "relu", "linear", "bn-noaffine"),
+    ("mflag", "proj_t"): ("linear", "bn", "relu", "linear", "bn-noaffine"),
     # hi-ml modules.py:12-53 MLP: 1x1 conv without bias, BN2d, ReLU, 1x1 conv with bias
     ("biovil", "projector.model"): ("conv-nobias", "bn", "relu", "conv"),
 }
@@ -378,13 +394,13 @@ def _backbone(spec: PeerText, folder: Path, state: dict[str, Tensor], path: Path
     hf_logging.disable_progress_bar()
     weights = _take(state, spec.text_prefix)
     where = f"{path} ({spec.text_prefix}.*)"
-    if spec.kind == "biovil":
-        import json
+    import json
 
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        raw.pop("model_type", None)  # cxr-bert: read as the BERT it is, without remote code
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    if raw.get("model_type") == "cxr-bert":  # BioViL's and M-FLAG's CXR-BERT: read as the BERT it is, no remote code
+        raw.pop("model_type")
         config = BertConfig(**raw)
-        model: nn.Module = BertModel(config, add_pooling_layer=False)
+        model: nn.Module = BertModel(config, add_pooling_layer=spec.text_pooler)
     else:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if spec.kind == "mgca":                                    # med.py: 6 layers, text mode only
@@ -442,10 +458,11 @@ class PeerVLModel(nn.Module):
     """
 
     def __init__(self, spec: PeerText, encoder: PeerEncoder, image_head: nn.Module, dense_head: nn.Module,
-                 text: PeerTextTower, logit_scale: float, report: dict[str, Any]):
+                 text: PeerTextTower, logit_scale: float, report: dict[str, Any], peer_kind: PeerKind):
         super().__init__()
         self.spec, self.image_encoder, self.image_head, self.dense_head, self.text = (
             spec, encoder, image_head, dense_head, text)
+        self.peer_kind = peer_kind  # the encoder's layout and input pipeline (benchx: resolved per file)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=False)
         self.report = report
         for p in self.parameters():
@@ -454,7 +471,7 @@ class PeerVLModel(nn.Module):
 
     def _features(self, images: Tensor, where: str) -> list[Tensor]:
         images = as_model_input(images, f"{self.spec.kind} {where}")  # [0, 1]; uint8 / 255
-        return self.image_encoder(global_input(images, PEER_KINDS[self.spec.kind].global_input))
+        return self.image_encoder(global_input(images, self.peer_kind.global_input))
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
@@ -510,7 +527,8 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
                        trust_pickle: bool = False) -> PeerVLModel:
     """A peer's image-text model for cosine zero-shot and grounding.
 
-    :param kind_name: ``biovil``, ``mgca``, ``gloria``, ``convirt`` or ``medclip``.
+    :param kind_name: ``biovil``, ``mgca``, ``gloria``, ``convirt``, ``medclip`` or ``benchx`` (the file's
+        method, :func:`g2d.peers.resolve_kind`: MGCA, GLoRIA, ConVIRT, MedCLIP or M-FLAG).
     :param path: the peer's checkpoint (BioViL: its image file).
     :param text_model: hub name (``NAME@REV``) or local folder of the text model (default:
         :attr:`PeerText.text_model`): config and tokenizer, and BioViL's text weights.
@@ -519,15 +537,22 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     :raises CheckpointError: weights that do not fit, naming the first key.
     :raises OSError: a text model that cannot be found (offline and not cached).
     """
-    if kind_name not in PEER_TEXT:
-        why = PEER_KINDS[kind_name].zero_shot if kind_name in PEER_KINDS else "not a peer kind"
-        raise ConfigError(f"{kind_name}: no image-text model g2d can build ({why}), which zero-shot "
-                          f"classification and grounding need; peers with one: {', '.join(sorted(PEER_TEXT))}; "
-                          "see docs/peers.md")
-    spec = PEER_TEXT[kind_name]
     path = Path(path)
-    state = read_peer_state(kind_name, path, trust_pickle)
+    if kind_name not in PEER_KINDS:
+        raise ConfigError(f"{kind_name}: not a peer kind; peers with an image-text model: "
+                          f"{', '.join(sorted(PEER_TEXT))}, benchx; see docs/peers.md")
+    # a BenchX file is read first: its method decides the layout
+    state = read_peer_state(kind_name, path, trust_pickle) if kind_name == "benchx" else {}
+    peer_kind, method = resolve_kind(kind_name, state, path)
+    layout = peer_kind.name.removeprefix("benchx-")
+    if layout not in PEER_TEXT:
+        raise ConfigError(f"{kind_name}{f' ({method})' if method else ''}: no image-text model g2d can build "
+                          f"({peer_kind.zero_shot}), which zero-shot classification and grounding need; peers "
+                          f"with one: {', '.join(sorted(PEER_TEXT))} and BenchX's files of them; see docs/peers.md")
+    spec = PEER_TEXT[layout]
+    state = state or read_peer_state(kind_name, path, trust_pickle)
     encoder, report = load_peer_encoder(kind_name, path, state=state)
+    kind_name = layout  # heads and messages in the method's layout
     image_head = _head(kind_name, spec.image_head, _take(state, spec.image_head), path)
     dense_head = (image_head if spec.dense_head == spec.image_head
                   else _head(kind_name, spec.dense_head, _take(state, spec.dense_head), path))
@@ -558,4 +583,4 @@ def load_peer_vl_model(kind_name: str, path: str | Path, text_model: str | None 
     log.info("%s: image %s + text %s (%s pooling)", kind_name, path, folder, spec.pooling)
     return PeerVLModel(spec, encoder, image_head, dense_head, text, scale,
                        {**report, "text_model": str(folder), "text_pooling": spec.pooling,
-                        "not_reproduced": spec.not_done})
+                        "not_reproduced": spec.not_done}, peer_kind)

@@ -14,6 +14,7 @@ hyper-parameters) is read only with ``trust_pickle=True`` (``--trust-pickle``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from g2d.model.decoder import SMP_DECODER_CHANNELS, SegmentationHead, UNetDecode
 from g2d.model.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 
 __all__ = ["PeerKind", "PEER_KINDS", "PeerEncoder", "global_input", "load_peer_encoder", "load_release_decoder",
-           "read_peer_state", "split_model_spec"]
+           "read_peer_state", "split_model_spec", "resolve_kind", "BENCHX_METHODS", "BENCHX_LAYOUTS"]
 
 log = logging.getLogger("g2d.peers")
 
@@ -135,6 +136,64 @@ PEER_KINDS: dict[str, PeerKind] = {k.name: k for k in (
              source="torchxrayvision pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt (1-channel conv1, "
                     "input in [-1024, 1024])"),
 )}
+
+
+# BenchX (Zhou et al., NeurIPS 2024 Datasets and Benchmarks; github.com/yangzhou12/BenchX): methods re-pre-trained
+# with their own code on one MIMIC-CXR split, so each file keeps its method's layout; BenchX loads the image
+# encoder by the method's prefix (unifier/blocks/vision/visual_encoder.py load_pretrained, prefixes in
+# configs/_base_/models/*.yml) and evaluates every method with one input pipeline
+# (unifier/datasets/transforms.py: Resize 224, CenterCrop 224, grey to 3 channels, mean 0.4978, std 0.2449).
+_BENCHX_MEAN, _BENCHX_STD = (0.4978,) * 3, (0.2449,) * 3
+_BENCHX_GEOMETRY = ImageTransformCfg(resize=224, crop=224, augment="none")
+# layouts of BenchX methods that are no g2d peer kind of their own
+BENCHX_LAYOUTS: dict[str, PeerKind] = {
+    # M-FLAG utils_builder.py ResNet_CXRBert: encoder = torchvision resnet50 with fc = Identity (no fc keys)
+    "mflag": PeerKind("mflag", (), r"encoder\.", source="M-FLAG (BenchX M-FLAG.pth): encoder.* (torchvision "
+                                                         "ResNet-50, fc Identity)"),
+}
+# (method as BenchX names its file, layout kind, image-encoder key prefix), tried in order
+BENCHX_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("MGCA-resnet50", "mgca", "img_encoder_q.model."),
+    ("GLoRIA", "gloria", "gloria.img_encoder.model."),
+    ("ConVIRT", "convirt", "visual.model."),      # BenchX's VisualEncoder: named children (conv1, layer1, ...)
+    ("MedKLIP", "medklip", "module.res_features."),
+    ("MedCLIP-resnet50", "medclip", "vision_model.model."),
+    ("M-FLAG", "mflag", "encoder."),
+)
+_VIT_KEYS = ("patch_embed", "pos_embed", "cls_token", "blocks.", "embeddings.patch_embeddings", "class_embedding")
+PEER_KINDS["benchx"] = PeerKind(
+    "benchx", ("state_dict", "model"), "", mean=_BENCHX_MEAN, std=_BENCHX_STD, preprocess=_BENCHX_GEOMETRY,
+    needs_pickle=True,  # GLoRIA.ckpt carries pickled hyper-parameters (the hint of the refusal)
+    zero_shot="resolved per file: the method's own text tower where g2d has its layout",
+    source="BenchX re-pre-trained checkpoints (ConVIRT.pth, GLoRIA.ckpt, MGCA-resnet50.ckpt, M-FLAG.pth, "
+           "MedKLIP.pth, MedCLIP-resnet50.bin): the method found by its encoder prefix")
+
+
+def resolve_kind(kind_name: str, state: dict[str, Tensor], path: str | Path) -> tuple[PeerKind, str | None]:
+    """The layout of a peer file: ``PEER_KINDS[kind_name]``, or for ``benchx`` the method's layout
+    (found by its image-encoder prefix, :data:`BENCHX_METHODS`) with BenchX's input pipeline, named
+    ``benchx-<layout>``. Returns ``(kind, BenchX method or None)``.
+
+    :raises CheckpointError: a BenchX file of a ViT/Swin method (MGCA-ViT, MRM, REFERS, PTUnifier,
+        MedCLIP-ViT: g2d's encoders are ResNets) or of no known method.
+    """
+    if kind_name != "benchx":
+        return PEER_KINDS[kind_name], None
+    for method, layout, prefix in BENCHX_METHODS:
+        keys = [k[len(prefix):] for k in state if k.startswith(prefix)]
+        if not keys:
+            continue
+        if any(k.startswith(_VIT_KEYS) for k in keys):
+            break
+        base = PEER_KINDS.get(layout) or BENCHX_LAYOUTS[layout]
+        return dataclasses.replace(base, name=f"benchx-{layout}", mean=_BENCHX_MEAN, std=_BENCHX_STD,
+                                   preprocess=_BENCHX_GEOMETRY, global_input=None,
+                                   source=f"BenchX {method}: {base.source}"), method
+    if any(v in k for k in state for v in _VIT_KEYS):
+        raise CheckpointError(f"benchx: {path} holds a ViT or Swin encoder (BenchX's MGCA-ViT, MRM, REFERS, "
+                              "PTUnifier or MedCLIP-ViT); g2d's image encoders are ResNets")
+    raise CheckpointError(f"benchx: {path}: no BenchX method's image-encoder prefix found (tried "
+                          f"{', '.join(p for _, _, p in BENCHX_METHODS)})")
 
 
 def global_input(images: Tensor, size: int | None) -> Tensor:
@@ -250,7 +309,7 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
                       state: dict[str, Tensor] | None = None) -> tuple[PeerEncoder, dict[str, Any]]:
     """A peer's image encoder as a g2d encoder, and a report of what was loaded.
 
-    :param kind_name: a key of :data:`PEER_KINDS`.
+    :param kind_name: a key of :data:`PEER_KINDS` (``benchx``: the method's layout, :func:`resolve_kind`).
     :return: (encoder in eval mode, ``{"kind", "arch", "loaded", "absent", "conv1_channels", "source",
         "preprocess"}``).
     :raises CheckpointError: the file is not of that kind (names the first mismatching key), or it
@@ -258,9 +317,10 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
     :param state: the file's tensors when already read (:func:`read_peer_state`).
     :raises FileNotFoundError: no such file.
     """
-    kind = PEER_KINDS[kind_name]
     path = Path(path)
-    state = _encoder_keys(state if state is not None else read_peer_state(kind_name, path, trust_pickle), kind, path)
+    full = state if state is not None else read_peer_state(kind_name, path, trust_pickle)
+    kind, method = resolve_kind(kind_name, full, path)
+    state = _encoder_keys(full, kind, path)
     if not state:
         raise CheckpointError(f"{kind.name}: {path} has no key under the {kind.name} encoder prefix "
                               f"{kind.prefix!r} ({kind.source})")
@@ -292,7 +352,7 @@ def load_peer_encoder(kind_name: str, path: str | Path, trust_pickle: bool = Fal
         log.warning("%s: %s has no %s; it keeps a random initialisation", kind.name, path, ", ".join(absent))
     return encoder.eval(), {"kind": kind.name, "arch": arch, "loaded": len(state), "absent": list(absent),
                             "conv1_channels": in_channels, "source": kind.source,
-                            "zero_shot": kind.zero_shot}
+                            "zero_shot": kind.zero_shot, **({"benchx_method": method} if method else {})}
 
 
 def load_release_decoder(state: dict[str, Tensor], encoder: ResNetEncoder, path: str | Path

@@ -22,7 +22,14 @@ from g2d.model.decoder import SegmentationHead, UNetDecoder
 from g2d.model.image_encoder import ResNetEncoder
 from g2d.model.interface import TextImageModel
 from g2d.peer_vlm import load_peer_vl_model
-from g2d.peers import PEER_KINDS, load_peer_encoder, load_release_decoder, read_peer_state, split_model_spec
+from g2d.peers import (
+    PEER_KINDS,
+    load_peer_encoder,
+    load_release_decoder,
+    read_peer_state,
+    resolve_kind,
+    split_model_spec,
+)
 
 __all__ = ["ImageTower", "load_image_tower", "load_text_image_model", "resolve_device", "require_g2d"]
 
@@ -67,10 +74,11 @@ def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = Fal
     kind, path = split_model_spec(spec)
     if kind in PEER_KINDS:
         state = read_peer_state(kind, path, trust_pickle)  # read once for the encoder and the decoder
+        peer, _ = resolve_kind(kind, state, path)           # benchx: the method's layout and BenchX's input
         encoder, report = load_peer_encoder(kind, path, state=state)
         decoder, head = load_release_decoder(state, encoder, path) if kind == "g2d-release" else (None, None)
-        return ImageTower(encoder, decoder, None, spec, PEER_KINDS[kind].preprocess,
-                          {**report, "decoder": decoder is not None}, PEER_KINDS[kind].global_input, head)
+        return ImageTower(encoder, decoder, None, spec, peer.preprocess,
+                          {**report, "decoder": decoder is not None}, peer.global_input, head)
     spec = path
     if spec in ("random", "imagenet"):
         # ImageNet weights expect ImageNet-normalised input; the random baseline sees [0, 1].
@@ -95,8 +103,8 @@ def load_text_image_model(spec: str, what: str, trust_pickle: bool = False, text
     kind, path = split_model_spec(spec)
     if kind in PEER_KINDS:
         vl = load_peer_vl_model(kind, path, text_model, trust_pickle).to(device)
-        return ImageTower(vl.image_encoder, None, None, spec, PEER_KINDS[kind].preprocess,
-                          {**vl.report, "decoder": False}, PEER_KINDS[kind].global_input), vl
+        return ImageTower(vl.image_encoder, None, None, spec, vl.peer_kind.preprocess,
+                          {**vl.report, "decoder": False}, vl.peer_kind.global_input), vl
     if path in ("random", "imagenet"):
         raise ConfigError(f"{what} needs a model with a text tower: a G2D model (export, run folder or "
                           f"checkpoint) or a peer's (KIND:PATH); {path!r} is an image-only baseline")

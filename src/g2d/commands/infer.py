@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model (G2D or a cosine peer's KIND:PATH), --text-model, --trust-pickle, --device, --resize, --image-size."""
     p.add_argument("--model", required=True,
                    help="G2D export folder, run folder, checkpoint or hf-hub:NAME; or a peer's checkpoint as "
-                        "KIND:PATH (biovil, mgca, gloria, convirt, medclip; docs/peers.md)")
+                        "KIND:PATH (biovil, mgca, gloria, convirt, medclip, benchx; docs/peers.md)")
     p.add_argument("--text-model", default=None,
                    help="for KIND:PATH: the peer's text model, hub name (NAME@REV) or local folder "
                         "(default: the peer's own)")

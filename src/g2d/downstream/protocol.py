@@ -102,7 +102,7 @@ class TextImageArgs(GeometryArgs):
     """Zero-shot classification and grounding: a model with a text tower, G2D's or a peer's."""
 
     model: str = arg("random", help="G2D export/run folder/checkpoint, or a peer's checkpoint as KIND:PATH with "
-                                    "KIND biovil, mgca, gloria, convirt or medclip (docs/peers.md)")
+                                    "KIND biovil, mgca, gloria, convirt, medclip or benchx (docs/peers.md)")
     text_model: str | None = arg(None, help="for --model KIND:PATH: the peer's text model, a hub name (NAME@REV) "
                                             "or local folder (default: the peer's own; docs/peers.md)")
 
