@@ -132,7 +132,7 @@ def test_phrase_grounding_on_ms_cxr_scores_at_the_labels_resolution(tiny_model_d
                                                  *COMMON]),
         phrase_grounding._open(parse_protocol_args("phrase-grounding", ["--data", spec, "--model", "random",
                                                                         "--out", str(tmp_path), *COMMON]),
-                               ImageTransformCfg(resize=32, crop=32, augment="none")),
+                               ImageTransformCfg(resize=32, crop=32, augment="none"))[0],
         None, ImageTransformCfg(resize=32, crop=32, augment="none"), Counter()))
     pneu = next(c for c in cases if c.finding == "Pneumonia")
     assert pneu.truth.shape == (1, 160, 200) and int(pneu.truth.sum()) == 60 * 50 + 40 * 40

@@ -657,3 +657,22 @@ def test_paired_bootstrap_intervals_by_hand():
     assert wide["high"] - wide["low"] > 3 * (narrow["high"] - narrow["low"])
     with pytest.raises(ValueError, match="one shape"):
         paired_bootstrap(a, a[:, :5])
+
+
+def test_grounding_tables_beyond_the_paper_cite_their_published_values(tmp_path):
+    """Issue 32: the MS-CXR and CheXlocalize tables list peers' published values under 'published' with
+    their sources; our rows stay 'not run' until a user supplies the data."""
+    exp = load_experiment("ms-cxr")
+    assert exp.reference == "published" and [c.metric for c in exp.columns] == ["cnr", "miou"]
+    biovil = next(r for r in exp.rows if r.name == "BioViL")
+    assert biovil.paper == [1.07, 0.229] and "microsoft/BiomedVLP-BioViL-T" in biovil.source
+    results = Runner(exp, load_scale("small"), tmp_path, seeds=1, collect_only=True).run()
+    table = format_markdown(exp, results, {})
+    assert "| method | CNR | published | mIoU | published |" in table
+    assert "| Ours | not run |  | not run |  |" in table
+    assert "| BioViL | not given | 1.07 | not given | 0.229 |" in table
+    assert "Values in 'published':" in table and "- BioViL-T: Bannur et al., CVPR 2023" in table
+    assert "thresholds 0.1 ... 0.5" in table
+    chex = load_experiment("chexlocalize")
+    assert [c.metric for c in chex.columns] == ["macro_iou", "macro_hit"] and not any(r.paper for r in chex.rows)
+    assert "could not be read from a public source" in chex.notes

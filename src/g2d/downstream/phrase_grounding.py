@@ -25,7 +25,8 @@ Pipelines (``--pipeline``; ``auto``: ``chexlocalize`` for ``chexlocalize:`` sets
 
 Every mean comes with a 95 % percentile bootstrap interval over images (1,000 replicates, the pairs of
 one image resampled together; CheXlocalize's intervals), overall and per finding; the macro mean over
-findings is CheXlocalize's summary. Per-pair scores go to ``per_pair.csv``.
+findings (``macro_iou``, ...) is CheXlocalize's summary. Per-pair scores go to ``per_pair.csv`` and, for
+paired comparisons between models, to ``metrics.json``'s ``per_image``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from g2d.data.labelled.dataset import LabelledCXR
 from g2d.data.labelled.specs import open_dataset
 from g2d.data.labelled.splits import SPLITS
 from g2d.downstream.features import check_split, geometry_from_args, geometry_source
@@ -47,6 +47,7 @@ from g2d.downstream.heatmaps import grounding_cases
 from g2d.downstream.protocol import TextImageArgs, arg
 from g2d.downstream.results import write_results
 from g2d.errors import ConfigError, DataError
+from g2d.fingerprint import digest
 from g2d.metrics import (
     PHRASE_IOU_THRESHOLDS,
     bootstrap_interval,
@@ -63,7 +64,7 @@ __all__ = ["run", "PIPELINES", "METRICS"]
 
 log = logging.getLogger("g2d.downstream")
 
-METRICS = ("cnr", "miou", "iou", "dice", "hit")
+METRICS = ("cnr", "miou", "iou", "dice", "hit")  # per pair; the summaries' keys
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ def _thresholds(text: str) -> tuple[float, ...]:
     return values
 
 
-def _open(args: Args, geom_cfg: Any) -> Any:
+def _open(args: Args, geom_cfg: Any) -> list[Any]:
+    """The split's set, or with ``--split all`` every non-empty split's."""
     if args.split != "all":
         ds = open_dataset(args.data, args.split, 1.0, geom_cfg)
         check_split(ds, f"{args.data} {args.split}")
-        return ds
+        return [ds]
     parts = []
     for split in SPLITS:
         try:
@@ -124,10 +126,7 @@ def _open(args: Args, geom_cfg: Any) -> Any:
                 raise
     if not parts:
         raise DataError(f"{args.data}: every split is empty")
-    labelled = [p for p in parts if isinstance(p, LabelledCXR)]
-    if len(labelled) != len(parts):
-        raise DataError(f"{args.data}: --split all needs a labelled set read from files; pick one split")
-    return LabelledCXR(f"{args.data}/all", [r for p in labelled for r in p.records], labelled[0].tasks, geom_cfg)
+    return parts
 
 
 def run(args: Args) -> dict[str, Any]:
@@ -140,14 +139,17 @@ def run(args: Args) -> dict[str, Any]:
     device = resolve_device(args.device)
     tower, model = load_text_image_model(args.model, "phrase grounding", args.trust_pickle, args.text_model, device)
     geom_cfg = geometry_from_args(args, tower)
-    ds = _open(args, geom_cfg)
-    if not (getattr(ds, "with_mask", False) or getattr(ds, "with_boxes", False)):
+    sets = _open(args, geom_cfg)
+    if not (getattr(sets[0], "with_mask", False) or getattr(sets[0], "with_boxes", False)):
         raise DataError(f"{args.data}: phrase grounding needs masks or boxes")
     out = Path(args.out)
     skipped: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
-    for case in grounding_cases(args, ds, model, geom_cfg, skipped, out / "figures", args.figures,
-                                sigma=pipeline.sigma, mode=pipeline.mode, phrases=True):
+    cases = (case for k, ds in enumerate(sets)  # figures from the first split only (one numbering)
+             for case in grounding_cases(args, ds, model, geom_cfg, skipped, out / "figures",
+                                         args.figures if k == 0 else 0, sigma=pipeline.sigma, mode=pipeline.mode,
+                                         phrases=True))
+    for case in cases:
         heat, truth = case.heat[None], case.truth
         seg = otsu_binarize(heat)
         rows.append({"id": case.id, "image_id": case.image_id, "finding": case.finding, "prompt": case.prompt,
@@ -178,7 +180,14 @@ def run(args: Args) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "task": "phrase-grounding", "data": args.data, "split": args.split, "model": tower.name,
         **{m: overall[m]["mean"] for m in METRICS}, "pairs": overall["pairs"], "images": overall["images"],
-        "intervals": {m: overall[m] for m in METRICS}, "macro_over_findings": macro,
+        "intervals": {m: overall[m] for m in METRICS},
+        # CheXlocalize's summary: the mean per finding, then over findings
+        **{f"macro_{m}": v for m, v in macro.items()},
+        # per pair, for paired comparisons between models (g2d reproduce differences); a metric undefined
+        # on some pair (CNR without valid pixels outside the box) is left out
+        "per_image": {**{m: [round(r[m], 6) for r in rows] for m in METRICS
+                         if all(np.isfinite(r[m]) for r in rows)},
+                      "ids_digest": digest([r["id"] for r in rows])},
         "per_finding": per_finding, "skipped": dict(skipped),
         "pipeline": {"name": pipeline_name, "smoothing_sigma_cells": pipeline.sigma, "resampling": pipeline.mode,
                      "source": pipeline.source,

@@ -140,7 +140,7 @@ def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, 
     paper = any(row.paper for row in exp.rows)
     head = ["method"]
     for c in exp.columns:
-        head += [c.name, "paper"] if paper else [c.name]
+        head += [c.name, exp.reference] if paper else [c.name]
     lines = [f"# {exp.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in exp.rows:
         cells = [row.name]
@@ -149,6 +149,11 @@ def format_markdown(exp: Experiment, results: list[CellResult], info: dict[str, 
                 + ([_paper(row, j)] if paper else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    sources = [f"- {row.name}: {row.source}" for row in exp.rows if row.source]
+    if sources:
+        lines += [f"Values in '{exp.reference}':", *sources, ""]
+    if exp.notes:
+        lines += [" ".join(exp.notes.split()), ""]
     lines.append("Ours: mean ± sample std over seeds (n = finished seeds); '/' = not applicable; "
                  "'not run' = no finished seed yet; 'not given' = a peer's row without a checkpoint "
                  "(--baselines); 'error' = every seed failed (see errors below).")
@@ -167,7 +172,7 @@ def format_csv(exp: Experiment, results: list[CellResult]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "column", "task", "data", "fraction", "metric", "mean", "std", "n", "values",
-                "paper", "errors"])
+                exp.reference, "errors"])
     for r in results:
         j, c = cols[r.column]
         w.writerow([r.row, r.column, c.task, c.data, c.fraction, c.metric,

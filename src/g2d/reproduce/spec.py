@@ -37,7 +37,8 @@ class Column:
 class Row:
     """A pre-training variant (``pretrain`` overrides on the scale's preset) or a baseline
     (``model: random|imagenet``). ``args`` override column flags per task name; ``skip`` lists column
-    names or tasks the row has no value for ('/' in the paper); ``paper`` holds the paper's values."""
+    names or tasks the row has no value for ('/' in the paper); ``paper`` holds the paper's values, or for a
+    table beyond the paper the values the row's own publication reports, with ``source`` citing them."""
 
     name: str
     pretrain: dict[str, Any] | None = None
@@ -46,6 +47,7 @@ class Row:
     args: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     paper: list[str | float | None] = field(default_factory=list)
+    source: str = ""  # where ``paper``'s values come from, when not the G2D paper (paper, table, how read)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Experiment:
     pretrain_seeds: bool = False
     gates: list[Gate] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)
+    reference: str = "paper"  # the header of the reference values' columns ("published" beyond the paper)
+    notes: str = ""           # printed under the table
 
 
 @dataclass
@@ -182,7 +186,8 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
             raise ValueError(f"{p}: difference {x.a!r} - {x.b!r} names {x.between} the table does not have: "
                              f"{sorted({x.a, x.b} - known)}")
     return Experiment(d.get("name", p.stem), d.get("title", p.stem), cols, rows, int(d.get("seeds", 3)),
-                      bool(d.get("pretrain_seeds", False)), gates, differences)
+                      bool(d.get("pretrain_seeds", False)), gates, differences, d.get("reference", "paper"),
+                      d.get("notes", ""))
 
 
 def list_scales() -> list[str]:
