@@ -104,7 +104,8 @@ PEER_TEXT: dict[str, PeerText] = {t.kind: t for t in (
     PeerText("biovil", "microsoft/BiomedVLP-CXR-BERT-specialized@v1.1", "bert", "cls", "cls_projection_head",
              "projector.model", "projector.model", image_head_on_grid=True, text_in_folder=True,
              clean=lambda t: t.rstrip("!?."),
-             not_done="the grounding map is not Gaussian-smoothed (hi-ml: sigma 1.5 cells)",
+             not_done="g2d eval grounding does not Gaussian-smooth the map (hi-ml: sigma 1.5 cells); "
+                      "phrase-grounding's biovil pipeline does",
              source="hi-ml: text/model/modelling_cxrbert.py (CLS -> cls_projection_head), "
                     "image/model/model.py (mean of the projected layer-4 grid)"),
     PeerText("mgca", "emilyalsentzer/Bio_ClinicalBERT", "text_encoder_q.model", "cls",

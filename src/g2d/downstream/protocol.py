@@ -55,9 +55,9 @@ class ProtocolArgs:
     """What every protocol takes. ``labels`` is folded into ``data`` (``csv:FILE?labels=a,b``), so
     every caller sees the same spec."""
 
-    data: str = arg(help="siim:DIR, rsna:DIR, object-cxr:DIR, chexpert:DIR, cxr14:DIR, covidx:DIR, csv:FILE or "
-                         "synthetic[:N]; reader options after '?': csv:FILE?labels=a,b&image_col=file "
-                         "(see docs/data.md)")
+    data: str = arg(help="siim:DIR, rsna:DIR, object-cxr:DIR, chexpert:DIR, cxr14:DIR, covidx:DIR, ms-cxr:DIR, "
+                         "chexlocalize:DIR, vindr:DIR, csv:FILE or synthetic[:N]; reader options after '?': "
+                         "csv:FILE?labels=a,b&image_col=file, ms-cxr:DIR?images=MIMIC_JPG (see docs/data.md)")
     out: str = arg(help="folder for metrics.json, results.md and figures")
     labels: str | None = arg(None, help="label columns of a csv: set, a,b,c (the same as csv:FILE?labels=a,b,c)")
     model: str = arg("random", help="G2D export/run folder/checkpoint, 'random', 'imagenet', or a peer's checkpoint "
