@@ -147,8 +147,9 @@ def _markdown(results: dict[str, Any]) -> str:
 
 # Segmentation cells train 10x the protocol's rate (2e-3) with --epochs as the patience too: at the
 # protocol's 2e-4 and 4 epochs random init reached Dice 0.07 at 10 % (16 images), a row of noise;
-# at 2e-3 and 15 epochs it reaches 0.35 (measured at 0d456ae; benchmarks/RESULTS.md history). No 1 % row: with 2 (or 8, 5 %)
-# images every model, random init included, lands at Dice 0.07-0.18, noise that separates nothing.
+# at 2e-3 and 15 epochs it reaches 0.35 (measured at 0d456ae; benchmarks/RESULTS.md's history). No 1 %
+# row: with 2 (or 8, 5 %) images every model, random init included, lands at Dice 0.07-0.18,
+# noise that separates nothing.
 # Detection runs on the whole training split at 2e-3 for 12 epochs: at 10 % for 4 epochs every
 # model's mAP was <= 0.001; so it reaches 0.38 (G2D) / 0.32 (decoder none) / 0.00 (random init).
 _SEG_LR = "2e-3"
