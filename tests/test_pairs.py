@@ -413,3 +413,19 @@ def test_pad_square_keeps_the_whole_image_and_maps_back(hw) -> None:
     yy, xx = torch.meshgrid(torch.arange(44).double(), torch.arange(44).double(), indexing="ij")
     oy, ox = crop_to_original(float((yy * out).sum() / out.sum()), float((xx * out).sum() / out.sum()), g)
     assert math.hypot(oy - h // 2, ox - w // 2) < 0.5
+
+
+def test_an_unbalanced_quote_is_named_not_swallowing_rows(tmp_path: Path) -> None:
+    """A labelled table's quote left open reads the rows after it into one cell: refused with its
+    lines; report tables (pre-training pairs) may hold line breaks in quoted text."""
+    from g2d.data.tables import read_table
+
+    p = tmp_path / "t.csv"
+    p.write_text('image,split\na.png,train\n"b.png,train\nc.png,test\nd.png,test\n', encoding="utf-8")
+    _, rows = read_table(p)
+    with pytest.raises(DataError, match=r"data row 2 runs over lines 3-5.*unbalanced quote"):
+        list(rows)
+    q = tmp_path / "reports.csv"
+    q.write_text('file,text\na.png,"line one\nline two"\n', encoding="utf-8")
+    _, rows = read_table(q, line_breaks=True)
+    assert [r.cells["text"] for r in rows] == ["line one\nline two"]

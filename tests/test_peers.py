@@ -6,6 +6,7 @@ executes nothing (no download anywhere)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -250,6 +251,13 @@ def test_protocols_run_on_a_peer_encoder(kind, peer_files, tmp_path):
                                                      batch_size=8, num_workers=0, no_progress=True, figures=0))
     assert 0.0 <= seg["dice"] <= 1.0
     assert json.loads((tmp_path / "lin" / "metrics.json").read_text())["model"] == f"{kind}:{path}"
+    for run in ("lin", "seg"):  # every protocol says which peer file it read
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["peer"]["kind"] == kind
+
+
+def test_every_peer_kind_is_named_in_the_model_flags_help():
+    (help_text,) = [f.metadata["help"] for f in dataclasses.fields(protocol.ProtocolArgs) if f.name == "model"]
+    assert all(k in help_text for k in PEER_KINDS), help_text
 
 
 def test_zero_shot_with_a_peer_says_what_is_not_supported(peer_files, tmp_path):

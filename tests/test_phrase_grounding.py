@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import parse_protocol_args, strict_json
-from test_grounding_readers import _ms_cxr
+from PIL import Image
+from test_grounding_readers import _jpg, _ms_cxr, _write_csv
 
 from g2d.data.transforms import ImageTransformCfg, crop_to_original, eval_geometry
 from g2d.downstream import heatmaps, phrase_grounding
-from g2d.errors import ConfigError
+from g2d.errors import ConfigError, DataError
 from g2d.inference.grounding import smooth, to_original
 from g2d.metrics import bootstrap_interval, cnr, mean_iou_over_thresholds, otsu_binarize
 
@@ -132,7 +133,7 @@ def test_phrase_grounding_on_ms_cxr_scores_at_the_labels_resolution(tiny_model_d
                                                  *COMMON]),
         phrase_grounding._open(parse_protocol_args("phrase-grounding", ["--data", spec, "--model", "random",
                                                                         "--out", str(tmp_path), *COMMON]),
-                               ImageTransformCfg(resize=32, crop=32, augment="none"))[0],
+                               ImageTransformCfg(resize=32, crop=32, augment="none"))["test"],
         None, ImageTransformCfg(resize=32, crop=32, augment="none"), Counter()))
     pneu = next(c for c in cases if c.finding == "Pneumonia")
     assert pneu.truth.shape == (1, 160, 200) and int(pneu.truth.sum()) == 60 * 50 + 40 * 40
@@ -161,3 +162,43 @@ def test_bad_flags_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         parse_protocol_args("phrase-grounding", ["--data", "synthetic:8", "--out", str(tmp_path),
                                                  "--pipeline", "gradcam"])
+
+
+def _phrase_table(root, header=("id", "image", "mask", "prompt", "finding", "split"), images=4):
+    """``images`` test images with two phrases each (the heart, the left lung) and their masks."""
+    rows = []
+    for k in range(images):
+        _jpg(root / f"{k}.png", (32, 32), k)
+        for part in ("heart", "left_lung"):
+            Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 12)).save(root / f"{k}_{part}.png")
+            cells = {"id": f"{k}/{part}", "image": f"{k}.png", "mask": f"{k}_{part}.png",
+                     "prompt": f"the {part.replace('_', ' ')}", "promt": f"the {part}", "finding": part,
+                     "split": "test"}
+            rows.append([cells[h] for h in header])
+    return _write_csv(root / "phrases.csv", list(header), rows)
+
+
+def test_csv_phrase_tables_are_bootstrapped_by_image_and_say_what_was_dropped(tiny_model_dir, tmp_path):
+    table = _phrase_table(tmp_path, images=6)
+    (tmp_path / "3_heart.png").unlink()                   # one row's mask is missing: dropped by the reader
+    args = ["--data", f"csv:{table}", "--model", str(tiny_model_dir), "--resize", "32", "--image-size", "32",
+            "--bootstrap", "50", "--figures", "0", *COMMON]
+    m = phrase_grounding.run(parse_protocol_args("phrase-grounding", [*args, "--out", str(tmp_path / "pg")]))
+    assert m["pairs"] == 11 and m["images"] == 6         # pairs of one image file are one cluster
+    assert m["skipped_rows"] == {"test": {"missing_mask": 1}}
+    with open(tmp_path / "pg" / "per_pair.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len({r["image_id"] for r in rows}) == 6 and rows[0]["image_id"] == rows[1]["image_id"]
+    with pytest.raises(ConfigError, match="at least 1 replicate"):   # refused before any map is computed
+        phrase_grounding.run(parse_protocol_args("phrase-grounding", [*args, "--bootstrap", "0",
+                                                                      "--out", str(tmp_path / "b0")]))
+    assert not (tmp_path / "b0").exists()
+
+
+def test_a_phrase_table_without_its_prompt_column_names_it(tiny_model_dir, tmp_path, caplog):
+    table = _phrase_table(tmp_path, header=("id", "image", "mask", "promt", "finding", "split"), images=2)
+    with pytest.raises(DataError, match="'prompt' column"):
+        phrase_grounding.run(parse_protocol_args("phrase-grounding", [
+            "--data", f"csv:{table}", "--model", str(tiny_model_dir), "--out", str(tmp_path / "pg"),
+            "--resize", "32", "--image-size", "32", "--figures", "0", *COMMON]))
+    assert "phrases.csv:2" in caplog.text               # the first rows without a phrase are named

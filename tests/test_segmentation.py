@@ -190,6 +190,8 @@ def test_encoder_decoder_transfer_needs_a_decoder(tmp_path):
             seg.build_unet(load_image_tower("random", arch="resnet18"), transfer)
     with pytest.raises(ValueError, match="pre-trained decoder"):
         seg.run(_args(tmp_path, "--transfer", "encoder-decoder", "--epochs", "1"))
+    with pytest.raises(ValueError, match="frozen means frozen"):   # refused before any data is read
+        seg.run(_args(tmp_path, "--transfer", "frozen-decoder", "--recalibrate-bn", "--epochs", "1"))
 
 
 # --------------------------------------------------------------------------------- end to end

@@ -217,6 +217,8 @@ def bootstrap_interval(values: np.ndarray, groups: Sequence[object] | None = Non
 
     :return: ``{"mean", "low", "high", "n"}``; NaN bounds when no value is finite.
     """
+    if n_boot < 1:
+        raise ValueError(f"n_boot {n_boot}: at least 1 bootstrap replicate")
     v = np.asarray(values, np.float64)
     keys = list(range(len(v))) if groups is None else list(groups)
     if len(keys) != len(v):

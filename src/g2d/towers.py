@@ -63,6 +63,11 @@ class ImageTower:
         """The weights' identity (:func:`g2d.fingerprint.model_identity`) and a peer's own input size."""
         return model_identity(self.name) + (f"@{self.global_input}px" if self.global_input else "")
 
+    def provenance(self) -> dict[str, Any]:
+        """``{"peer": ...}`` for a peer's checkpoint (kind, architecture, BenchX method, absent stages),
+        else ``{}``: every protocol's ``metrics.json`` carries it."""
+        return {"peer": self.peer} if self.peer else {}
+
 
 def load_image_tower(spec: str, arch: str = "resnet50", trust_pickle: bool = False) -> ImageTower:
     """``random`` | ``imagenet`` | a G2D export / run folder / checkpoint (see :func:`g2d.load_model`) |

@@ -45,7 +45,7 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def read_table(path: str | Path, required: Sequence[str] = (), *, strict: bool = False,
-               delimiter: str | None = None) -> tuple[list[str], Iterator[TableRow]]:
+               delimiter: str | None = None, line_breaks: bool = False) -> tuple[list[str], Iterator[TableRow]]:
     """Header (stripped names) and rows of a table (``.csv``, ``.tsv``, ``.csv.gz`` or single-file
     ``.zip``).
 
@@ -53,10 +53,14 @@ def read_table(path: str | Path, required: Sequence[str] = (), *, strict: bool =
     Cell values are stripped too. Fully blank lines are skipped. A row with fewer fields than the
     header gets blank cells, unless ``strict``: then a row whose field count differs from the header's
     is an error naming it (a malformed CSV, e.g. an unbalanced quote, would otherwise shift columns).
+    A quoted cell holding a line break is an error naming its lines unless ``line_breaks`` (report
+    text): in a table of paths and labels it is an unbalanced quote, which would read the rows after
+    it into one cell and lose them without a word.
 
     :param delimiter: default ``,``, or a tab for ``.tsv`` files.
     :raises DataError: the file is missing, empty, not UTF-8, not parseable as CSV, has a duplicated
-        column name, lacks a ``required`` column, or (``strict``) a ragged row.
+        column name, lacks a ``required`` column, has a line break inside a cell (unless
+        ``line_breaks``), or (``strict``) a ragged row.
     """
     p = Path(path)
     if not p.is_file():
@@ -83,13 +87,18 @@ def read_table(path: str | Path, required: Sequence[str] = (), *, strict: bool =
                                     f"missing column(s) {missing}") + f"; columns found: {header}")
 
     def rows() -> Iterator[TableRow]:
-        n = 0
+        n, last_line = 0, reader.line_num
         with f:
             try:
                 for row in reader:
+                    first_line, last_line = last_line + 1, reader.line_num
                     if not any(c.strip() for c in row):
                         continue
                     n += 1
+                    if not line_breaks and any("\n" in c or "\r" in c for c in row):
+                        raise DataError(f"{p}: data row {n} runs over lines {first_line}-{last_line}: a quoted cell "
+                                        "holds a line break, most likely an unbalanced quote (\") that reads the "
+                                        "rows after it into one cell; fix the quoting of that row")
                     if strict and len(row) != len(header):
                         raise DataError(f"{p}: data row {n} (line {reader.line_num}) has {len(row)} fields, the "
                                         f"header has {len(header)}; the table is malformed (unbalanced quotes?)")

@@ -134,7 +134,7 @@ def _extract(tower: ImageTower, ds: Any, which: str, batch_size: int, device: to
         if not feats:
             need = f[0].numel() * 4 * len(ds)
             if need > max_bytes:
-                raise ConfigError(f"dense probe: the {desc} features of {len(ds)} images take {need / 2**30:.1f} GiB "
+                raise ConfigError(f"dense probe: the {desc} features of {len(ds)} images take {need / 2**30:.3g} GiB "
                                   f"({tuple(f.shape[1:])} per image) > --max-memory-gb {max_bytes / 2**30:g}; use "
                                   "a smaller --fraction, --image-size or --features encoder, or raise the limit")
         feats.append(f)
@@ -262,19 +262,24 @@ def run(args: Args) -> dict[str, Any]:
         w, b = fit_logistic(xs, ms, l2, args.iterations)
         prob = torch.sigmoid(_logits(xv, w, b, tuple(mv.shape[-2:])))
         for thr in THRESHOLDS:
-            d = float(dice_per_image(prob > thr, mv).mean())
-            tried.append({"l2": l2, "threshold": thr, "val_dice": d})
+            pred = prob > thr
+            d = float(dice_per_image(pred, mv).mean())
+            tried.append({"l2": l2, "threshold": thr, "val_dice": d,
+                          "val_images_predicted_positive": float(pred.flatten(1).any(1).float().mean())})
             if best is None or d > best[0]:
                 best = (d, l2, thr, w, b)
     t_fit = time.perf_counter() - t0
     assert best is not None
     val_dice, l2, thr, w, b = best
+    if not any(t["val_images_predicted_positive"] for t in tried if (t["l2"], t["threshold"]) == (l2, thr)):
+        log.warning("dense probe (%s features): no foreground predicted on any validation image; its validation "
+                    "Dice %.3f is the share of images with an empty mask, not a segmentation", args.features, val_dice)
     probe = DenseLinearProbe(tower, args.features, mean, std, w, b, thr).to(device)
     test_loader = make_loader(splits["test"], args.batch_size, 0)
     dice, _, n_empty_target, test_ids = predict_dice(probe, test_loader, device, None, progress, "test")
     figures = mask_figures(probe, splits["test"], device, out / "figures", args.figures)
     metrics: dict[str, Any] = {
-        "task": "dense-probe", "features": args.features,
+        "task": "dense-probe", "features": args.features, **tower.provenance(),
         "dice": float(dice.mean()) if len(dice) else None,
         "dice_rule": "per-image mean; empty target & empty prediction = 1, empty target & non-empty prediction = 0",
         "per_image": per_image(dice, test_ids), "subset": args.subset,

@@ -190,7 +190,7 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     figures = _figures(model, splits["test"], device, out / "figures", args.figures, args.conf_threshold,
                        args.nms_threshold)
     metrics: dict[str, Any] = {
-        "task": "detection", **m,
+        "task": "detection", **m, **tower.provenance(),
         "map_rule": "map: all test images; map_mgca: images without ground truth or without any detection "
                     "skipped, as MGCA's shared_step",
         "iou_thresholds": list(MAP_IOU_THRESHOLDS), "test_loss": test_loss,

@@ -163,6 +163,7 @@ def run(args: Args) -> dict[str, Any]:
                                                train_positives(train_ds.labels(), tasks), f"{args.data} finetune")
     metrics: dict[str, Any] = {
         "task": "finetune", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
+        **tower.provenance(),
         "type": "multiclass" if multiclass else "multilabel", **test,
         "best_epoch": fit.best_epoch, "epochs_run": fit.epoch, "history": history,
         "n_train": len(train_ds), "n_val": len(val_ds), "n_test": int(len(labels)),

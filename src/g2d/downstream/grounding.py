@@ -106,7 +106,7 @@ def run(args: Args) -> dict[str, Any]:
         "recall_definition": "pixel recall |P and G| / |G| per positive image, mean (MedKLIP's code unreleased)",
         "coordinates": "original image pixels; outside the centre crop the map is NaN (never foreground)",
         "geometry": asdict(geom_cfg), "geometry_source": geometry_source(args, tower),
-        **({"peer": tower.peer} if tower.peer else {}),
+        **tower.provenance(),
     }
     if any(math.isnan(v) for v in (overall["iou"], overall["dice"])):
         log.warning("grounding metrics contain NaN")

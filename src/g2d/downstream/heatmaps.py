@@ -16,6 +16,7 @@ label).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from g2d.downstream.harness import make_loader, progress_bar
 from g2d.inference.grounding import dense_similarity, smooth, to_original
 
 __all__ = ["DEFAULT_PROMPTS", "GroundingCase", "grounding_cases", "ground_truth", "default_prompt"]
+
+log = logging.getLogger("g2d.downstream")
 
 DEFAULT_PROMPTS = {"rsna": "pneumonia", "siim": "pneumothorax"}
 
@@ -130,13 +133,18 @@ def _loader_units(args: Any, ds: Any, skipped: Counter) -> Iterator[_Unit]:
                 skipped["negative_image"] += 1
                 continue
             prompt = _record_prompt(args, ds, sample, index, default)
+            record = ds.records[index] if isinstance(ds, LabelledCXR) else None
             if prompt is None:
                 skipped["no_prompt"] += 1
+                if record is not None and skipped["no_prompt"] <= 5:  # name the first rows, not every one
+                    log.warning("%s: no phrase for %s (a blank 'prompt' cell, or no such column)",
+                                args.data, record.source or record.image)
                 continue
-            extra = ds.records[index].extra if isinstance(ds, LabelledCXR) else {}
+            extra = record.extra if record is not None else {}
             picture = (partial(_read_picture, ds.records[index].image) if isinstance(ds, LabelledCXR)
                        else partial(_same, sample["image"][0]))
-            yield _Unit(sample["id"], str(extra.get("image_id", sample["id"])),
+            # pairs of one image file are one bootstrap cluster, whatever ids the reader gave them
+            yield _Unit(sample["id"], str(extra.get("image_id") or (record.image if record else sample["id"])),
                         str(extra.get("finding", prompt)), prompt, sample["image"], tuple(sample["orig_hw"]),
                         truth, picture)
 

@@ -155,6 +155,7 @@ def run(args: Args) -> dict[str, Any]:
                                                train_positives(ys.numpy(), tasks), f"{args.data} linear")
     metrics: dict[str, Any] = {
         "task": "linear", "data": args.data, "model": tower.name, "fraction": args.fraction, "seed": args.seed,
+        **tower.provenance(),
         "type": "multiclass" if multiclass else "multilabel", "pool": args.pool, "feature_dim": int(xs.shape[1]),
         **test, **summary, "n_train": len(xs), "n_val": len(xv), "n_test": len(xt),
         "unknown_labels_test": int(np.isnan(yt.numpy()).sum()),

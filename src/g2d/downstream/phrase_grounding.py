@@ -96,7 +96,7 @@ class Args(TextImageArgs):
                              "else biovil)")
     iou_thresholds: str = arg(",".join(str(t) for t in PHRASE_IOU_THRESHOLDS),
                               help="raw cosine thresholds averaged by miou")
-    bootstrap: int = arg(1000, help="bootstrap replicates of the intervals (over images)")
+    bootstrap: int = arg(1000, help="bootstrap replicates of the intervals (over images; at least 1)")
     batch_size: int = arg(16)
     figures: int = arg(8, help="heat-map panels of the first N pairs")
 
@@ -111,16 +111,16 @@ def _thresholds(text: str) -> tuple[float, ...]:
     return values
 
 
-def _open(args: Args, geom_cfg: Any) -> list[Any]:
-    """The split's set, or with ``--split all`` every non-empty split's."""
+def _open(args: Args, geom_cfg: Any) -> dict[str, Any]:
+    """``{split: set}``: the split's set, or with ``--split all`` every non-empty split's."""
     if args.split != "all":
         ds = open_dataset(args.data, args.split, 1.0, geom_cfg)
         check_split(ds, f"{args.data} {args.split}")
-        return [ds]
-    parts = []
+        return {args.split: ds}
+    parts = {}
     for split in SPLITS:
         try:
-            parts.append(open_dataset(args.data, split, 1.0, geom_cfg))
+            parts[split] = open_dataset(args.data, split, 1.0, geom_cfg)
         except DataError as err:
             if "split is empty" not in str(err):
                 raise
@@ -131,6 +131,8 @@ def _open(args: Args, geom_cfg: Any) -> list[Any]:
 
 def run(args: Args) -> dict[str, Any]:
     thresholds = _thresholds(args.iou_thresholds)
+    if args.bootstrap < 1:  # checked before the maps are computed, not after
+        raise ConfigError(f"--bootstrap {args.bootstrap}: at least 1 replicate (CheXlocalize uses 1000)")
     if args.prompt is not None and not args.prompt.strip():
         raise DataError("--prompt is empty; leave it out for each pair's own phrase")
     name = "chexlocalize" if args.data.split(":", 1)[0] == "chexlocalize" else "biovil"
@@ -139,7 +141,8 @@ def run(args: Args) -> dict[str, Any]:
     device = resolve_device(args.device)
     tower, model = load_text_image_model(args.model, "phrase grounding", args.trust_pickle, args.text_model, device)
     geom_cfg = geometry_from_args(args, tower)
-    sets = _open(args, geom_cfg)
+    by_split = _open(args, geom_cfg)
+    sets = list(by_split.values())
     if not (getattr(sets[0], "with_mask", False) or getattr(sets[0], "with_boxes", False)):
         raise DataError(f"{args.data}: phrase grounding needs masks or boxes")
     out = Path(args.out)
@@ -158,8 +161,10 @@ def run(args: Args) -> dict[str, Any]:
                      "iou": float(iou_per_image(seg, truth)[0]), "dice": float(dice_per_image(seg, truth)[0]),
                      "hit": float(pointing_game(heat, truth)[0])})
     if not rows:
+        hint = (" (a csv: table gives each row's phrase in a 'prompt' column), or pass --prompt TEXT"
+                if skipped["no_prompt"] else "")
         raise DataError(f"{args.data} {args.split}: no image-phrase pair with a ground truth and a phrase "
-                        f"(skipped: {dict(skipped)}); pass --prompt TEXT")
+                        f"(skipped: {dict(skipped)}){hint}")
 
     def summary(part: list[dict[str, Any]]) -> dict[str, Any]:
         groups = [r["image_id"] for r in part]
@@ -189,6 +194,8 @@ def run(args: Args) -> dict[str, Any]:
                          if all(np.isfinite(r[m]) for r in rows)},
                       "ids_digest": digest([r["id"] for r in rows])},
         "per_finding": per_finding, "skipped": dict(skipped),
+        # what the readers dropped (bad rows, missing files) and the run (unreadable images), per split
+        "skipped_rows": {s: dict(ds.skipped.counts) for s, ds in by_split.items() if hasattr(ds, "skipped")},
         "pipeline": {"name": pipeline_name, "smoothing_sigma_cells": pipeline.sigma, "resampling": pipeline.mode,
                      "source": pipeline.source,
                      "scored_at": "the label's resolution (the boxes' or masks' pixel space; NaN outside the crop)"},
@@ -200,7 +207,7 @@ def run(args: Args) -> dict[str, Any]:
             "hit": "arg-max pixel inside the ground truth (CheXlocalize hit rate, pointing game)",
             "intervals": f"95% percentile bootstrap over images, {args.bootstrap} replicates"},
         "geometry": asdict(geom_cfg), "geometry_source": geometry_source(args, tower),
-        **({"peer": tower.peer} if tower.peer else {}),
+        **tower.provenance(),
     }
     row = {"task": "phrase-grounding", "data": args.data, "model": tower.name, "pipeline": pipeline_name,
            **{m: overall[m]["mean"] for m in METRICS}, "pairs": overall["pairs"]}

@@ -62,7 +62,7 @@ class ProtocolArgs:
     labels: str | None = arg(None, help="label columns of a csv: set, a,b,c (the same as csv:FILE?labels=a,b,c)")
     model: str = arg("random", help="G2D export/run folder/checkpoint, 'random', 'imagenet', or a peer's checkpoint "
                                     "as KIND:PATH (mgca, gloria, convirt, medklip, kad, biovil, prior, medclip, "
-                                    "xrv, torchvision, g2d-release; docs/peers.md)")
+                                    "xrv, torchvision, g2d-release, benchx; docs/peers.md)")
     trust_pickle: bool = arg(False, help="let a peer's checkpoint that needs pickled classes load (GLoRIA); "
                                          "only for files whose source you trust")
     arch: str = arg("resnet50", help="ResNet of the random/imagenet baselines (a loaded model brings its own)")

@@ -156,6 +156,9 @@ def build_unet(tower: Any, transfer: str = "encoder", train_encoder: bool = Fals
                          f"none (random/imagenet baselines and decoder-free pre-training have no decoder); "
                          f"use --transfer encoder")
     decoder: UNetDecoder = copy.deepcopy(tower.decoder)
+    if decoder_channels not in ("smp", "model") and decoder_widths(tower, decoder_channels) != tuple(decoder.channels):
+        log.warning("--decoder-channels %s sizes a new decoder; --transfer %s keeps the pre-trained decoder's "
+                    "widths %s", decoder_channels, transfer, ",".join(map(str, decoder.channels)))
     head = SegmentationHead(decoder.channels[-1], 1)
     if transfer == "encoder-decoder-head":
         if tower.head is None:
@@ -267,6 +270,9 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     batch_size = args.batch_size or SEG_BATCH_SIZE.get(dataset_name(args.data), 8)
     if args.transfer not in TRANSFERS:
         raise ValueError(f"--transfer must be one of {', '.join(TRANSFERS)}, got {args.transfer!r}")
+    if args.recalibrate_bn and args.transfer == "frozen-decoder":
+        raise ValueError("--recalibrate-bn re-estimates a trained decoder's BatchNorm statistics; --transfer "
+                         "frozen-decoder keeps the pre-trained ones (frozen means frozen): leave one out")
     splits = open_splits(args)
     device, progress, tower = start_dense_run(args)
     model = build_unet(tower, args.transfer, args.train_encoder, args.update_bn, args.decoder_channels).to(device)
@@ -299,7 +305,7 @@ def fit_and_test(args: Args) -> tuple[dict[str, Any], nn.Module | None]:
     mgca_bs = args.mgca_batch_size or batch_size
     figures = mask_figures(model, splits["test"], device, out / "figures", args.figures)
     metrics: dict[str, Any] = {
-        "task": "segmentation",
+        "task": "segmentation", **tower.provenance(),
         "dice": float(dice.mean()) if len(dice) else None,
         "dice_mgca_batch_mean": jsonable(dice_mgca_batch_mean(dice, mgca_bs)),
         "dice_rule": "per-image mean; empty target & empty prediction = 1, empty target & non-empty prediction = 0",

@@ -129,7 +129,7 @@ def run(args: Args) -> dict[str, Any]:
         "prompts": {t: [list(pr) for pr in pairs] for t, pairs in prompts.items()},
         "prompt_file": args.prompts or "default",
         "logit_scale": float(model.logit_scale.exp()), "n_test": int(len(labels)), "n_val": n_val,
-        **({"peer": tower.peer} if tower.peer else {}),
+        **tower.provenance(),
         "geometry": asdict(geom), "geometry_source": geometry_source(args, tower),
     }
     row = {"task": "zeroshot", "data": args.data, "model": tower.name, "threshold": rule_name,

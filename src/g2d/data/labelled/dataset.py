@@ -195,6 +195,12 @@ class SkipLog:
         self.counts[reason] += 1
         log.warning("%s: skipped %s (%s)%s", self.name, where, reason, f": {detail}" if detail else "")
 
+    def note(self, reason: str, where: str, detail: str = "") -> None:
+        """Log a bad row without counting it: for readers whose unit is several rows (an MS-CXR
+        phrase, a VinDr image), which count the dropped unit once, so that the share checked against
+        ``max_skip_fraction`` is of units, not rows and units mixed."""
+        log.warning("%s: bad row %s (%s)%s", self.name, where, reason, f": {detail}" if detail else "")
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

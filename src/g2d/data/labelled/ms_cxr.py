@@ -113,7 +113,7 @@ def read_ms_cxr(path: Path, images: str | None = None) -> tuple[list[Record], li
             if has_split and c["split"].lower() not in _SPLITS:
                 raise ValueError(f"split {c['split']!r} is not train/val/test")
         except ValueError as e:
-            skipped.skip("bad_row", row.where, str(e))
+            skipped.note("bad_row", row.where, str(e))
             bad.add(key)
     records: list[Record] = []
     per_image: dict[str, int] = {}

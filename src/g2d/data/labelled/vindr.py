@@ -131,7 +131,7 @@ def read_vindr(path: Path, readers: str = "all", unit: str = "finding") -> tuple
                 if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x1 >= x2 or y1 >= y2 or x1 < 0 or y1 < 0:
                     raise ValueError(f"box {cells} is not x_min < x_max, y_min < y_max, non-negative")
             except ValueError as e:
-                skipped.skip("bad_row", row.where, str(e))
+                skipped.note("bad_row", row.where, str(e))
                 bad.setdefault(iid, row.where)
                 continue
             boxes[iid][name][rad].append((x1, y1, x2, y2))
@@ -201,7 +201,7 @@ def _image_labels(root: Path, split: str, readers: str, skipped: SkipLog,
             if any(v not in (0.0, 1.0) for v in vals):
                 raise ValueError("a label value is not 0 or 1")
         except ValueError as e:
-            skipped.skip("bad_label", row.where, str(e))
+            skipped.note("bad_label", row.where, str(e))
             bad.setdefault(row.cells["image_id"], row.where)
             continue
         votes[row.cells["image_id"]].append(np.array(vals, np.float32))

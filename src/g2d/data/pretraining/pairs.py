@@ -124,7 +124,7 @@ class ImageTextPairs(torch.utils.data.Dataset):
         self._name = os.path.basename(cfg.path)
 
         # the one table reader, strict: a ragged row (an unbalanced quote) shifts no column silently
-        header, rows_iter = read_table(cfg.path, strict=True, delimiter=cfg.delimiter)
+        header, rows_iter = read_table(cfg.path, strict=True, delimiter=cfg.delimiter, line_breaks=True)
         for col, role in ((cfg.image_col, "image"), (cfg.text_col, "text"), (cfg.split_col, "split")):
             if col is not None and col not in header:
                 raise DataError(f"{cfg.path}: missing {role} column {col!r}; columns found: {header}")
