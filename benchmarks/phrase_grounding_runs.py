@@ -13,6 +13,7 @@ Writes ``OUT/phrase_grounding.md`` (and each run's ``metrics.json`` under ``OUT/
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from g2d.config import config_from_dict, load_config_file
 from g2d.downstream import protocol
 from g2d.downstream.phrase_grounding import PIPELINES
 from g2d.factory import create_model
-from g2d.metrics import paired_bootstrap
+from g2d.metrics import bootstrap_interval
 from g2d.reproduce import prepare_jsrt
 
 METRICS = ("cnr", "miou", "iou", "dice", "hit")
@@ -72,6 +73,7 @@ def main() -> None:
     tables = prepare_jsrt(a.shared, a.out / "jsrt-tables")
     sets = {"synthetic": f"synthetic:{a.synthetic}", "jsrt": f"csv:{tables['jsrt-phrases']}"}
     results: dict[tuple[str, str, str], dict] = {}
+    image_ids: dict[tuple[str, str, str], list[str]] = {}
     for pipeline in PIPELINES:
         for set_name, spec in sets.items():
             for name, path in models.items():
@@ -81,6 +83,8 @@ def main() -> None:
                                          pipeline=pipeline, num_workers=0, no_progress=True, figures=4)
                     protocol.run("phrase-grounding", args)
                 results[pipeline, set_name, name] = json.loads((out / "metrics.json").read_text())
+                with open(out / "per_pair.csv", newline="", encoding="utf-8") as fh:
+                    image_ids[pipeline, set_name, name] = [row["image_id"] for row in csv.DictReader(fh)]
     lines = ["| pipeline | set | model | pairs | CNR | mIoU | IoU (Otsu) | Dice (Otsu) | hit rate |", "|" + "---|" * 9]
     for (pipeline, set_name, name), m in results.items():
         cells = [f"{m['intervals'][k]['mean']:.3f} [{m['intervals'][k]['low']:.3f}, {m['intervals'][k]['high']:.3f}]"
@@ -94,7 +98,11 @@ def main() -> None:
             for k in METRICS:
                 if k not in ga["per_image"] or k not in gb["per_image"]:
                     continue
-                r = paired_bootstrap(np.array([ga["per_image"][k]]), np.array([gb["per_image"][k]]))
+                if ga["per_image"]["ids_digest"] != gb["per_image"]["ids_digest"]:
+                    raise SystemExit(f"{pipeline} {set_name} {pre}: the two models scored different pairs")
+                # the pairs of one image resampled together, as each run's own intervals
+                d = np.array(ga["per_image"][k]) - np.array(gb["per_image"][k])
+                r = bootstrap_interval(d, image_ids[pipeline, set_name, f"{pre} G2D"], 10_000)
                 reading = "G2D higher" if r["low"] > 0 else "G2D lower" if r["high"] < 0 else "not resolved"
                 lines.append(f"| {pipeline} | {set_name} | {pre} | {k} | {r['mean']:+.3f} | "
                              f"[{r['low']:+.3f}, {r['high']:+.3f}] | {reading} |")
