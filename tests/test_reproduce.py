@@ -676,3 +676,13 @@ def test_grounding_tables_beyond_the_paper_cite_their_published_values(tmp_path)
     chex = load_experiment("chexlocalize")
     assert [c.metric for c in chex.columns] == ["macro_iou", "macro_hit"] and not any(r.paper for r in chex.rows)
     assert "could not be read from a public source" in chex.notes
+
+
+def test_a_table_says_which_sets_its_scale_reads_as_stand_ins(tmp_path, capsys):
+    """At the small scale MS-CXR is synthetic data: the table says so rather than pass it off as MS-CXR."""
+    from g2d.cli import main
+
+    assert Runner(load_experiment("ms-cxr"), load_scale("small"), tmp_path).stand_ins() == {"ms-cxr": "synthetic:48"}
+    assert Runner(load_experiment("jsrt"), load_scale("shared", shared=tmp_path), tmp_path).stand_ins() == {}
+    assert main(["reproduce", "ms-cxr", "--scale", "small", "--out", str(tmp_path / "o"), "--collect-only"]) == 0
+    assert "data read as stand-ins (not the named sets) ms-cxr = synthetic:48" in capsys.readouterr().out

@@ -76,8 +76,12 @@ def _run(args: argparse.Namespace) -> int:
                     columns=args.columns, collect_only=args.collect_only, baselines=baselines)
     results = runner.run()
     info = run_info()
-    paths = runner.write(results, {"scale": args.scale, "seeds": runner.seeds, "commit": info["commit"],
-                                   "machine": f"{platform.machine()} {info['gpu'] or 'CPU'}"})
+    stand_ins = runner.stand_ins()
+    paths = runner.write(results, {
+        "scale": args.scale, "seeds": runner.seeds, "commit": info["commit"],
+        "machine": f"{platform.machine()} {info['gpu'] or 'CPU'}",
+        **({"data read as stand-ins (not the named sets)": "; ".join(f"{n} = {s}" for n, s in stand_ins.items())}
+           if stand_ins else {})})
     print(paths["markdown"].read_text(encoding="utf-8"))
     failed = sum(1 for r in results if r.errors)  # cells not run (--columns, --collect-only) are not failures
     return 1 if failed else 0

@@ -339,6 +339,12 @@ class Runner:
             res.per_image[seed, subset] = ([float(v) * col.scale for v in scores[col.metric]],
                                            str(scores.get("ids_digest", "")))
 
+    def stand_ins(self) -> dict[str, str]:
+        """``{set name: spec}`` of the columns' sets that this scale reads as generated data (the ``small``
+        scale's ``synthetic:N`` for SIIM, MS-CXR, ...): a table must not pass them off as the named set."""
+        specs = {c.data: str(self.scale.data[c.data]) for c in self.exp.columns if c.data in self.scale.data}
+        return {n: s for n, s in sorted(specs.items()) if s.startswith("synthetic") and not n.startswith("synthetic")}
+
     def write(self, results: list[CellResult], info: dict[str, Any] | None = None) -> dict[str, Path]:
         """``OUT/<name>.md``, ``.csv`` and, for fraction sweeps, ``<name>_fractions.md`` / ``.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
