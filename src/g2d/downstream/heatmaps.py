@@ -141,7 +141,7 @@ def _loader_units(args: Any, ds: Any, skipped: Counter) -> Iterator[_Unit]:
                                 args.data, record.source or record.image)
                 continue
             extra = record.extra if record is not None else {}
-            picture = (partial(_read_picture, ds.records[index].image) if isinstance(ds, LabelledCXR)
+            picture = (partial(_read_picture, record.image) if record is not None
                        else partial(_same, sample["image"][0]))
             # pairs of one image file are one bootstrap cluster, whatever ids the reader gave them
             yield _Unit(sample["id"], str(extra.get("image_id") or (record.image if record else sample["id"])),
