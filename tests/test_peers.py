@@ -251,6 +251,11 @@ def test_protocols_run_on_a_peer_encoder(kind, peer_files, tmp_path):
                                                      batch_size=8, num_workers=0, no_progress=True, figures=0))
     assert 0.0 <= seg["dice"] <= 1.0
     assert json.loads((tmp_path / "lin" / "metrics.json").read_text())["model"] == f"{kind}:{path}"
+    for features in ("encoder", "multiscale"):  # the dense linear probe takes every --model kind too
+        probe = protocol.run("dense-probe", protocol.make("dense-probe", data="synthetic:16", model=f"{kind}:{path}",
+                                                          out=str(tmp_path / f"probe-{features}"), features=features,
+                                                          image_size=64, num_workers=0, no_progress=True, figures=0))
+        assert 0.0 <= probe["dice"] <= 1.0 and probe["peer"]["kind"] == kind
     for run in ("lin", "seg"):  # every protocol says which peer file it read
         assert json.loads((tmp_path / run / "metrics.json").read_text())["peer"]["kind"] == kind
 
