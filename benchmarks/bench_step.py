@@ -347,6 +347,20 @@ class Runner:
             self.tokens.clear()
 
 
+def matmul_ceiling_gflops(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype`` on the CPU (median of ``repeats`` after 2): the best
+    rate this machine gives any kernel of that precision, the yardstick for a step's FLOP rate."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux; a no-op elsewhere)."""
     with contextlib.suppress(OSError):
@@ -440,6 +454,8 @@ def run(args) -> dict:
             res["achieved_tflops"] = res["tflop_per_step"] / res["step_s_median"]
             if args.peak_tflops:
                 res["fraction_of_peak"] = res["achieved_tflops"] / args.peak_tflops
+        if device.type == "cpu":  # no published peak to quote: the machine's own best fp32 matmul
+            results["cpu_fp32_matmul_gflops"] = matmul_ceiling_gflops()
     del runners
     if device.type == "cpu" and args.memory:
         for name in names:
@@ -499,7 +515,8 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="CPU: skip the peak-RSS child processes (one per variant)")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--flops", action="store_true", help="count FLOPs of one step per variant")
+    p.add_argument("--flops", action="store_true", help="count FLOPs of one step per variant (on the CPU "
+                   "also the machine's fp32 matmul rate, the yardstick for the steps' FLOP rates)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak for the autocast dtype "
                    "(H100 SXM bf16: 989)")
     p.add_argument("--_memory-child", help=argparse.SUPPRESS)
@@ -521,6 +538,10 @@ def main() -> None:
               + f"\nmean real tokens per report {g['mean_real_tokens_per_report']:.1f}, processed "
               f"{g['processed_tokens_per_report']:.1f} (g2d) vs 256 (release); pseudo masks "
               f"{100 * g['pseudo_mask_share']:.1f} % of the g2d step")
+    if "cpu_fp32_matmul_gflops" in results:
+        print("FLOP rates (GFLOP/s): " + ", ".join(f"{n} {1e3 * v['achieved_tflops']:.0f}" for n, v in
+                                                   results["variants"].items())
+              + f"; this CPU's 4096x4096 fp32 matmul: {results['cpu_fp32_matmul_gflops']:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
