@@ -1,5 +1,6 @@
-"""Rendered synthetic pairs kept in memory (issue 31, data.synthetic_cache_mb): the same pairs and
-the same training as rendering on every access, within a stated memory bound."""
+"""Rendered synthetic samples kept in memory (issue 31: data.synthetic_cache_mb for pre-training, the
+labelled synthetic splits): the same samples and the same training as rendering on every access,
+within a stated memory bound."""
 
 import copy
 
@@ -8,8 +9,9 @@ import torch
 
 import g2d
 from g2d.config import ConfigError, apply_overrides, get_config
-from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
-from g2d.train.data import KeptRenders, build_pretrain_dataset, dataset_texts
+from g2d.data.labelled.specs import SyntheticLabelled
+from g2d.data.synthetic import KeptRenders, SyntheticCXR, SyntheticCXRCfg
+from g2d.train.data import build_pretrain_dataset, dataset_texts
 from g2d.train.loop import pretrain
 
 
@@ -23,9 +25,13 @@ class CountingRenders(SyntheticCXR):
         return super().__getitem__(index)
 
 
+def fresh_image(i):
+    return SyntheticCXR(SyntheticCXRCfg(num_samples=6, image_size=32, seed=3))[i]["image"]
+
+
 def test_kept_pairs_equal_new_renders_and_stop_rendering():
     synthetic = CountingRenders(SyntheticCXRCfg(num_samples=6, image_size=32, seed=3))
-    kept = KeptRenders(synthetic, budget_mb=1)
+    kept = KeptRenders(synthetic, ("image", "text", "index"), budget_mb=1)
     texts = dataset_texts(kept)  # the report pass renders each sample once ...
     assert synthetic.renders == 6
     for i in range(6):  # ... and later epochs read the kept pairs
@@ -34,19 +40,35 @@ def test_kept_pairs_equal_new_renders_and_stop_rendering():
         assert torch.equal(item["image"], fresh["image"]) and item["text"] == fresh["text"] == texts[i]
         assert item["index"] == i and set(item) == {"image", "text", "index"}
     assert synthetic.renders == 6
-    kept[0]["extra"] = 1  # a caller's change to the returned dict does not reach the kept pair
-    assert "extra" not in kept[0]
+    item = kept[0]  # a caller's change to a returned sample does not reach the kept one
+    item["extra"] = 1
+    item["image"].mul_(0)
+    assert "extra" not in kept[0] and torch.equal(kept[0]["image"], fresh_image(0))
 
 
 def test_budget_bounds_what_is_kept():
     synthetic = CountingRenders(SyntheticCXRCfg(num_samples=6, image_size=512, seed=0))
-    kept = KeptRenders(synthetic, budget_mb=2)  # 1 MiB an image at 512 px: two are kept
-    assert kept.capacity == 2
+    kept = KeptRenders(synthetic, ("image", "text"), budget_mb=2)  # 1 MiB an image at 512 px: two fit
     for _ in range(2):
         for i in range(6):
             kept[i]
-    assert sorted(kept.kept) == [0, 1]
+    assert sorted(kept.kept) == [0, 1] and kept.used == 2 * 2**20
     assert synthetic.renders == 6 + 4  # the four beyond the budget render again
+
+
+def test_labelled_synthetic_split_is_the_same_kept_or_not():
+    kept, rendered = SyntheticLabelled("train", n_train=8), SyntheticLabelled("train", n_train=8, keep_mb=0)
+    assert isinstance(kept.source, KeptRenders) and isinstance(rendered.source, SyntheticCXR)
+    assert (kept.labels() == rendered.labels()).all()
+    for _ in range(2):  # the second pass reads kept samples
+        for i in range(len(kept)):
+            a, b = kept[i], rendered[i]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+    assert len(kept.source.kept) == 8
+    s = kept.source[0]  # what heatmaps' phrase units read
+    assert {"text", "finding_masks", "findings", "image"} <= set(s)
 
 
 def test_config_default_zero_and_negative():

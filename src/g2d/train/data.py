@@ -21,17 +21,20 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Any:
     :raises DataError: a table or store that cannot be used (missing file, column, too many bad rows).
 
     :return: a sized map-style dataset of ``{"image", "text"}`` samples (``SyntheticCXR``, in
-        :class:`KeptRenders` unless ``data.synthetic_cache_mb`` is 0; ``ImageTextPairs`` or
+        :class:`g2d.data.synthetic.KeptRenders` unless ``data.synthetic_cache_mb`` is 0; ``ImageTextPairs`` or
         ``ShardedPairs``, which also report bad images).
     """
     data, size = cfg.data, cfg.model.image_size
     source = pretrain_source(data)
     if source.kind == "synthetic":
-        from g2d.data.synthetic import SyntheticCXR, SyntheticCXRCfg
+        from g2d.data.synthetic import KeptRenders, SyntheticCXR, SyntheticCXRCfg
 
         synthetic = SyntheticCXR(SyntheticCXRCfg(num_samples=data.synthetic_samples, image_size=size,
                                                  seed=data.synthetic_seed))
-        return KeptRenders(synthetic, data.synthetic_cache_mb) if data.synthetic_cache_mb else synthetic
+        if not data.synthetic_cache_mb:
+            return synthetic
+        # pre-training reads nothing else (g2d.data.pretraining.pairs.collate_pairs)
+        return KeptRenders(synthetic, ("image", "text", "index"), data.synthetic_cache_mb)
     from g2d.data.pretraining.pairs import ImageTextPairs, PairsCfg
     from g2d.data.transforms import ImageTransformCfg, build_transform
 
@@ -46,39 +49,6 @@ def build_pretrain_dataset(cfg: G2DConfig, train: bool = True) -> Any:
                                        delimiter=source.delimiter, max_skip_fraction=data.max_skip_fraction), tf)
     except DataError as err:  # the message says which setting named the table
         raise DataError(f"data.spec: {err}") from None
-
-
-class KeptRenders(Dataset):
-    """A synthetic set's pre-training pairs (``image``, ``text``, ``index``) kept in memory after
-    their first render (``data.synthetic_cache_mb``). Sample i renders from (seed, i) alone
-    (:class:`g2d.data.synthetic.SyntheticCXR`), so a kept pair is the pair a new render would give,
-    and every epoch after the first (and the report pass that builds the text-prefix store) skips
-    rendering: 2.6 ms a sample at 128 px on a 2-core EPYC, about 8 % of the demo's step
-    (benchmarks/RESULTS.md). Pairs are kept until their images fill ``budget_mb`` MiB (4 x S^2
-    bytes each); the rest render on every access. Only these three keys are kept: pre-training
-    reads nothing else (:func:`g2d.data.pretraining.pairs.collate_pairs`)."""
-
-    def __init__(self, dataset: Any, budget_mb: int):
-        self.dataset = dataset
-        size = dataset.cfg.image_size
-        self.capacity = budget_mb * 2**20 // (4 * size * size)
-        self.kept: dict[int, dict[str, Any]] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.kept.get(index)
-        if item is None:
-            sample = self.dataset[index]
-            item = {k: sample[k] for k in ("image", "text", "index")}
-            if len(self.kept) < self.capacity:
-                self.kept[index] = item
-        return dict(item)  # a new dict: a caller adding keys must not change the kept one
-
-    def text(self, index: int) -> str:
-        """The report of sample ``index`` (rendered once, as it needs the whole sample)."""
-        return self[index]["text"]
 
 
 def dataset_texts(dataset: Any) -> list[str]:

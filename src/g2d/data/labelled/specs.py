@@ -228,19 +228,25 @@ class SyntheticLabelled(torch.utils.data.Dataset):
     five synthetic findings; ``mask`` is the union of finding masks; ``boxes`` are the findings' boxes.
     The training fraction keeps the first images (``subset`` 0) or those of smallest rank in label
     subset ``subset``'s permutation of the ``n_train`` images (sample i renders from (seed, i) alone).
+    Rendered samples are kept in memory up to ``keep_mb`` MiB (:class:`g2d.data.synthetic.KeptRenders`).
     """
 
     def __init__(self, split: str, n_train: int = 256, fraction: float = 1.0,
-                 geometry: ImageTransformCfg | None = None, subset: int = 0) -> None:
-        from g2d.data.synthetic import FINDINGS, SyntheticCXR, SyntheticCXRCfg
+                 geometry: ImageTransformCfg | None = None, subset: int = 0, keep_mb: float = 1024) -> None:
+        from g2d.data.synthetic import FINDINGS, KeptRenders, SyntheticCXR, SyntheticCXRCfg
 
         size = geometry.output_size if geometry is not None else 224
         n = fraction_count(n_train, fraction) if split == "train" else max(16, n_train // 4)
         seed = 1001 + SPLITS.index(split)
         ranks = subset_ranks([f"{i:09d}" for i in range(n_train)], subset) if split == "train" else None
         self.indices = list(range(n)) if ranks is None else sorted(int(i) for i, r in ranks.items() if r < n)
-        self.source = SyntheticCXR(SyntheticCXRCfg(num_samples=max(self.indices, default=-1) + 1,
-                                                   image_size=size, seed=seed))
+        # kept after the first render (keep_mb MiB; 0 = render on every access): every epoch of a
+        # fine-tuning, and labels(), read the same images
+        self.source: Any = SyntheticCXR(SyntheticCXRCfg(num_samples=max(self.indices, default=-1) + 1,
+                                                        image_size=size, seed=seed))
+        if keep_mb:
+            self.source = KeptRenders(self.source, ("image", "labels", "mask", "boxes", "findings", "text",
+                                                    "finding_masks"), keep_mb)  # what the protocols read
         self.name, self.tasks = f"synthetic/{split}", list(FINDINGS)
         self.with_mask = self.with_boxes = True
         self.skipped = SkipLog(self.name)

@@ -35,7 +35,7 @@ Conventions and documented choices
   roughly 200 images/s at 224 px on one CPU core.
 """
 
-from g2d.data.synthetic.dataset import SyntheticCXR, collate_samples
+from g2d.data.synthetic.dataset import KeptRenders, SyntheticCXR, collate_samples
 from g2d.data.synthetic.findings import (
                                          FINDING_LOCATIONS,
                                          FINDING_TERMS,
@@ -48,4 +48,4 @@ from g2d.data.synthetic.rendering import render_sample
 from g2d.data.synthetic.reports import make_report, prompt_for
 
 __all__ = ["FINDINGS", "LOCATIONS", "FINDING_LOCATIONS", "FINDING_TERMS", "NEGATION_CUES", "SyntheticCXRCfg",
-           "SyntheticCXR", "render_sample", "make_report", "prompt_for", "collate_samples"]
+           "SyntheticCXR", "KeptRenders", "render_sample", "make_report", "prompt_for", "collate_samples"]
