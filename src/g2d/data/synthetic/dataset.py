@@ -57,10 +57,6 @@ class KeptRenders(torch.utils.data.Dataset):
         self.budget, self.used = int(budget_mb * 2**20), 0
         self.kept: dict[int, dict[str, Any]] = {}
 
-    @property
-    def cfg(self) -> Any:
-        return self.dataset.cfg
-
     def __len__(self) -> int:
         return len(self.dataset)
 
