@@ -12,8 +12,8 @@ seconds of each part. Only the data path: the step's compute is ``bench_step.py`
 (``keep_mb`` = ``--cache-mb``) or rendered on every access (``--cache-mb 0``).
 
     PYTHONPATH=src python benchmarks/bench_synthetic_loader.py --cache-mb 1024
-    farm-bench -n 3 --timeout 900 -- python benchmarks/bench_synthetic_loader.py --cache-mb 1024 \
-        --vs 'python benchmarks/bench_synthetic_loader.py --cache-mb 0'
+    farm-bench -n 5 --timeout 900 --vs 'python benchmarks/bench_synthetic_loader.py --cache-mb 0' \
+        -- python benchmarks/bench_synthetic_loader.py --cache-mb 1024
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def main() -> None:
                 break
         epoch += 1
     t2 = time.perf_counter()
+    epochs = args.steps * cfg.train.batch_size / len(dataset)
     print(f"cache {args.cache_mb} MiB: reports {t1 - t0:.2f} s, {args.steps} batches {t2 - t1:.2f} s "
-          f"({epoch} epochs), total {t2 - t0:.2f} s")
+          f"({epochs:.2f} epochs), total {t2 - t0:.2f} s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import g2d
 from g2d.config import ConfigError, apply_overrides, get_config
 from g2d.data.labelled.specs import SyntheticLabelled
 from g2d.data.synthetic import KeptRenders, SyntheticCXR, SyntheticCXRCfg
+from g2d.downstream.harness import make_loader
+from g2d.fingerprint import dataset_identity
 from g2d.train.data import build_pretrain_dataset, dataset_texts
 from g2d.train.loop import pretrain
 
@@ -46,13 +48,16 @@ def test_kept_pairs_equal_new_renders_and_stop_rendering():
     assert "extra" not in kept[0] and torch.equal(kept[0]["image"], fresh_image(0))
 
 
-def test_budget_bounds_what_is_kept():
+def test_budget_bounds_what_is_kept(caplog):
+    caplog.set_level("INFO")
     synthetic = CountingRenders(SyntheticCXRCfg(num_samples=6, image_size=512, seed=0))
     kept = KeptRenders(synthetic, ("image", "text"), budget_mb=2)  # 1 MiB an image at 512 px: two fit
     for _ in range(2):
         for i in range(6):
             kept[i]
     assert sorted(kept.kept) == [0, 1] and kept.used == 2 * 2**20
+    assert "2 kept in 2 MiB" in caplog.text  # said once, when the budget is full
+    assert caplog.text.count("kept in") == 1
     assert synthetic.renders == 6 + 4  # the four beyond the budget render again
 
 
@@ -69,6 +74,19 @@ def test_labelled_synthetic_split_is_the_same_kept_or_not():
     assert len(kept.source.kept) == 8
     s = kept.source[0]  # what heatmaps' phrase units read
     assert {"text", "finding_masks", "findings", "image"} <= set(s)
+    first = next(i for i in range(len(kept)) if kept[i]["prompt_findings"])  # lists are copies too
+    kept[first]["prompt_findings"].clear()
+    assert kept[first]["prompt_findings"] == rendered[first]["prompt_findings"] != []
+    # the same data identity (stored results stay valid), another one for another split
+    assert dataset_identity(kept) == dataset_identity(rendered) != dataset_identity(SyntheticLabelled("val", n_train=8))
+
+
+def test_labelled_split_is_rendered_before_loader_workers_start():
+    kept, rendered = SyntheticLabelled("val", n_train=8), SyntheticLabelled("val", n_train=8, keep_mb=0)
+    loaders = [make_loader(ds, batch_size=4, num_workers=2) for ds in (kept, rendered)]
+    assert len(kept.source.kept) == len(kept)  # in this process, so every epoch's new workers share them
+    for a, b in zip(*loaders, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
 def test_config_default_zero_and_negative():

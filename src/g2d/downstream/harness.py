@@ -30,6 +30,8 @@ log = logging.getLogger("g2d.downstream")
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False) -> DataLoader:
     """A loader with :func:`collate_labelled` (drops unreadable images) and a seeded order."""
+    if num_workers and hasattr(ds, "render_now"):  # synthetic splits: kept in this process, not the workers
+        ds.render_now()
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=collate_labelled, generator=gen, worker_init_fn=seed_worker,

@@ -254,6 +254,15 @@ class SyntheticLabelled(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def render_now(self) -> None:
+        """Render and keep every sample in this process now: called before DataLoader workers start
+        (:func:`g2d.downstream.harness.make_loader`), which are started anew each epoch, so samples
+        they rendered would go with them."""
+        from g2d.data.synthetic import KeptRenders
+
+        if isinstance(self.source, KeptRenders):
+            self.source.fill(self.indices)
+
     @property
     def ids(self) -> list[str]:
         return [f"{self.name}/{i}" for i in self.indices]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,8 @@ import torch
 
 from g2d.data.synthetic.findings import SyntheticCXRCfg
 from g2d.data.synthetic.rendering import render_sample
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- dataset
 
@@ -47,15 +51,22 @@ class KeptRenders(torch.utils.data.Dataset):
     first render. Sample i renders from (seed, i) alone, so a kept sample is the sample a new render
     would give, and every access after the first skips rendering (2.6 ms a sample at 128 px on a
     2-core EPYC: 8 % of the demo's pre-training step, benchmarks/RESULTS.md). Samples are kept while
-    their tensors fit in ``budget_mb`` MiB; later ones render on every access. Each access returns
-    copies, so a caller changing a sample in place cannot change what the next epoch reads. Used by
-    pre-training (``data.synthetic_cache_mb``) and the labelled synthetic splits.
+    their tensors fit in ``budget_mb`` MiB (logged once when it is full); later ones render on every
+    access. Each access returns a deep copy, so a caller changing a sample in place (a tensor, the
+    findings list) cannot change what the next epoch reads. The kept samples live in the process that
+    rendered them: DataLoader workers forked after :meth:`fill` share them, workers that render keep
+    their own. Used by pre-training (``data.synthetic_cache_mb``) and the labelled synthetic splits.
     """
 
     def __init__(self, dataset: SyntheticCXR, keys: Sequence[str], budget_mb: float):
         self.dataset, self.keys = dataset, tuple(keys)
-        self.budget, self.used = int(budget_mb * 2**20), 0
+        self.budget, self.used, self.full = int(budget_mb * 2**20), 0, False
         self.kept: dict[int, dict[str, Any]] = {}
+
+    @property
+    def cfg(self) -> SyntheticCXRCfg:
+        """The wrapped set's configuration (read by :func:`g2d.fingerprint.dataset_identity`)."""
+        return self.dataset.cfg
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,7 +79,18 @@ class KeptRenders(torch.utils.data.Dataset):
             size = sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor))
             if self.used + size <= self.budget:
                 self.kept[index], self.used = item, self.used + size
-        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+            elif not self.full:
+                self.full = True
+                log.info("synthetic samples: %d kept in %.0f MiB, the budget; the other %d render on every "
+                         "access", len(self.kept), self.budget / 2**20, len(self) - len(self.kept))
+        return copy.deepcopy(item)
+
+    def fill(self, indices: Iterable[int]) -> None:
+        """Render and keep these samples now (until the budget is full)."""
+        for i in indices:
+            if self.full:
+                break
+            self[i]
 
     def text(self, index: int) -> str:
         """The report of sample ``index`` (rendered once: the report needs the whole sample)."""
