@@ -146,7 +146,7 @@ class DataCfg:
     # Rendered synthetic pairs (image, report) kept in memory after their first render, up to this
     # many MiB (4 x image_size^2 bytes a sample: the demo's 1,536 at 128 px take 96 MiB); a kept
     # sample is the same sample (it renders from (seed, index) alone), so this changes no result.
-    # 0 = render on every access. Each DataLoader worker keeps its own copy.
+    # 0 = render on every access. Workers forked after the report pass share it; others keep their own.
     synthetic_cache_mb: int = 1024
     num_workers: int = 4
     max_skip_fraction: float = 0.1
