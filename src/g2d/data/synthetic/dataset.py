@@ -71,7 +71,8 @@ class KeptRenders(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _item(self, index: int) -> dict[str, Any]:
+        """Sample ``index``'s kept dict (not a copy: callers inside this class only read it)."""
         item = self.kept.get(index)
         if item is None:
             sample = self.dataset[index]
@@ -83,18 +84,21 @@ class KeptRenders(torch.utils.data.Dataset):
                 self.full = True
                 log.info("synthetic samples: %d kept in %.0f MiB, the budget; the other %d render on every "
                          "access", len(self.kept), self.budget / 2**20, len(self) - len(self.kept))
-        return copy.deepcopy(item)
+        return item
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return copy.deepcopy(self._item(index))
 
     def fill(self, indices: Iterable[int]) -> None:
         """Render and keep these samples now (until the budget is full)."""
         for i in indices:
             if self.full:
                 break
-            self[i]
+            self._item(i)
 
     def text(self, index: int) -> str:
         """The report of sample ``index`` (rendered once: the report needs the whole sample)."""
-        return self[index]["text"]
+        return self._item(index)["text"]
 
 
 _LIST_KEYS = ("text", "findings", "boxes", "box_labels", "finding_masks")
